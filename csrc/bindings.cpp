@@ -1,0 +1,9 @@
+// Python bindings of dymu_kernels._C (pybind11). TORCH_EXTENSION_NAME is set
+// by torch.utils.cpp_extension (setup.py) and by CMakeLists.txt.
+#include "dymu_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dymu_kernels C++ ops (CPU)";
+  m.def("segment_mean", &dymu::segment_mean_cpu, "Segment mean of src [B, G, N, F] by index [B, N] (-1 = skip)",
+        pybind11::arg("src"), pybind11::arg("index"), pybind11::arg("num_segments"));
+}

@@ -1,0 +1,16 @@
+// C++ entry points of dymu_kernels._C. Python wrappers in dymu_kernels/ops
+// validate arguments with user-facing messages; the checks here are a second
+// line of defence for direct callers.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace dymu {
+
+// Mean of the rows of src [B, G, N, F] that share a segment of index [B, N]
+// (int32/int64, -1 = skip) -> [B, G, num_segments, F] in src's dtype.
+// Accumulates in fp32 (fp64 for double) in position order: deterministic.
+// Segments no row maps to are zero.
+torch::Tensor segment_mean_cpu(const torch::Tensor& src, const torch::Tensor& index, int64_t num_segments);
+
+}  // namespace dymu

@@ -1,0 +1,36 @@
+"""Segment mean by index, dispatched to the C++ extension on the CPU.
+
+Same contract as :func:`dymu_kernels.reference.segment_mean`; the C++ kernel
+accumulates in fp32 (fp64 for fp64) in position order, so it is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..backends import CPP, TORCH, select_backend
+from ..reference import segment as ref
+
+BACKENDS = (CPP, TORCH)
+
+
+def segment_mean(src: torch.Tensor, index: torch.Tensor, num_segments: int, *, backend: str = "auto") -> torch.Tensor:
+    """Average rows of ``src [B, *G, N, F]`` by ``index [B, N]`` into ``[B, *G, S, F]``.
+
+    ``index`` values lie in ``[-1, S)``; ``-1`` rows are skipped; empty
+    segments are zero. ``backend``: ``"auto"`` (C++ on CPU when built, else
+    torch), ``"cpp"`` or ``"torch"``. Raises like the reference, and
+    ``ValueError`` listing the reasons when the requested backend cannot run.
+    """
+    if not isinstance(src, torch.Tensor):
+        raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
+    name = select_backend("segment_mean", backend, BACKENDS, src.device, src.dtype)
+    if name == "torch":
+        return ref.segment_mean(src, index, num_segments)
+    # Validate with the reference's checks, then hand the kernel a flat layout.
+    ref.check_segment_args(src, index, num_segments)
+    B, N, F = src.shape[0], src.shape[-2], src.shape[-1]
+    flat = src.reshape(B, -1, N, F).contiguous()
+    out = _ext.extension().segment_mean(flat, index.contiguous(), num_segments)
+    return out.reshape(*src.shape[:-2], num_segments, F)

@@ -1,0 +1,63 @@
+"""Plain-PyTorch reference of every DyMU op: the readable spec.
+
+Tests and benchmarks import these; every kernel backend must agree with them.
+One reference per op:
+
+- :mod:`.dtome` — one encoder block's DToMe / fixed-r ToMe merge on the merge state.
+- :mod:`.attention` — proportional attention (log-size key bias) for merged ViTs.
+- :mod:`.calibration` — threshold calibration, schedules, the threshold file.
+- :mod:`.vtu` — VTU attention, expanded form and the paper's decomposed form.
+- :mod:`.segment` — segment mean and unmerge between unique tokens and positions.
+"""
+
+from .attention import proportional_attention, proportional_attention_bias
+from .calibration import (
+    ThresholdCalibrator,
+    Thresholds,
+    batch_top_k_mask,
+    calibrate_thresholds,
+    merge_schedule,
+    published_thresholds,
+)
+from .dtome import (
+    FixedRPolicy,
+    MergeState,
+    ThresholdPolicy,
+    bipartite_match,
+    dtome_merge,
+    fixed_r_mask,
+    init_merge_state,
+    merge_tokens,
+    threshold_mask,
+    trim_state,
+)
+from .segment import segment_mean, unmerge
+from .vtu import apply_rope, rope_cos_sin, rotate_half, vtu_attention_decomposed, vtu_attention_expand
+
+__all__ = [
+    "FixedRPolicy",
+    "MergeState",
+    "ThresholdCalibrator",
+    "ThresholdPolicy",
+    "Thresholds",
+    "apply_rope",
+    "batch_top_k_mask",
+    "bipartite_match",
+    "calibrate_thresholds",
+    "dtome_merge",
+    "fixed_r_mask",
+    "init_merge_state",
+    "merge_schedule",
+    "merge_tokens",
+    "proportional_attention",
+    "proportional_attention_bias",
+    "published_thresholds",
+    "rope_cos_sin",
+    "rotate_half",
+    "segment_mean",
+    "threshold_mask",
+    "trim_state",
+    "unmerge",
+    "vtu_attention_decomposed",
+    "vtu_attention_expand",
+]

@@ -1,0 +1,320 @@
+"""DToMe reference: one encoder block's bipartite threshold merge.
+
+This is the readable specification that every DToMe backend is tested
+against (DESIGN.md §1.1, §2). Everything is batched, padded and free of host
+synchronisation: no ``.item()``, no shape that depends on tensor values.
+
+Merge state (one batch of images, all on one device)::
+
+    x        [B, N_cap, C]  token features; slots >= lengths[b] are padding
+    size     [B, N_cap]     float, original patches per token (0 = empty slot)
+    lengths  [B]            int32/int64, valid tokens are slots [0, lengths[b])
+    pos_map  [B, N0]        int32/int64, original patch index -> current slot
+
+One block's merge, per image, on its ``L = lengths[b]`` valid tokens:
+
+1. Split alternately: A = slots 0, 2, 4, ... and B = slots 1, 3, 5, ... (< L).
+2. Metric: attention keys averaged over heads (in fp32), L2-normalised; each A
+   token finds its most similar B token (cosine score; ties go to the lowest
+   B index). With ``cls_token=True`` slot 0 (the CLS token) never merges.
+3. Selection: threshold mode merges every A token whose score is strictly
+   greater than the threshold; fixed-r ToMe mode merges the r best-scoring A
+   tokens (ties: lower A index first).
+4. Size-weighted average into the destination:
+   ``x_B <- sum(x_t * s_t) / sum(s_t)`` and ``s_B <- sum(s_t)`` over B and all
+   its sources, accumulated in fp32 (fp64 for fp64 input). Tokens that receive
+   no source are moved unchanged (bit-exact).
+5. New order: unmerged A tokens in their previous order, then all B tokens in
+   their order. Example with L = 7, CLS, and A2 -> B1, A3 -> B1 merged::
+
+       before: [A0=CLS, B0, A1, B1, A2, B2, A3]
+       after:  [A0, A1, B0, B1(+A2,A3), B2]          L' = 5
+
+The capacity ``N_cap`` is kept, so output shapes never depend on the data;
+:func:`trim_state` shrinks it when a host sync is acceptable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_finite,
+    check_index_range,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    values_checkable,
+)
+from .segment import accumulation_dtype
+
+NORM_EPS = 1e-12
+
+
+class MergeState(NamedTuple):
+    """The batched state that flows between encoder blocks (see module doc)."""
+
+    x: torch.Tensor
+    size: torch.Tensor
+    lengths: torch.Tensor
+    pos_map: torch.Tensor
+
+
+def init_merge_state(x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> MergeState:
+    """State before any merge: every token stands for one patch.
+
+    ``x`` is ``[B, N0, C]``; ``lengths`` (default: all ``N0``) marks padding.
+    ``pos_map`` is the identity and ``size`` is 1 on valid slots, 0 elsewhere.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    B, N0, _ = x.shape
+    if lengths is None:
+        lengths = torch.full((B,), N0, dtype=torch.int32, device=x.device)
+    check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES)
+    check_shape("lengths", lengths, [B])
+    check_same_device(x=x, lengths=lengths)
+    check_index_range("lengths", lengths, 0, N0 + 1, "at most the sequence length")
+    slots = torch.arange(N0, device=x.device)
+    size = (slots[None, :] < lengths[:, None].long()).to(torch.float32)
+    pos_map = slots.to(torch.int32)[None, :].expand(B, N0).contiguous()
+    return MergeState(x, size, lengths, pos_map)
+
+
+def check_merge_state(x, size, lengths, pos_map) -> None:
+    """Validate a merge state's types, shapes, devices and (when cheap) values."""
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    B, N, _ = x.shape
+    check_tensor("size", size, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("size", size, [B, N], "one entry per slot of x")
+    check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES)
+    check_shape("lengths", lengths, [B])
+    check_tensor("pos_map", pos_map, ndim=2, dtypes=INDEX_DTYPES)
+    if pos_map.shape[0] != B:
+        raise ValueError(f"pos_map must have batch size {B} like x, got shape {tuple(pos_map.shape)}")
+    check_same_device(x=x, size=size, lengths=lengths, pos_map=pos_map)
+    check_index_range("lengths", lengths, 0, N + 1, "at most x.shape[1]")
+    check_index_range("pos_map", pos_map, 0, N, "slots of x")
+
+
+def _valid_slots(lengths: torch.Tensor, n_a: int, n_b: int):
+    """Masks of valid A (even) and B (odd) slots, ``[B, n_a]`` and ``[B, n_b]``."""
+    dev = lengths.device
+    L = lengths.long()[:, None]
+    a_valid = torch.arange(n_a, device=dev)[None, :] * 2 < L
+    b_valid = torch.arange(n_b, device=dev)[None, :] * 2 + 1 < L
+    return a_valid, b_valid
+
+
+def bipartite_match(metric: torch.Tensor, lengths: torch.Tensor, *, cls_token: bool = True):
+    """Best B match of every A token.
+
+    Args:
+        metric: ``[B, N, Dm]`` or ``[B, H, N, Dh]`` (averaged over heads).
+        lengths: ``[B]`` valid tokens per image.
+        cls_token: slot 0 never merges.
+
+    Returns:
+        ``node_max [B, ceil(N/2)]`` (score, fp32 or fp64; ``-inf`` for padding,
+        CLS, or when no B token exists) and ``node_idx [B, ceil(N/2)]`` int64
+        (index into B, i.e. slot ``2*idx+1``; ties go to the lowest index).
+    """
+    acc = accumulation_dtype(metric.dtype)
+    m = metric.to(acc)
+    if m.dim() == 4:
+        m = m.mean(dim=1)
+    m = F.normalize(m, dim=-1, eps=NORM_EPS)
+    B, N, _ = m.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    a_valid, b_valid = _valid_slots(lengths, n_a, n_b)
+    if n_b == 0:
+        node_max = torch.full((B, n_a), float("-inf"), dtype=acc, device=m.device)
+        return node_max, torch.zeros((B, n_a), dtype=torch.long, device=m.device)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+    scores = scores.masked_fill(~b_valid[:, None, :], float("-inf"))
+    row_ok = a_valid.clone()
+    if cls_token:
+        row_ok[:, 0] = False
+    scores = scores.masked_fill(~row_ok[:, :, None], float("-inf"))
+    # torch.max returns the first maximal index on ties (documented behaviour).
+    node_max, node_idx = scores.max(dim=-1)
+    return node_max, node_idx
+
+
+def threshold_mask(node_max: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
+    """DyMU selection: merge every A token scoring strictly above the threshold."""
+    return node_max > threshold
+
+
+def rank_descending(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry within its row, best first; ties keep index order."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def fixed_r_mask(node_max: torch.Tensor, r: Union[int, torch.Tensor]) -> torch.Tensor:
+    """ToMe selection: merge the ``r`` best-scoring A tokens of each image.
+
+    ``r`` is an int or an int tensor ``[B]``; fewer merge when fewer A tokens
+    can merge (CLS and padding never do).
+    """
+    if isinstance(r, torch.Tensor):
+        r = r.to(node_max.device).long()[:, None]
+    return (rank_descending(node_max) < r) & (node_max > float("-inf"))
+
+
+class ThresholdPolicy:
+    """Inference selection: layer i merges scores ``> thresholds[i]``."""
+
+    def __init__(self, thresholds: Sequence[float]):
+        self.thresholds = [float(t) for t in thresholds]
+
+    def select(self, layer: int, node_max: torch.Tensor) -> torch.Tensor:
+        return node_max > self.thresholds[layer]
+
+
+class FixedRPolicy:
+    """ToMe baseline: layer i merges exactly ``r[i]`` tokens per image."""
+
+    def __init__(self, r: Sequence[int]):
+        self.r = [int(v) for v in r]
+
+    def select(self, layer: int, node_max: torch.Tensor) -> torch.Tensor:
+        return fixed_r_mask(node_max, self.r[layer])
+
+
+def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge_mask: torch.Tensor) -> MergeState:
+    """Apply a chosen set of A -> B merges to a merge state.
+
+    ``node_idx``/``merge_mask`` are ``[B, ceil(N_cap/2)]`` as produced by
+    :func:`bipartite_match` and a selection; entries for padding slots are
+    ignored. Returns the new state with the same capacity.
+    """
+    x, size, lengths, pos_map = state
+    B, N, C = x.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    dev = x.device
+    a_valid, b_valid = _valid_slots(lengths, n_a, n_b)
+    merged = merge_mask & a_valid
+    kept_a = a_valid & ~merged
+    n_kept = kept_a.sum(dim=1, keepdim=True)
+    dump = N  # padding is routed to an extra slot that is dropped at the end
+
+    # Destination slot of every old slot after the merge.
+    home_a = torch.where(kept_a, kept_a.cumsum(dim=1) - 1, dump)
+    dest_a = torch.where(merged, n_kept + node_idx, home_a)
+    home_b = torch.where(b_valid, n_kept + torch.arange(n_b, device=dev)[None, :], dump)
+    home = torch.empty((B, N), dtype=torch.long, device=dev)
+    dest = torch.empty((B, N), dtype=torch.long, device=dev)
+    home[:, 0::2], home[:, 1::2] = home_a, home_b
+    dest[:, 0::2], dest[:, 1::2] = dest_a, home_b
+
+    acc = accumulation_dtype(x.dtype)
+    w = size.to(acc)
+    sums = torch.zeros((B, N + 1, C), dtype=acc, device=dev)
+    sums.scatter_add_(1, dest[:, :, None].expand(B, N, C), x.to(acc) * w[:, :, None])
+    new_size = torch.zeros((B, N + 1), dtype=acc, device=dev).scatter_add_(1, dest, w)
+    members = torch.zeros((B, N + 1), dtype=torch.int32, device=dev)
+    members.scatter_add_(1, dest, torch.ones_like(dest, dtype=torch.int32))
+    # Each live slot has exactly one home token; only the dump slot collides.
+    moved = torch.zeros((B, N + 1, C), dtype=x.dtype, device=dev)
+    moved.scatter_(1, home[:, :, None].expand(B, N, C), x)
+
+    average = (sums / new_size[:, :, None].clamp_min(torch.finfo(acc).tiny)).to(x.dtype)
+    new_x = torch.where(members[:, :, None] > 1, average, moved)[:, :N]
+    new_pos = dest.gather(1, pos_map.long()).to(pos_map.dtype)
+    new_lengths = (lengths - merged.sum(dim=1)).to(lengths.dtype)
+    return MergeState(new_x, new_size[:, :N].to(size.dtype), new_lengths, new_pos)
+
+
+def dtome_merge(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    lengths: torch.Tensor,
+    pos_map: torch.Tensor,
+    metric: torch.Tensor,
+    threshold: Optional[Union[float, torch.Tensor]] = None,
+    *,
+    r: Optional[Union[int, torch.Tensor]] = None,
+    cls_token: bool = True,
+) -> MergeState:
+    """One encoder block's DToMe merge (threshold mode) or ToMe merge (fixed r).
+
+    Args:
+        x, size, lengths, pos_map: the merge state (module doc), capacity N.
+        metric: ``[B, N, Dm]`` or ``[B, H, N, Dh]`` attention keys of this block.
+        threshold: merge A tokens whose cosine score is ``> threshold``
+            (a float or 0-d tensor; ``inf`` merges nothing).
+        r: instead of ``threshold``, merge exactly ``min(r, mergeable)`` tokens
+            per image (int or int tensor ``[B]``) — the ToMe baseline.
+        cls_token: protect slot 0 (set False for encoders without CLS).
+
+    Returns:
+        :class:`MergeState` ``(x, size, lengths, pos_map)`` with the same
+        shapes and dtypes as the inputs.
+
+    Raises:
+        TypeError/ValueError naming the argument for wrong ranks, shapes,
+        dtypes, devices, both or neither of ``threshold``/``r``, NaN
+        thresholds, negative ``r``; and (on CPU, or on GPU in debug mode) for
+        ``lengths``/``pos_map`` out of range or a non-finite metric.
+    """
+    check_merge_state(x, size, lengths, pos_map)
+    B, N, _ = x.shape
+    check_tensor("metric", metric, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+    if metric.shape[0] != B or metric.shape[-2] != N:
+        raise ValueError(
+            f"metric must be [B, N, Dm] or [B, H, N, Dh] with B={B}, N={N} like x, "
+            f"got shape {tuple(metric.shape)}"
+        )
+    check_same_device(x=x, metric=metric)
+    check_finite("metric", metric)
+    if (threshold is None) == (r is None):
+        raise ValueError("give exactly one of threshold (DyMU) or r (fixed-r ToMe)")
+    node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
+    if threshold is not None:
+        threshold = _check_threshold(threshold, x.device)
+        mask = threshold_mask(node_max, threshold)
+    else:
+        mask = fixed_r_mask(node_max, _check_r(r, B, x.device))
+    return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
+
+
+def _check_threshold(threshold, device) -> Union[float, torch.Tensor]:
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() != 0:
+            raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
+        if not threshold.is_floating_point():
+            raise TypeError(f"threshold must be a float tensor, got {threshold.dtype}")
+        if values_checkable(threshold) and bool(torch.isnan(threshold)):
+            raise ValueError("threshold must not be NaN")
+        return threshold.to(device)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if threshold != threshold:
+        raise ValueError("threshold must not be NaN")
+    return float(threshold)
+
+
+def _check_r(r, batch: int, device) -> Union[int, torch.Tensor]:
+    if isinstance(r, torch.Tensor):
+        check_tensor("r", r, ndim=1, dtypes=INDEX_DTYPES)
+        check_shape("r", r, [batch], "one count per image")
+        check_index_range("r", r, 0, 2**62, "non-negative merge counts")
+        return r.to(device)
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int or an int tensor [B], got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    return r
+
+
+def trim_state(state: MergeState) -> MergeState:
+    """Shrink the capacity to the longest image (reads ``lengths``: a host sync)."""
+    n = max(int(state.lengths.max()), 1) if state.lengths.numel() else 1
+    return MergeState(state.x[:, :n], state.size[:, :n], state.lengths, state.pos_map)

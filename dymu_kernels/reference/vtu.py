@@ -1,0 +1,215 @@
+"""VTU attention references (DESIGN.md §1.3): two independent implementations.
+
+The language model keeps the virtual full sequence of N positions but
+computes on N_un unique tokens. ``merge_map [B, N]`` gives the unique token at
+every full position (``-1`` = padding)::
+
+    full positions p :  0    1    2    3    4    5    6
+    merge_map[b, p]  :  0    1    2    2    1    3    4      N = 7, N_un = 5
+                        txt  img  img  img  img  txt  txt
+
+For query position p and key position s (RoPE rotation ``R`` at the *full*
+position, causal on the sequence index, padding keys masked)::
+
+    o_p      = sum_s softmax_s((R_p q_m(p)) . (R_s k_m(s)) * scale + causal(p, s)) v_m(s)
+    o_un[u]  = mean over {p : m(p) = u} of o_p
+
+:func:`vtu_attention_expand` computes this literally (gather, rotate, attend,
+average). :func:`vtu_attention_decomposed` builds the same scores from
+products of unique tokens only and per-position cos/sin — the paper's form
+
+    A = C M QKᵀ Mᵀ C + S M QKᵀ Mᵀ S + S M (Q×K) Mᵀ C - C M (Q×K) Mᵀ S
+
+summed over frequency pairs f, with ``QKᵀ_f = q1 k1 + q2 k2`` and
+``(Q×K)_f = q1 k2 - q2 k1`` for the halves ``(x1, x2)`` that HF's
+``rotate_half`` pairs. They share no code beyond input checks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from .segment import accumulation_dtype, segment_mean, unmerge
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, base: float = 10000.0, dtype=torch.float32):
+    """HF-format RoPE tables: ``cos, sin`` of shape ``[*positions.shape, dim]``.
+
+    Frequency ``f`` (of ``dim/2``) is ``base ** (-2f/dim)``; like HF's
+    ``LlamaRotaryEmbedding`` the table repeats it for both halves.
+    """
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF convention: ``x * cos + rotate_half(x) * sin`` (cos/sin broadcast)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def check_vtu_inputs(q, k, v, merge_map, cos, sin, scale):
+    """Validate VTU attention inputs; return ``(cos, sin)`` as ``[B, N, D]`` and the scale.
+
+    Raises TypeError/ValueError naming the argument (see ``vtu_attention``).
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    B, H, n_un, D = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
+    h_kv = k.shape[1]
+    check_shape("k", k, [B, h_kv, n_un, D], "[B, H_kv, N_un, D] matching q")
+    if h_kv == 0 or H % h_kv != 0:
+        raise ValueError(f"k has {h_kv} heads, which must divide the {H} heads of q (GQA)")
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,))
+    check_shape("v", v, [B, h_kv, n_un, D], "same as k")
+    if D % 2:
+        raise ValueError(f"head dim D must be even for RoPE, got {D}")
+    check_tensor("merge_map", merge_map, ndim=2, dtypes=INDEX_DTYPES)
+    if merge_map.shape[0] != B:
+        raise ValueError(f"merge_map must have batch size {B} like q, got shape {tuple(merge_map.shape)}")
+    N = merge_map.shape[1]
+    tables = []
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+        if t.dim() == 2:
+            check_shape(name, t, [N, D], "one row per full position of merge_map")
+            t = t[None].expand(B, N, D)
+        else:
+            check_shape(name, t, [None, N, D], "one row per full position of merge_map")
+            if t.shape[0] not in (1, B):
+                raise ValueError(f"{name} batch size must be 1 or {B}, got {t.shape[0]}")
+            t = t.expand(B, N, D)
+        tables.append(t)
+    check_same_device(q=q, k=k, v=v, merge_map=merge_map, cos=cos, sin=sin)
+    check_index_range("merge_map", merge_map, -1, n_un, "unique token per position, -1 = padding")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    return tables[0], tables[1], float(scale)
+
+
+def _key_mask(merge_map: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``[B, 1, N, N]`` True where query p may attend key s."""
+    N = merge_map.shape[1]
+    allowed = (merge_map >= 0)[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=merge_map.device).tril()
+    return allowed
+
+
+def vtu_attention_expand(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merge_map: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference (a): gather -> RoPE at full positions -> attention -> segment mean.
+
+    Args:
+        q: ``[B, H, N_un, D]`` before RoPE; k, v: ``[B, H_kv, N_un, D]``.
+        merge_map: ``[B, N]`` in ``[-1, N_un)``.
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` HF-format tables at full positions.
+        upcast: compute in fp32 (fp64 for fp64 input); ``False`` computes in the
+            input dtype (the low-precision baseline of FlashAttention's test rule).
+
+    Returns:
+        ``[B, H, N_un, D]`` in q's dtype; unique tokens no position maps to are 0.
+    """
+    cos, sin, scale = check_vtu_inputs(q, k, v, merge_map, cos, sin, scale)
+    H, n_un = q.shape[1], q.shape[2]
+    n_rep = H // k.shape[1]
+    dt = accumulation_dtype(q.dtype) if upcast else q.dtype
+    cos, sin = cos.to(dt)[:, None], sin.to(dt)[:, None]
+    qf = apply_rope(unmerge(q, merge_map).to(dt), cos, sin)
+    kf = apply_rope(unmerge(k, merge_map).to(dt), cos, sin).repeat_interleave(n_rep, dim=1)
+    vf = unmerge(v, merge_map).to(dt).repeat_interleave(n_rep, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~_key_mask(merge_map, causal), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Padding query rows can have no visible key (NaN); they are dropped anyway.
+    probs = probs.masked_fill((merge_map < 0)[:, None, :, None], 0)
+    out = probs @ vf
+    return segment_mean(out, merge_map, n_un).to(q.dtype)
+
+
+def vtu_attention_decomposed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merge_map: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Reference (b): the paper's decomposed form, from unique-token products.
+
+    Same contract as :func:`vtu_attention_expand` (always computed in fp32, or
+    fp64 for fp64 input), with one more requirement: cos/sin must repeat their
+    first half in the second (HF format), since the decomposition pairs
+    dimension ``f`` with ``f + D/2`` under one frequency. Materialises
+    ``[B, H, N, N, D/2]`` products: a reference for small shapes.
+    """
+    cos, sin, scale = check_vtu_inputs(q, k, v, merge_map, cos, sin, scale)
+    B, H, n_un, D = q.shape
+    half = D // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not torch.equal(t[..., :half], t[..., half:]):
+            raise ValueError(f"{name} must repeat its first half in its second half (HF RoPE format)")
+    dt = accumulation_dtype(q.dtype)
+    n_rep = H // k.shape[1]
+    q1, q2 = q.to(dt).split(half, dim=-1)
+    k1, k2 = k.to(dt).repeat_interleave(n_rep, dim=1).split(half, dim=-1)
+    vv = v.to(dt).repeat_interleave(n_rep, dim=1)
+    c, s = cos[..., :half].to(dt), sin[..., :half].to(dt)
+
+    # Products of unique tokens, one per frequency pair f: [B, H, N_un, N_un, D/2].
+    dot = torch.einsum("bhuf,bhvf->bhuvf", q1, k1) + torch.einsum("bhuf,bhvf->bhuvf", q2, k2)
+    cross = torch.einsum("bhuf,bhvf->bhuvf", q1, k2) - torch.einsum("bhuf,bhvf->bhuvf", q2, k1)
+    # M: [B, N, N_un] one-hot merge matrix (zero rows for padding).
+    valid = merge_map >= 0
+    M = torch.nn.functional.one_hot(merge_map.long().clamp_min(0), n_un).to(dt) * valid[..., None].to(dt)
+    dot_p = torch.einsum("bpu,bhuvf,bsv->bhpsf", M, dot, M)
+    cross_p = torch.einsum("bpu,bhuvf,bsv->bhpsf", M, cross, M)
+    scores = (
+        torch.einsum("bpf,bhpsf,bsf->bhps", c, dot_p, c)
+        + torch.einsum("bpf,bhpsf,bsf->bhps", s, dot_p, s)
+        + torch.einsum("bpf,bhpsf,bsf->bhps", s, cross_p, c)
+        - torch.einsum("bpf,bhpsf,bsf->bhps", c, cross_p, s)
+    ) * scale
+
+    N = merge_map.shape[1]
+    allowed = valid[:, None, None, :].expand(B, 1, N, N)
+    if causal:
+        allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs) * valid[:, None, :, None].to(dt)
+    # Attention mass per unique key, then values once per unique token.
+    out = (probs @ M[:, None]) @ vv  # [B, H, N, D]
+    counts = M.sum(dim=1)  # positions per unique token, [B, N_un]
+    out_un = torch.einsum("bpu,bhpd->bhud", M, out) / counts.clamp_min(1)[:, None, :, None]
+    return out_un.to(q.dtype)
