@@ -10,6 +10,7 @@ Merge state (one batch of images, all on one device)::
     size     [B, N_cap]     float, original patches per token (0 = empty slot)
     lengths  [B]            int32/int64, valid tokens are slots [0, lengths[b])
     pos_map  [B, N0]        int32/int64, original patch index -> current slot
+                            (-1 for original positions that are padding)
 
 One block's merge, per image, on its ``L = lengths[b]`` valid tokens:
 
@@ -69,7 +70,8 @@ def init_merge_state(x: torch.Tensor, lengths: Optional[torch.Tensor] = None) ->
     """State before any merge: every token stands for one patch.
 
     ``x`` is ``[B, N0, C]``; ``lengths`` (default: all ``N0``) marks padding.
-    ``pos_map`` is the identity and ``size`` is 1 on valid slots, 0 elsewhere.
+    ``pos_map`` is the identity on valid slots and -1 on padding; ``size`` is
+    1 on valid slots and 0 elsewhere.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N0, _ = x.shape
@@ -81,7 +83,7 @@ def init_merge_state(x: torch.Tensor, lengths: Optional[torch.Tensor] = None) ->
     check_index_range("lengths", lengths, 0, N0 + 1, "at most the sequence length")
     slots = torch.arange(N0, device=x.device)
     size = (slots[None, :] < lengths[:, None].long()).to(torch.float32)
-    pos_map = slots.to(torch.int32)[None, :].expand(B, N0).contiguous()
+    pos_map = torch.where(size > 0, slots[None, :], -1).to(torch.int32)
     return MergeState(x, size, lengths, pos_map)
 
 
@@ -98,7 +100,7 @@ def check_merge_state(x, size, lengths, pos_map) -> None:
         raise ValueError(f"pos_map must have batch size {B} like x, got shape {tuple(pos_map.shape)}")
     check_same_device(x=x, size=size, lengths=lengths, pos_map=pos_map)
     check_index_range("lengths", lengths, 0, N + 1, "at most x.shape[1]")
-    check_index_range("pos_map", pos_map, 0, N, "slots of x")
+    check_index_range("pos_map", pos_map, -1, N, "slots of x, -1 = padding")
 
 
 def _valid_slots(lengths: torch.Tensor, n_a: int, n_b: int):
@@ -227,7 +229,7 @@ def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge_mask: torch.Te
 
     average = (sums / new_size[:, :, None].clamp_min(torch.finfo(acc).tiny)).to(x.dtype)
     new_x = torch.where(members[:, :, None] > 1, average, moved)[:, :N]
-    new_pos = dest.gather(1, pos_map.long()).to(pos_map.dtype)
+    new_pos = torch.where(pos_map >= 0, dest.gather(1, pos_map.long().clamp_min(0)), -1).to(pos_map.dtype)
     new_lengths = (lengths - merged.sum(dim=1)).to(lengths.dtype)
     return MergeState(new_x, new_size[:, :N].to(size.dtype), new_lengths, new_pos)
 

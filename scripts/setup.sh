@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up dymu_kernels in the active Python environment (a venv is fine).
+#
+#   bash scripts/setup.sh          # package + demo dependencies
+#   bash scripts/setup.sh --test   # ... plus test dependencies
+#
+# torch is never replaced: an installed torch is pinned for every pip call
+# below, and only a machine without torch gets torch==2.13.0. The C++
+# extension is compiled against that torch (--no-build-isolation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+extras="demo"
+if [[ "${1:-}" == "--test" ]]; then extras="demo,test"; fi
+
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] no torch found: installing torch==2.13.0"
+  pip_install "torch==2.13.0"
+fi
+torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
+echo "[setup] using torch $torch_version"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${torch_version}" > "$constraints"
+
+# Build tools for the extension (no build isolation: it must see this torch).
+pip_install -c "$constraints" "setuptools>=64" wheel "pybind11>=2.10" ninja
+pip_install -c "$constraints" --no-build-isolation -e ".[${extras}]"
+"$PY" - <<'PY'
+from dymu_kernels import _ext
+reason = _ext.missing_reason()
+print("[setup] C++ extension:", "built" if reason is None else f"NOT available: {reason}")
+PY

@@ -1,0 +1,19 @@
+"""The README's Python examples run as written."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    monkeypatch.chdir(tmp_path)  # examples may write files
+    for block in blocks:
+        scope = {}
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].shape == (1, 8, 5, 64)
+    assert scope["state"].lengths.shape == (4,)
+    assert (tmp_path / "clip-l-336-low.json").exists()
