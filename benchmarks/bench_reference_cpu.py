@@ -3,7 +3,7 @@
 - segment mean (VTU re-merge of the attention output, [B, H, N, D] -> [B, H, N_un, D]):
   C++ extension vs the torch reference.
 - one DToMe block merge at the CLIP ViT-L/14-336 shape (577 tokens, C=1024,
-  16 heads): the reference that the Triton/C++ merge kernels will be measured against.
+  16 heads), B = 1, 8, 32: C++ backend vs the torch reference.
 
 Run: ``python3 benchmarks/bench_reference_cpu.py`` (``--quick`` for fewer shapes).
 """
@@ -44,13 +44,19 @@ def segment_mean_rows(quick: bool):
 
 
 def dtome_rows(quick: bool):
+    """One block's merge at CLIP ViT-L/14-336 (577 tokens, C=1024, 16 heads x 64)."""
     rows = []
-    for B in (1,) if quick else (1, 8):
+    providers = ["torch"] + (["cpp"] if _ext.extension() is not None else [])
+    for B in (1,) if quick else (1, 8, 32):
         x = torch.randn(B, 577, 1024)
         keys = torch.randn(B, 16, 577, 64)
         state = dymu_kernels.init_merge_state(x)
-        t = time_ms(lambda: ref.dtome_merge(*state, keys, 0.9), "cpu")
-        rows.append({"op": "dtome_merge", "provider": "torch-reference", "shape": f"B={B} N=577 C=1024 H=16", "dtype": "float32", **t})
+        times = {}
+        for backend in providers:
+            times[backend] = time_ms(lambda: dymu_kernels.dtome_merge(*state, keys, 0.05, backend=backend), "cpu")
+            rows.append({"op": "dtome_merge", "provider": backend, "shape": f"B={B} N=577 C=1024 H=16", "dtype": "float32", **times[backend]})
+        if "cpp" in times:
+            rows[-1]["speedup_vs_torch"] = times["torch"]["ms"] / times["cpp"]["ms"]
     return rows
 
 

@@ -6,4 +6,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dymu_kernels C++ ops (CPU)";
   m.def("segment_mean", &dymu::segment_mean_cpu, "Segment mean of src [B, G, N, F] by index [B, N] (-1 = skip)",
         pybind11::arg("src"), pybind11::arg("index"), pybind11::arg("num_segments"));
+  m.def("merge_tokens", &dymu::merge_tokens_cpu,
+        "Apply A->B merges to a merge state; returns (x, size, lengths, pos_map)", pybind11::arg("x"),
+        pybind11::arg("size"), pybind11::arg("lengths"), pybind11::arg("pos_map"), pybind11::arg("node_idx"),
+        pybind11::arg("merge_mask"));
 }

@@ -7,7 +7,8 @@ needs them, and a missing one is reported by that feature with what to do.
 
 Public surface:
 
-- :func:`dtome_merge` — one encoder block's threshold (or fixed-r) token merge.
+- :func:`dtome_merge` — one encoder block's threshold (or fixed-r) token merge
+  (``backend="auto" | "cpp" | "torch"``).
 - :func:`calibrate_thresholds`, :class:`Thresholds`, :func:`merge_schedule`,
   :func:`published_thresholds` — per-layer thresholds and their JSON file.
 - :func:`segment_mean` — average positions back into unique tokens.
@@ -17,9 +18,9 @@ Public surface:
 
 from . import reference
 from ._validation import set_debug
-from .ops import segment_mean
+from .ops import dtome_merge, segment_mean
 from .reference.calibration import Thresholds, calibrate_thresholds, merge_schedule, published_thresholds
-from .reference.dtome import MergeState, dtome_merge, init_merge_state
+from .reference.dtome import MergeState, init_merge_state
 
 __version__ = "0.1.0"
 

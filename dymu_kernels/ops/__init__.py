@@ -4,6 +4,7 @@ Layering: ops know nothing of model integrations; the math they must match is
 in :mod:`dymu_kernels.reference`.
 """
 
+from .dtome import dtome_merge
 from .segment import segment_mean
 
-__all__ = ["segment_mean"]
+__all__ = ["dtome_merge", "segment_mean"]

@@ -266,6 +266,16 @@ def dtome_merge(
         thresholds, negative ``r``; and (on CPU, or on GPU in debug mode) for
         ``lengths``/``pos_map`` out of range or a non-finite metric.
     """
+    node_idx, mask = match_and_select(x, size, lengths, pos_map, metric, threshold, r=r, cls_token=cls_token)
+    return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
+
+
+def match_and_select(x, size, lengths, pos_map, metric, threshold=None, *, r=None, cls_token=True):
+    """Validate :func:`dtome_merge` arguments, match A to B and select merges.
+
+    Returns ``(node_idx, merge_mask)``, each ``[B, ceil(N/2)]``: the input of
+    :func:`merge_tokens` and of every backend's merge step.
+    """
     check_merge_state(x, size, lengths, pos_map)
     B, N, _ = x.shape
     check_tensor("metric", metric, ndim=(3, 4), dtypes=FLOAT_DTYPES)
@@ -284,7 +294,7 @@ def dtome_merge(
         mask = threshold_mask(node_max, threshold)
     else:
         mask = fixed_r_mask(node_max, _check_r(r, B, x.device))
-    return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
+    return node_idx, mask
 
 
 def _check_threshold(threshold, device) -> Union[float, torch.Tensor]:

@@ -1,0 +1,101 @@
+"""C++ DToMe merge (backend="cpp") against the reference (backend="torch")."""
+
+import pytest
+import torch
+
+from conftest import randn
+
+import dymu_kernels
+from dymu_kernels import _ext
+from dymu_kernels.reference import init_merge_state
+
+pytestmark = pytest.mark.skipif(_ext.extension() is None, reason="C++ extension not built")
+
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def mixed_batch(gen, N, C, dtype, B=3):
+    """Images of different lengths; image 0 is 'simple' (low-rank keys), the rest noisy."""
+    x = randn(B, N, C, gen=gen, dtype=dtype)
+    lengths = torch.tensor([N] + [max(1, N - 7 * b) for b in range(1, B)], dtype=torch.int32)
+    state = init_merge_state(x, lengths)
+    size = state.size * torch.randint(1, 4, state.size.shape, generator=gen)  # earlier merges
+    metric = randn(B, 2, N, 32, gen=gen)
+    metric[0] = randn(2, N, 1, gen=gen) @ randn(1, 32, gen=gen) + 0.05 * metric[0]
+    return state.x, size, state.lengths, state.pos_map, metric
+
+
+def assert_same_merge(out, ref, dtype):
+    assert torch.equal(out.lengths, ref.lengths) and out.lengths.dtype == ref.lengths.dtype
+    assert torch.equal(out.pos_map, ref.pos_map) and out.pos_map.dtype == ref.pos_map.dtype
+    assert torch.equal(out.size, ref.size)
+    assert out.x.dtype == dtype
+    torch.testing.assert_close(out.x, ref.x, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("N", [1, 5, 50, 577, 1025])
+@pytest.mark.parametrize("C", [64, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_cpp_merge_matches_reference(gen, N, C, dtype, cls_token):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, N, C, dtype)
+    for kwargs in ({"threshold": 0.05}, {"threshold": 0.9}, {"r": 16}):
+        ref = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, **kwargs, cls_token=cls_token, backend="torch")
+        out = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, **kwargs, cls_token=cls_token, backend="cpp")
+        assert_same_merge(out, ref, dtype)
+
+
+def test_cpp_merge_nothing_is_bit_exact_and_everything_matches(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 197, 128, torch.bfloat16)
+    none_ref = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, float("inf"), backend="torch")
+    none = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, float("inf"), backend="cpp")
+    assert torch.equal(none.x, none_ref.x) and torch.equal(none.lengths, lengths)
+    all_ref = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, -2.0, backend="torch")
+    everything = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, -2.0, backend="cpp")
+    assert_same_merge(everything, all_ref, torch.bfloat16)
+
+
+def test_cpp_merge_ties_and_several_sources():
+    metric = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2, 1, 3, 4, 4, 2]]), 5).float()
+    x = torch.randn(1, 9, 16)
+    state = init_merge_state(x)
+    for thr in (1.0, 0.5, -1.0):
+        ref = dymu_kernels.dtome_merge(*state, metric, thr, cls_token=False, backend="torch")
+        out = dymu_kernels.dtome_merge(*state, metric, thr, cls_token=False, backend="cpp")
+        assert_same_merge(out, ref, torch.float32)
+
+
+def test_cpp_merge_non_contiguous_and_deterministic(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 101, 64, torch.float32)
+    xn = x.transpose(1, 2).contiguous().transpose(1, 2)
+    mn = metric.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xn.is_contiguous() and not mn.is_contiguous()
+    ref = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.1, backend="torch")
+    a = dymu_kernels.dtome_merge(xn, size, lengths, pos_map, mn, 0.1, backend="cpp")
+    b = dymu_kernels.dtome_merge(xn, size, lengths, pos_map, mn, 0.1, backend="cpp")
+    assert_same_merge(a, ref, torch.float32)
+    assert torch.equal(a.x, b.x)
+
+
+def test_cpp_merge_batch_equals_alone(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 577, 64, torch.float32, B=4)
+    batch = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.2, backend="cpp")
+    for b in range(4):
+        L = int(lengths[b])
+        alone = dymu_kernels.dtome_merge(
+            x[b : b + 1, :L], size[b : b + 1, :L], lengths[b : b + 1], pos_map[b : b + 1], metric[b : b + 1, :, :L], 0.2, backend="cpp"
+        )
+        n = int(alone.lengths[0])
+        assert int(batch.lengths[b]) == n and torch.equal(batch.pos_map[b, :L], alone.pos_map[0, :L])
+        assert torch.equal(batch.x[b, :n], alone.x[0, :n])  # gathered in a fixed order: bit-identical
+
+
+def test_cpp_backend_errors(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 9, 8, torch.float32)
+    with pytest.raises(ValueError, match="dtome_merge cannot run with backend='cpp': cpp: inputs are on meta"):
+        dymu_kernels.dtome_merge(x.to("meta"), size.to("meta"), lengths.to("meta"), pos_map.to("meta"), metric.to("meta"), 0.5, backend="cpp")
+    with pytest.raises(ValueError, match="dtome_merge has no 'triton' backend"):
+        dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.5, backend="triton")
+    C = _ext.extension()
+    with pytest.raises(RuntimeError, match="node_idx must be"):
+        C.merge_tokens(x, size, lengths, pos_map, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool))
