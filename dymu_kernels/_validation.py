@@ -105,9 +105,9 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int, what: str
         )
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Check that ``t`` holds no NaN/inf, when values are checkable."""
+def check_no_nan(name: str, t: torch.Tensor, message: str = "must not contain NaN") -> None:
+    """Raise ``ValueError(f"{name} {message}")`` if ``t`` has a NaN, when values are checkable."""
     if t.numel() == 0 or not values_checkable(t):
         return
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, but it contains NaN or inf")
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{name} {message}")

@@ -43,6 +43,7 @@ DTOME_CASES = [
     (dict(pos_map=torch.zeros(3, 9, dtype=torch.int32)), ValueError, "pos_map must have batch size 2"),
     (dict(metric=torch.randn(2, 8, 8)), ValueError, "metric must be \\[B, N, Dm\\] or \\[B, H, N, Dh\\] with B=2, N=9"),
     (dict(metric=torch.full((2, 9, 8), float("nan"))), ValueError, "metric must be finite"),
+    (dict(metric=torch.randn(2, 9, 8).index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("inf")))), ValueError, "metric must be finite"),
     (dict(metric=torch.randn(2, 9, 8).to("meta")), ValueError, "metric is on meta but x is on cpu"),
     (dict(threshold=float("nan")), ValueError, "threshold must not be NaN"),
     (dict(threshold="0.5"), TypeError, "threshold must be a float"),

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_finite,
+    check_no_nan,
     check_index_range,
     check_same_device,
     check_shape,
@@ -285,10 +285,12 @@ def match_and_select(x, size, lengths, pos_map, metric, threshold=None, *, r=Non
             f"got shape {tuple(metric.shape)}"
         )
     check_same_device(x=x, metric=metric)
-    check_finite("metric", metric)
     if (threshold is None) == (r is None):
         raise ValueError("give exactly one of threshold (DyMU) or r (fixed-r ToMe)")
     node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
+    # A NaN/inf in the metric makes its scores NaN; checking the [B, N/2]
+    # scores is far cheaper than scanning the whole metric.
+    check_no_nan("metric", node_max, "must be finite: it contains NaN or inf")
     if threshold is not None:
         threshold = _check_threshold(threshold, x.device)
         mask = threshold_mask(node_max, threshold)
