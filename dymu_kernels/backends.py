@@ -8,6 +8,7 @@ a user asking for ``backend="cpp"`` learns exactly why it cannot run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -28,16 +29,42 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     # Returns None when usable, else a sentence saying what is missing.
     unavailable: Callable[[], Optional[str]] = field(default=lambda: None)
+    # Devices it also runs on in TRITON_INTERPRET=1 mode (slow: tests only, so
+    # "auto" never picks them).
+    interpreter_devices: Tuple[str, ...] = ()
 
-    def why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        if device.type not in self.devices:
-            return f"inputs are on {device.type} but it runs on {'/'.join(self.devices)}"
+    def why_not(self, device: torch.device, dtype: torch.dtype, explicit: bool = True) -> Optional[str]:
+        devices = self.devices
+        if explicit and interpreter_mode():
+            devices = devices + self.interpreter_devices
+        if device.type not in devices:
+            hint = " (or under TRITON_INTERPRET=1)" if self.interpreter_devices and not interpreter_mode() else ""
+            return f"inputs are on {device.type} but it runs on {'/'.join(devices)}{hint}"
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"dtype {dtype} is not supported (supports {names})"
         return self.unavailable()
 
 
+def interpreter_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_missing() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install 'triton>=3.6'"
+    return None
+
+
+TRITON = Backend(
+    "triton",
+    devices=("cuda",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    unavailable=_triton_missing,
+    interpreter_devices=("cpu",),
+)
 CPP = Backend("cpp", devices=("cpu",), unavailable=_ext.missing_reason)
 TORCH = Backend("torch", devices=("cpu", "cuda", "meta"))
 
@@ -54,7 +81,7 @@ def select_backend(op: str, requested: str, candidates: Sequence[Backend], devic
     for b in candidates:
         if requested not in ("auto", b.name):
             continue
-        why = b.why_not(device, dtype)
+        why = b.why_not(device, dtype, explicit=requested != "auto")
         if why is None:
             return b.name
         reasons.append(f"{b.name}: {why}")

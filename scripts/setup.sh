@@ -4,8 +4,8 @@
 #   bash scripts/setup.sh          # package + demo dependencies
 #   bash scripts/setup.sh --test   # ... plus test dependencies
 #
-# torch is never replaced: an installed torch is pinned for every pip call
-# below, and only a machine without torch gets torch==2.13.0. The C++
+# torch is never replaced: an installed torch (and triton) is pinned for every
+# pip call below, and only a machine without torch gets torch==2.13.0. The C++
 # extension is compiled against that torch (--no-build-isolation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,10 @@ echo "[setup] using torch $torch_version"
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==${torch_version}" > "$constraints"
+# Keep an installed triton (GPU machines ship one matched to torch); otherwise
+# take 3.6.0, the version whose CPU interpreter the tests are known to run on.
+triton_version="$("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null || echo 3.6.0)"
+echo "triton==${triton_version}" >> "$constraints"
 
 # Build tools for the extension (no build isolation: it must see this torch).
 pip_install -c "$constraints" "setuptools>=64" wheel "pybind11>=2.10" ninja

@@ -2,11 +2,16 @@
 
 import os
 
-# Triton's CPU interpreter must be chosen before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its CPU interpreter, which must be
+# chosen before any @triton.jit decorator runs (kernel modules import lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where Triton kernels are tested: the GPU when there is one.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

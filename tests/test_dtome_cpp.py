@@ -94,8 +94,6 @@ def test_cpp_backend_errors(gen):
     x, size, lengths, pos_map, metric = mixed_batch(gen, 9, 8, torch.float32)
     with pytest.raises(ValueError, match="dtome_merge cannot run with backend='cpp': cpp: inputs are on meta"):
         dymu_kernels.dtome_merge(x.to("meta"), size.to("meta"), lengths.to("meta"), pos_map.to("meta"), metric.to("meta"), 0.5, backend="cpp")
-    with pytest.raises(ValueError, match="dtome_merge has no 'triton' backend"):
-        dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.5, backend="triton")
     C = _ext.extension()
     with pytest.raises(RuntimeError, match="node_idx must be"):
         C.merge_tokens(x, size, lengths, pos_map, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool))

@@ -1,12 +1,15 @@
 """One encoder block's DToMe merge, dispatched to the fastest backend.
 
-Same contract as :func:`dymu_kernels.reference.dtome_merge`. Matching and
-selection run as torch ops (a batched matmul and a row max); the merge step —
-the size-weighted averaging and compaction that dominates the reference's
-time — runs in the C++ extension on the CPU. The C++ merge gathers each
-output row from its members in a fixed order, so it is deterministic; its
-features equal the reference's within rounding (same merges, same sizes,
-lengths and pos_map exactly).
+Same contract as :func:`dymu_kernels.reference.dtome_merge`: every backend
+makes the same merges (same sizes, lengths and pos_map) and features within
+rounding.
+
+- ``triton`` (CUDA): fused match + threshold kernel, prefix-sum compaction and
+  a deterministic gather merge; no host sync (see :mod:`.dtome_triton`).
+- ``cpp`` (CPU): matching as torch ops (a batched matmul), the merge step —
+  which dominates the reference's time — in the C++ extension, gathered per
+  destination in a fixed order (deterministic).
+- ``torch``: the reference.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from typing import Optional, Union
 import torch
 
 from .. import _ext
-from ..backends import CPP, TORCH, select_backend
+from ..backends import CPP, TORCH, TRITON, select_backend
 from ..reference import dtome as ref
 from ..reference.dtome import MergeState
 
-BACKENDS = (CPP, TORCH)
+BACKENDS = (TRITON, CPP, TORCH)
 
 
 def dtome_merge(
@@ -37,12 +40,25 @@ def dtome_merge(
 ) -> MergeState:
     """DToMe (threshold) or ToMe (fixed ``r``) merge of one block; see the reference.
 
-    ``backend``: ``"auto"`` (C++ on CPU when built, else torch), ``"cpp"`` or
-    ``"torch"``; a backend that cannot run raises ``ValueError`` saying why.
+    ``backend``: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else
+    torch), ``"triton"``, ``"cpp"`` or ``"torch"``; one that cannot run raises
+    ``ValueError`` listing why.
     """
     # Argument errors first (they name the argument); backend errors after.
-    node_idx, mask = ref.match_and_select(x, size, lengths, pos_map, metric, threshold, r=r, cls_token=cls_token)
+    threshold, r = ref.check_dtome_args(x, size, lengths, pos_map, metric, threshold, r)
     name = select_backend("dtome_merge", backend, BACKENDS, x.device, x.dtype)
+    state = MergeState(x, size, lengths, pos_map)
+    if name == "triton":
+        from . import dtome_triton
+
+        node_max, node_idx, merge = dtome_triton.match(metric, lengths, threshold, cls_token=cls_token)
+        ref.check_scores(node_max)
+        if merge is None:
+            merge = ref.fixed_r_mask(node_max, r)
+        return dtome_triton.merge_tokens(state, node_idx, merge)
+    node_max, node_idx = ref.bipartite_match(metric, lengths, cls_token=cls_token)
+    ref.check_scores(node_max)
+    mask = ref.select_merges(node_max, threshold, r)
     if name == "torch":
-        return ref.merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
+        return ref.merge_tokens(state, node_idx, mask)
     return MergeState(*_ext.extension().merge_tokens(x, size, lengths, pos_map, node_idx, mask))

@@ -266,16 +266,16 @@ def dtome_merge(
         thresholds, negative ``r``; and (on CPU, or on GPU in debug mode) for
         ``lengths``/``pos_map`` out of range or a non-finite metric.
     """
-    node_idx, mask = match_and_select(x, size, lengths, pos_map, metric, threshold, r=r, cls_token=cls_token)
+    threshold, r = check_dtome_args(x, size, lengths, pos_map, metric, threshold, r)
+    node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
+    check_scores(node_max)
+    mask = select_merges(node_max, threshold, r)
     return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
 
 
-def match_and_select(x, size, lengths, pos_map, metric, threshold=None, *, r=None, cls_token=True):
-    """Validate :func:`dtome_merge` arguments, match A to B and select merges.
-
-    Returns ``(node_idx, merge_mask)``, each ``[B, ceil(N/2)]``: the input of
-    :func:`merge_tokens` and of every backend's merge step.
-    """
+def check_dtome_args(x, size, lengths, pos_map, metric, threshold=None, r=None):
+    """Validate :func:`dtome_merge` arguments; returns ``(threshold, r)`` normalised
+    (one of them None). Shared by every backend."""
     check_merge_state(x, size, lengths, pos_map)
     B, N, _ = x.shape
     check_tensor("metric", metric, ndim=(3, 4), dtypes=FLOAT_DTYPES)
@@ -287,16 +287,20 @@ def match_and_select(x, size, lengths, pos_map, metric, threshold=None, *, r=Non
     check_same_device(x=x, metric=metric)
     if (threshold is None) == (r is None):
         raise ValueError("give exactly one of threshold (DyMU) or r (fixed-r ToMe)")
-    node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
-    # A NaN/inf in the metric makes its scores NaN; checking the [B, N/2]
-    # scores is far cheaper than scanning the whole metric.
-    check_no_nan("metric", node_max, "must be finite: it contains NaN or inf")
     if threshold is not None:
-        threshold = _check_threshold(threshold, x.device)
-        mask = threshold_mask(node_max, threshold)
-    else:
-        mask = fixed_r_mask(node_max, _check_r(r, B, x.device))
-    return node_idx, mask
+        return _check_threshold(threshold, x.device), None
+    return None, _check_r(r, B, x.device)
+
+
+def check_scores(node_max: torch.Tensor) -> None:
+    """A NaN/inf in the metric makes its scores NaN; checking the ``[B, N/2]``
+    scores is far cheaper than scanning the whole metric."""
+    check_no_nan("metric", node_max, "must be finite: it contains NaN or inf")
+
+
+def select_merges(node_max: torch.Tensor, threshold=None, r=None) -> torch.Tensor:
+    """Threshold (DyMU) or fixed-r (ToMe) selection, whichever is given."""
+    return threshold_mask(node_max, threshold) if threshold is not None else fixed_r_mask(node_max, r)
 
 
 def _check_threshold(threshold, device) -> Union[float, torch.Tensor]:

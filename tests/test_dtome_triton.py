@@ -1,0 +1,138 @@
+"""Triton DToMe merge against the reference (interpreter on CPU, real kernels on a GPU)."""
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE, randn
+
+import dymu_kernels
+from dymu_kernels.reference import init_merge_state
+
+pytest.importorskip("triton")
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def mixed_batch(gen, N, C, dtype, B=3):
+    """Images of different lengths; image 0 'simple' (near rank-1 keys), the rest noisy."""
+    x = randn(B, N, C, gen=gen, dtype=dtype)
+    lengths = torch.tensor([N] + [max(1, N - 7 * b) for b in range(1, B)], dtype=torch.int32)
+    state = init_merge_state(x, lengths)
+    size = state.size * torch.randint(1, 4, state.size.shape, generator=gen)
+    metric = randn(B, 2, N, 32, gen=gen, dtype=dtype)
+    metric[0] = (randn(2, N, 1, gen=gen) @ randn(1, 32, gen=gen) + 0.05 * metric[0].float()).to(dtype)
+    return [t.to(TRITON_DEVICE) for t in (state.x, size, state.lengths, state.pos_map, metric)]
+
+
+def threshold_with_margin(metric, lengths, quantile):
+    """A threshold halfway between two neighbouring reference scores, so fp32
+    rounding differences between implementations cannot flip a decision."""
+    node_max, _ = dymu_kernels.reference.bipartite_match(metric.cpu(), lengths.cpu())
+    v = node_max[torch.isfinite(node_max)].sort().values
+    k = int(quantile * (v.numel() - 1))
+    return float((v[k] + v[k + 1]) / 2)
+
+
+def assert_same_merge(out, ref, dtype):
+    assert torch.equal(out.lengths.cpu(), ref.lengths) and out.lengths.dtype == ref.lengths.dtype
+    assert torch.equal(out.pos_map.cpu(), ref.pos_map) and out.pos_map.dtype == ref.pos_map.dtype
+    assert torch.equal(out.size.cpu(), ref.size)
+    assert out.x.dtype == dtype and out.x.device.type == TRITON_DEVICE
+    torch.testing.assert_close(out.x.cpu(), ref.x, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def run_both(args, **kwargs):
+    ref = dymu_kernels.dtome_merge(*[a.cpu() for a in args], **kwargs, backend="torch")
+    out = dymu_kernels.dtome_merge(*args, **kwargs, backend="triton")
+    return out, ref
+
+
+SHAPES = [(5, 1024), (50, 256), (577, 64), (1025, 64)]
+
+
+@pytest.mark.parametrize("N,C", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_triton_threshold_merge_matches_reference(gen, N, C, dtype, cls_token):
+    args = mixed_batch(gen, N, C, dtype, B=2 if N > 600 else 3)
+    thr = threshold_with_margin(args[4], args[2], 0.5)
+    out, ref = run_both(args, threshold=thr, cls_token=cls_token)
+    assert_same_merge(out, ref, dtype)
+
+
+@pytest.mark.parametrize("N,C", SHAPES[:3])
+def test_triton_fixed_r_and_extremes(gen, N, C):
+    args = mixed_batch(gen, N, C, torch.float32)
+    for kwargs in ({"r": 16}, {"r": 0}, {"threshold": float("inf")}, {"threshold": -2.0}):
+        out, ref = run_both(args, **kwargs)
+        assert_same_merge(out, ref, torch.float32)
+    none = dymu_kernels.dtome_merge(*args, threshold=float("inf"), backend="triton")
+    ref_none = dymu_kernels.dtome_merge(*[a.cpu() for a in args], threshold=float("inf"), backend="torch")
+    assert torch.equal(none.x.cpu(), ref_none.x)  # nothing merged: rows moved bit-exactly
+
+
+def test_triton_ties_and_several_sources():
+    metric = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2, 1, 3, 4, 4, 2]]), 5).float() * 3
+    x = torch.randn(1, 9, 16)
+    state = [t.to(TRITON_DEVICE) for t in init_merge_state(x)]
+    for thr in (1.0, 0.5, -1.0):  # score == threshold does not merge
+        out, ref = run_both(state + [metric.to(TRITON_DEVICE)], threshold=thr, cls_token=False)
+        assert_same_merge(out, ref, torch.float32)
+    # One giant group: every A token merges into B0 (identical keys everywhere).
+    same = torch.ones(1, 37, 8)
+    x = torch.randn(1, 37, 16)
+    out, ref = run_both([t.to(TRITON_DEVICE) for t in init_merge_state(x)] + [same.to(TRITON_DEVICE)], threshold=0.5)
+    assert int(out.lengths[0]) == 19 and float(out.size[0, 1]) == 19.0  # CLS kept; B0 got 17 A tokens
+    assert_same_merge(out, ref, torch.float32)
+
+
+def test_triton_non_contiguous_and_deterministic(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 101, 96, torch.bfloat16)
+    xn = x.transpose(1, 2).contiguous().transpose(1, 2)
+    mn = metric.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xn.is_contiguous() and not mn.is_contiguous()
+    a, ref = run_both([xn, size, lengths, pos_map, mn], threshold=0.2)
+    b = dymu_kernels.dtome_merge(xn, size, lengths, pos_map, mn, 0.2, backend="triton")
+    assert_same_merge(a, ref, torch.bfloat16)
+    assert torch.equal(a.x, b.x) and torch.equal(a.size, b.size)
+
+
+def test_triton_batch_equals_alone(gen):
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 200, 64, torch.float32, B=3)
+    batch = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.2, backend="triton")
+    for b in range(3):
+        L = int(lengths[b])
+        alone = dymu_kernels.dtome_merge(
+            x[b : b + 1, :L], size[b : b + 1, :L], lengths[b : b + 1], pos_map[b : b + 1], metric[b : b + 1, :, :L], 0.2, backend="triton"
+        )
+        n = int(alone.lengths[0])
+        assert int(batch.lengths[b]) == n and torch.equal(batch.pos_map[b, :L], alone.pos_map[0, :L])
+        assert torch.equal(batch.x[b, :n], alone.x[0, :n])
+
+
+def test_triton_device_threshold_tensor(gen):
+    args = mixed_batch(gen, 50, 64, torch.float32)
+    thr = threshold_with_margin(args[4], args[2], 0.3)
+    out = dymu_kernels.dtome_merge(*args, threshold=torch.tensor(thr, device=TRITON_DEVICE), backend="triton")
+    _, ref = run_both(args, threshold=thr)
+    assert_same_merge(out, ref, torch.float32)
+
+
+def test_triton_backend_errors(gen):
+    args = mixed_batch(gen, 9, 8, torch.float32)
+    with pytest.raises(ValueError, match="triton: dtype torch.float64 is not supported"):
+        dymu_kernels.dtome_merge(args[0].double(), *args[1:], threshold=0.5, backend="triton")
+    meta = [a.to("meta") for a in args]
+    with pytest.raises(ValueError, match="triton: inputs are on meta but it runs on cuda"):
+        dymu_kernels.dtome_merge(*meta, threshold=0.5, backend="triton")
+
+
+def test_auto_never_picks_the_interpreter(gen, monkeypatch):
+    from dymu_kernels.backends import select_backend, TRITON, CPP, TORCH
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend("dtome_merge", "auto", (TRITON, CPP, TORCH), torch.device("cpu"), torch.float32) in ("cpp", "torch")
+    assert select_backend("dtome_merge", "triton", (TRITON, CPP, TORCH), torch.device("cpu"), torch.float32) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="triton: inputs are on cpu but it runs on cuda \\(or under TRITON_INTERPRET=1\\)"):
+        select_backend("dtome_merge", "triton", (TRITON, CPP, TORCH), torch.device("cpu"), torch.float32)
