@@ -1,0 +1,140 @@
+"""DToMe in a Hugging Face CLIP vision tower.
+
+:class:`DToMeCLIPVisionEncoder` wraps an existing ``CLIPVisionModel`` (the
+vision tower of LLaVA) *without modifying it*: it reuses the model's own
+embedding, layer norms, projections and MLPs, and runs each encoder block as
+
+    x = x + out_proj(proportional_attention(q, k, v, size))   # +log(size) per key
+    state = dtome_merge(state, keys=k, threshold_i)             # merge A -> B
+    x = x + mlp(layer_norm2(x))
+
+on the batched merge state (DESIGN.md §2). Nothing synchronises with the host
+unless ``trim=True``, so a GPU forward can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..ops.dtome import dtome_merge
+from ..reference.attention import proportional_attention
+from ..reference.calibration import Thresholds
+from ..reference.dtome import MergeState, init_merge_state, trim_state
+
+
+@dataclass
+class DToMeVisionOutput:
+    """Merged features and the merge state after the last block run."""
+
+    features: torch.Tensor  # [B, N_cap, C]; slots >= lengths are padding; CLS at slot 0
+    size: torch.Tensor  # [B, N_cap] original patches per token (0 = empty)
+    lengths: torch.Tensor  # [B] tokens kept per image
+    pos_map: torch.Tensor  # [B, N0] original token -> slot in features
+    tokens_per_layer: List[torch.Tensor]  # one [B] tensor per block run
+
+
+def _vision_parts(model: nn.Module):
+    """The embeddings / pre-norm / layers of a CLIP vision model (4.x and 5.x layouts)."""
+    inner = getattr(model, "vision_model", model)
+    missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
+    if missing or not hasattr(inner.encoder, "layers"):
+        raise TypeError(
+            f"expected a transformers CLIPVisionModel (or its vision_model), got {type(model).__name__} "
+            f"without {missing or ['encoder.layers']}"
+        )
+    return inner
+
+
+def _resolve_thresholds(thresholds, num_layers: int) -> Optional[List[float]]:
+    if thresholds is None:
+        return None
+    if isinstance(thresholds, (str, os.PathLike)):
+        thresholds = Thresholds.load(thresholds)
+    if isinstance(thresholds, Thresholds):
+        thresholds = thresholds.thresholds
+    values = [float(t) for t in thresholds]
+    if len(values) < num_layers:
+        raise ValueError(
+            f"thresholds has {len(values)} entries but {num_layers} encoder blocks run; give one per block"
+        )
+    return values[:num_layers]
+
+
+class DToMeCLIPVisionEncoder(nn.Module):
+    """A CLIP vision tower with DToMe merging in every block.
+
+    Args:
+        vision_model: a ``transformers`` ``CLIPVisionModel`` (shared, not copied).
+        thresholds: per-block thresholds (list, :class:`Thresholds`, or a path
+            to a threshold JSON file); a block merges A tokens scoring above it.
+        r: instead of thresholds, merge exactly ``r`` (int, or one per block)
+            tokens per image and block — the ToMe baseline.
+        num_layers: blocks to run (LLaVA reads block 23 of 24: pass 23);
+            default all.
+        backend: ``"auto" | "triton" | "cpp" | "torch"`` for the merge.
+        trim: shrink the padded capacity to the longest image after each merge
+            (a host sync per block; saves compute in eager mode).
+
+    Neither thresholds nor r: no merging (but proportional attention still on).
+    """
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        thresholds: Union[None, Sequence[float], Thresholds, str, os.PathLike] = None,
+        *,
+        r: Union[None, int, Sequence[int]] = None,
+        num_layers: Optional[int] = None,
+        backend: str = "auto",
+        trim: bool = False,
+    ):
+        super().__init__()
+        self.vision = _vision_parts(vision_model)
+        n_total = len(self.vision.encoder.layers)
+        self.num_layers = n_total if num_layers is None else int(num_layers)
+        if not 1 <= self.num_layers <= n_total:
+            raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
+        if thresholds is not None and r is not None:
+            raise ValueError("give thresholds (DyMU) or r (ToMe), not both")
+        self.thresholds = _resolve_thresholds(thresholds, self.num_layers)
+        if r is not None:
+            r = [int(r)] * self.num_layers if isinstance(r, int) else [int(v) for v in r]
+            if len(r) < self.num_layers or min(r) < 0:
+                raise ValueError(f"r must be a non-negative int or one per block ({self.num_layers}), got {r}")
+            r = r[: self.num_layers]
+        self.r = r
+        self.backend = backend
+        self.trim = trim
+
+    def _block(self, layer: nn.Module, state: MergeState, i: int) -> MergeState:
+        attn = layer.self_attn
+        x = state.x
+        B, N, C = x.shape
+        h = layer.layer_norm1(x)
+        q, k, v = (proj(h).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        o = proportional_attention(q, k, v, state.size, scale=attn.scale)
+        x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
+        state = state._replace(x=x)
+        if self.thresholds is not None:
+            state = dtome_merge(*state, k, self.thresholds[i], backend=self.backend)
+        elif self.r is not None:
+            state = dtome_merge(*state, k, r=self.r[i], backend=self.backend)
+        return state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x)))
+
+    def forward(self, pixel_values: torch.Tensor) -> DToMeVisionOutput:
+        """Encode ``pixel_values [B, 3, H, W]`` (as the CLIP processor makes them)."""
+        x = self.vision.embeddings(pixel_values)
+        x = self.vision.pre_layrnorm(x)
+        state = init_merge_state(x)
+        counts = []
+        for i, layer in enumerate(self.vision.encoder.layers[: self.num_layers]):
+            state = self._block(layer, state, i)
+            if self.trim:
+                state = trim_state(state)
+            counts.append(state.lengths)
+        return DToMeVisionOutput(state.x, state.size, state.lengths, state.pos_map, counts)
