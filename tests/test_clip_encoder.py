@@ -86,3 +86,34 @@ def test_encoder_errors():
         DToMeCLIPVisionEncoder(model, r=[1, 2])
     with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel"):
         DToMeCLIPVisionEncoder(torch.nn.Linear(2, 2))
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+@cuda_only
+def test_merged_forward_has_no_host_sync_and_captures_in_a_cuda_graph(gen):
+    model = tiny_clip().cuda()
+    enc = DToMeCLIPVisionEncoder(model, [0.8, 0.85, 0.9, 0.95], backend="triton")
+    static = randn(4, 3, 56, 56, gen=gen).cuda()
+    with torch.no_grad():
+        torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+        try:
+            enc(static)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            enc(static)  # warm-up compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = enc(static)
+        fresh = randn(4, 3, 56, 56, gen=gen).cuda()
+        fresh[2] = 0.1
+        static.copy_(fresh)
+        graph.replay()
+        eager = enc(fresh)
+    assert torch.equal(captured.lengths, eager.lengths) and torch.equal(captured.pos_map, eager.pos_map)
+    torch.testing.assert_close(captured.features, eager.features)

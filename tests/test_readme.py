@@ -14,6 +14,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         scope = {}
         exec(compile(block, "README.md", "exec"), scope)
-    assert scope["out"].shape == (1, 8, 5, 64)
+    assert scope["vtu_out"].shape == (1, 8, 5, 64)
     assert scope["state"].lengths.shape == (4,)
     assert (tmp_path / "clip-l-336-low.json").exists()
+    assert len(scope["out"].tokens_per_layer) == 23 and scope["out"].features.shape[:2] == (2, 577)

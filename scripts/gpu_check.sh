@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks, for a machine with an NVIDIA GPU and no network
+# (torch, triton and transformers preinstalled). Runs the test suite on the GPU
+# (Triton kernels compiled for real, CUDA-only tests enabled) and the GPU
+# benchmarks; logs and result rows go to $OUT (default /tmp/dymu_gpu).
+#
+#   bash scripts/gpu_check.sh            # everything
+#   bash scripts/gpu_check.sh tests      # tests only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/dymu_gpu}"
+mkdir -p "$OUT"
+what="${1:-all}"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+status=0
+python3 -m pytest -q -x tests 2>&1 | tee "$OUT/pytest.log" || status=1
+if [[ "$what" == "all" ]]; then
+  python3 benchmarks/bench_dtome.py 2>&1 | tee "$OUT/bench_dtome.log" || status=1
+  cp benchmarks/results/*cuda*.jsonl "$OUT/" 2>/dev/null
+fi
+exit $status
