@@ -11,8 +11,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python example"
     monkeypatch.chdir(tmp_path)  # examples may write files
+    scope = {}
     for block in blocks:
-        scope = {}
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["vtu_out"].shape == (1, 8, 5, 64)
     assert scope["state"].lengths.shape == (4,)
