@@ -11,6 +11,9 @@ Public surface:
   (``backend="auto" | "cpp" | "torch"``).
 - :func:`calibrate_thresholds`, :class:`Thresholds`, :func:`merge_schedule`,
   :func:`published_thresholds` — per-layer thresholds and their JSON file.
+- :func:`vtu_attention`, :func:`vtu_decode_attention` — attention over the
+  virtual full sequence from unique tokens (fused Triton kernel on CUDA;
+  registered as ``torch.ops.dymu_kernels.vtu_attention``).
 - :func:`segment_mean` — average positions back into unique tokens.
 - :mod:`dymu_kernels.reference` — the plain-PyTorch spec of every op.
 - :mod:`dymu_kernels.models` — a small DToMe ViT used by the demo.
@@ -18,7 +21,7 @@ Public surface:
 
 from . import reference
 from ._validation import set_debug
-from .ops import dtome_merge, segment_mean
+from .ops import dtome_merge, segment_mean, vtu_attention, vtu_decode_attention
 from .reference.calibration import Thresholds, calibrate_thresholds, merge_schedule, published_thresholds
 from .reference.dtome import MergeState, init_merge_state
 
@@ -35,4 +38,6 @@ __all__ = [
     "reference",
     "segment_mean",
     "set_debug",
+    "vtu_attention",
+    "vtu_decode_attention",
 ]

@@ -6,5 +6,6 @@ in :mod:`dymu_kernels.reference`.
 
 from .dtome import dtome_merge
 from .segment import segment_mean
+from .vtu import vtu_attention, vtu_decode_attention
 
-__all__ = ["dtome_merge", "segment_mean"]
+__all__ = ["dtome_merge", "segment_mean", "vtu_attention", "vtu_decode_attention"]

@@ -30,6 +30,7 @@ import triton.language as tl
 import torch
 
 from ..reference.dtome import MergeState, NORM_EPS
+from .triton_utils import cast, fix_rne, pow2
 
 
 @triton.jit
@@ -126,7 +127,7 @@ def _merge_kernel(
     out_ptr, out_size_ptr,
     N, C, N_A, N_B1,
     s_xb, s_xn, s_xc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FIX_RNE: tl.constexpr,
 ):
     # One program: BLOCK_R consecutive output rows of one image x BLOCK_C channels.
     blocks_per_image = tl.cdiv(N, BLOCK_R)
@@ -154,16 +155,12 @@ def _merge_kernel(
         w = tl.load(size_ptr + b * N + src, mask=has, other=0.0).to(tl.float32)
         acc += tl.load(x_base + src[:, None] * s_xn, mask=has[:, None] & c_ok, other=0.0).to(tl.float32) * w[:, None]
         total += w
-    averaged = (acc / tl.maximum(total, 1e-30)[:, None]).to(x_home.dtype)
+    averaged = cast(acc / tl.maximum(total, 1e-30)[:, None], x_home.dtype, FIX_RNE)
     # A row that receives nothing is moved bit-exactly; dead rows become 0.
     out = tl.where((s1 > s0)[:, None], averaged, x_home)
     row_ok = k < N
     tl.store(out_ptr + (b * N + k)[:, None] * C + cols[None, :], out, mask=row_ok[:, None] & c_ok)
     tl.store(out_size_ptr + b * N + k, total, mask=row_ok & (tl.program_id(1) == 0))
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
 def normalized_metric(metric: torch.Tensor) -> torch.Tensor:
@@ -174,7 +171,7 @@ def normalized_metric(metric: torch.Tensor) -> torch.Tensor:
     BLOCK_N = 64
     _metric_kernel[(B, triton.cdiv(N, BLOCK_N))](
         m4, out, N, H, D, *m4.stride(), out.stride(0), out.stride(1),
-        EPS=NORM_EPS, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D),
+        EPS=NORM_EPS, BLOCK_N=BLOCK_N, BLOCK_D=pow2(D),
     )
     return out
 
@@ -201,7 +198,7 @@ def match(metric: torch.Tensor, lengths: torch.Tensor, threshold=None, *, cls_to
     _match_kernel[(B, triton.cdiv(n_a, BLOCK_A))](
         m, lengths, node_max, node_idx, merge, thr_value, n_a, D, m.stride(0), m.stride(1),
         CLS=bool(cls_token), USE_THRESHOLD=use_thr,
-        BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_D=_pow2(D),
+        BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_D=pow2(D),
     )
     if isinstance(threshold, torch.Tensor):
         merge = (node_max > threshold).to(torch.int8)
@@ -221,7 +218,7 @@ def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge: torch.Tensor)
     home = torch.zeros((B, N), device=dev, dtype=torch.int64)
     new_len = torch.empty((B,), device=dev, dtype=torch.int64)
     n_kept = torch.empty((B,), device=dev, dtype=torch.int64)
-    _plan_kernel[(B,)](merge, node_idx, lengths, dest, home, new_len, n_kept, N, n_a, BLOCK=_pow2(n_a))
+    _plan_kernel[(B,)](merge, node_idx, lengths, dest, home, new_len, n_kept, N, n_a, BLOCK=pow2(n_a))
 
     # Sources grouped by destination, in slot order within a group (stable sort).
     valid_merge = merge.bool() & (torch.arange(n_a, device=dev)[None, :] * 2 < lengths[:, None].long())
@@ -233,10 +230,10 @@ def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge: torch.Tensor)
 
     out = torch.empty((B, N, C), device=dev, dtype=x.dtype)
     out_size = torch.empty((B, N), device=dev, dtype=torch.float32)
-    BLOCK_R, BLOCK_C = 16, min(_pow2(C), 256)
+    BLOCK_R, BLOCK_C = 16, min(pow2(C), 256)
     _merge_kernel[(B * triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C))](
         x, size_c, home, new_len, n_kept, begin, src, out, out_size,
-        N, C, n_a, n_b + 2, *x.stride(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        N, C, n_a, n_b + 2, *x.stride(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FIX_RNE=fix_rne(x.dtype),
     )
     new_pos = torch.where(pos_map >= 0, dest.gather(1, pos_map.long().clamp_min(0)), -1).to(pos_map.dtype)
     return MergeState(out, out_size.to(size.dtype), new_len.to(lengths.dtype), new_pos)

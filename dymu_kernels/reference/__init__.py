@@ -32,7 +32,14 @@ from .dtome import (
     trim_state,
 )
 from .segment import segment_mean, unmerge
-from .vtu import apply_rope, rope_cos_sin, rotate_half, vtu_attention_decomposed, vtu_attention_expand
+from .vtu import (
+    apply_rope,
+    rope_cos_sin,
+    rotate_half,
+    vtu_attention_decomposed,
+    vtu_attention_expand,
+    vtu_decode_attention_ref,
+)
 
 __all__ = [
     "FixedRPolicy",
@@ -60,4 +67,5 @@ __all__ = [
     "unmerge",
     "vtu_attention_decomposed",
     "vtu_attention_expand",
+    "vtu_decode_attention_ref",
 ]

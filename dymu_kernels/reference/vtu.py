@@ -213,3 +213,48 @@ def vtu_attention_decomposed(
     counts = M.sum(dim=1)  # positions per unique token, [B, N_un]
     out_un = torch.einsum("bpu,bhpd->bhud", M, out) / counts.clamp_min(1)[:, None, :, None]
     return out_un.to(q.dtype)
+
+
+def vtu_decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merge_map: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference decode step: T new query tokens over the whole virtual sequence.
+
+    The new tokens are the last T positions of ``merge_map [B, N]`` (each a
+    singleton whose key/value row is already in k/v). Keys/values are stored
+    once per unique token (``k, v [B, H_kv, N_un, D]``, pre-RoPE) and rotated
+    at every full position they stand at.
+
+    Args:
+        q: ``[B, H, T, D]`` pre-RoPE queries of the new tokens.
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` for all N positions.
+
+    Returns:
+        ``[B, H, T, D]``: query t attends every valid position ``s <= N-T+t``.
+    """
+    B, H, T, D = q.shape
+    N = merge_map.shape[1]
+    if T > N:
+        raise ValueError(f"q has {T} new tokens but merge_map has only {N} positions")
+    # Reuse the full-sequence checks with q widened to the unique count.
+    cos, sin, scale = check_vtu_inputs(q.new_empty(B, H, k.shape[2], D), k, v, merge_map, cos, sin, scale)
+    n_rep = H // k.shape[1]
+    dt = accumulation_dtype(q.dtype) if upcast else q.dtype
+    cos, sin = cos.to(dt)[:, None], sin.to(dt)[:, None]
+    qr = apply_rope(q.to(dt), cos[:, :, N - T :], sin[:, :, N - T :])
+    kf = apply_rope(unmerge(k, merge_map).to(dt), cos, sin).repeat_interleave(n_rep, dim=1)
+    vf = unmerge(v, merge_map).to(dt).repeat_interleave(n_rep, dim=1)
+    scores = (qr @ kf.transpose(-1, -2)) * scale
+    positions = torch.arange(N, device=q.device)
+    allowed = (positions[None, :] <= (N - T + torch.arange(T, device=q.device))[:, None])[None, None]
+    allowed = allowed & (merge_map >= 0)[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (probs @ vf).to(q.dtype)

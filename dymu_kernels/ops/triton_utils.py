@@ -1,0 +1,36 @@
+"""Small Triton helpers shared by the kernels."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import interpreter_mode
+
+
+@triton.jit
+def round_bf16_rne(x):
+    """Round fp32 to the nearest bf16 value (ties to even), returned as fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, FIX_RNE: tl.constexpr):
+    """``x.to(DTYPE)`` with round-to-nearest-even. FIX_RNE is set under the CPU
+    interpreter, whose fp32 -> bf16 conversion truncates (GPUs round to nearest)."""
+    if FIX_RNE:
+        x = round_bf16_rne(x.to(tl.float32))
+    return x.to(DTYPE)
+
+
+def fix_rne(dtype: torch.dtype) -> bool:
+    """Whether kernels must round bf16 by hand (CPU interpreter only)."""
+    return interpreter_mode() and dtype == torch.bfloat16
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Next power of two >= n, at least ``lo`` (tl.dot needs dims >= 16)."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))

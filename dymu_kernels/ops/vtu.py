@@ -1,0 +1,212 @@
+"""VTU attention as a real torch op: ``torch.ops.dymu_kernels.vtu_attention``.
+
+The op dispatches to the fused Triton kernel (:mod:`.vtu_triton`) on CUDA
+tensors and to the reference (:func:`~dymu_kernels.reference.vtu_attention_expand`)
+elsewhere. It is registered with ``torch.library`` so that
+
+- ``torch.compile`` traces it (fake implementation: output shaped like q);
+- ``torch.utils.flop_counter.FlopCounterMode`` counts it (formula below) and
+  fvcore counts it with :data:`FVCORE_HANDLES`;
+- autograd works: the backward recomputes through the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from ..backends import TORCH, TRITON, select_backend
+from ..reference import vtu as ref
+
+BACKENDS = (TRITON, TORCH)
+
+
+def attention_flops(batch: int, heads: int, n: int, d: int, causal: bool = True) -> int:
+    """FLOPs of attention over N full positions: QKᵀ and AV, 2 per MAC; causal halves.
+
+    This is what the fused kernel computes (the original model's attention);
+    VTU's savings are in the projections and MLP, which run on N_un tokens.
+    """
+    f = 4 * batch * heads * n * n * d
+    return f // 2 if causal else f
+
+
+@torch.library.custom_op("dymu_kernels::vtu_attention", mutates_args=())
+def _vtu_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, merge_map: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, scale: float, causal: bool, deterministic: bool, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from .vtu_triton import vtu_attention_fwd
+
+        B, N, D = merge_map.shape[0], merge_map.shape[1], q.shape[-1]
+        return vtu_attention_fwd(q, k, v, merge_map, cos.expand(B, N, D), sin.expand(B, N, D), scale, causal, deterministic)
+    return ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, causal=causal, scale=scale)
+
+
+@_vtu_attention_op.register_fake
+def _(q, k, v, merge_map, cos, sin, scale, causal, deterministic, backend):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, merge_map, cos, sin, scale, causal, _, _ = inputs
+    ctx.save_for_backward(q, k, v, merge_map, cos, sin)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _backward(ctx, grad):
+    q, k, v, merge_map, cos, sin = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = ref.vtu_attention_expand(*leaves, merge_map, cos, sin, causal=ctx.causal, scale=ctx.scale)
+        gq, gk, gv = torch.autograd.grad(out, leaves, grad)
+    return gq, gk, gv, None, None, None, None, None, None, None
+
+
+_vtu_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("dymu_kernels::vtu_decode_attention", mutates_args=())
+def _vtu_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, merge_map: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, scale: float, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from .vtu_triton import vtu_decode_fwd
+
+        B, N, D = merge_map.shape[0], merge_map.shape[1], q.shape[-1]
+        return vtu_decode_fwd(q, k, v, merge_map, cos.expand(B, N, D), sin.expand(B, N, D), scale)
+    return ref.vtu_decode_attention_ref(q, k, v, merge_map, cos, sin, scale=scale)
+
+
+@_vtu_decode_op.register_fake
+def _(q, k, v, merge_map, cos, sin, scale, backend):
+    return torch.empty_like(q)
+
+
+@register_flop_formula(torch.ops.dymu_kernels.vtu_attention)
+def _vtu_flops(q_shape, k_shape, v_shape, map_shape, *args, out_shape=None, **kwargs) -> int:
+    causal = args[3] if len(args) > 3 else True
+    return attention_flops(q_shape[0], q_shape[1], map_shape[1], q_shape[3], causal)
+
+
+@register_flop_formula(torch.ops.dymu_kernels.vtu_decode_attention)
+def _vtu_decode_flops(q_shape, k_shape, v_shape, map_shape, *args, out_shape=None, **kwargs) -> int:
+    # T queries against N keys each (QKᵀ and AV); causality among the T new tokens is ignored.
+    return 4 * q_shape[0] * q_shape[1] * q_shape[2] * map_shape[1] * q_shape[3]
+
+
+def _jit_shape(value):
+    return value.type().sizes()
+
+
+def vtu_attention_flop_jit(inputs, outputs) -> int:
+    """fvcore handle: MACs of ``dymu_kernels::vtu_attention`` (fvcore counts MACs)."""
+    q, merge_map = _jit_shape(inputs[0]), _jit_shape(inputs[3])
+    causal = bool(inputs[7].toIValue()) if len(inputs) > 7 else True
+    return attention_flops(q[0], q[1], merge_map[1], q[3], causal) // 2
+
+
+FVCORE_HANDLES = {"dymu_kernels::vtu_attention": vtu_attention_flop_jit}
+
+
+def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    return select_backend("vtu_attention", backend, BACKENDS, q.device, q.dtype)
+
+
+def vtu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merge_map: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over the virtual full sequence, computed from unique tokens (VTU).
+
+    The merge map says which unique token stands at each full position::
+
+        positions p   :  0    1    2    3    4    5    6        N = 7
+        merge_map[b]  :  0    1    2    2    1    3    4        N_un = 5
+                         txt  img  img  img  img  txt  txt      (-1 = padding)
+
+    Query position p uses ``q[m(p)]`` rotated by RoPE at p, key position s uses
+    ``k[m(s)]`` rotated at s; attention is causal on the position index; each
+    unique token's output is the mean of its positions' outputs. This equals
+    expanding the sequence, running ordinary RoPE attention and averaging per
+    group — nothing is approximated (DESIGN.md §1.3).
+
+    Args:
+        q: ``[B, H, N_un, D]`` queries of the unique tokens, *before* RoPE.
+        k, v: ``[B, H_kv, N_un, D]``; ``H_kv`` divides ``H`` (GQA).
+        merge_map: ``[B, N]`` int32/int64 in ``[-1, N_un)``; samples may have
+            different N (pad with -1) and N_un (pad the unique dim).
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` RoPE tables of the full positions
+            (HF format, as ``LlamaRotaryEmbedding`` returns them).
+        causal: causal mask on the full position index.
+        scale: softmax scale, default ``D ** -0.5``.
+        deterministic: bit-identical results run to run (Triton: re-merge in
+            a second pass instead of fp32 atomics).
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``
+            or ``"torch"``.
+
+    Returns:
+        ``[B, H, N_un, D]`` in q's dtype (fp16, bf16, fp32); unique slots that
+        no position maps to are 0.
+
+    Raises:
+        TypeError/ValueError naming the argument for wrong ranks, shapes,
+        dtypes, devices, H_kv not dividing H, odd D, cos/sin of the wrong
+        length, and (on CPU, or on GPU with ``DYMU_DEBUG=1``) merge_map values
+        out of range; ValueError listing why a requested backend cannot run
+        (e.g. Triton needs D >= 32).
+    """
+    cos, sin, scale = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale)
+    name = _pick_backend(backend, q)
+    if name == "triton" and q.shape[-1] < 32:
+        raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
+    return _vtu_attention_op(q, k, v, merge_map, cos, sin, scale, bool(causal), bool(deterministic), name)
+
+
+def vtu_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merge_map: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decode step of VTU attention over a KV cache stored once per unique token.
+
+    Args:
+        q: ``[B, H, T, D]`` pre-RoPE queries of T new tokens, which stand at the
+            last T positions of ``merge_map`` (singletons whose keys/values are
+            already appended to k/v).
+        k, v: ``[B, H_kv, N_un, D]`` pre-RoPE key/value cache, one row per unique token.
+        merge_map: ``[B, N]`` full position -> cache row (-1 = padding).
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` for all N positions.
+
+    Returns:
+        ``[B, H, T, D]``: new token t attends every valid position ``<= N-T+t``.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a [B, H, T, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    if q.shape[2] > merge_map.shape[-1]:
+        raise ValueError(f"q has {q.shape[2]} new tokens but merge_map has only {merge_map.shape[-1]} positions")
+    widened = q.new_empty(q.shape[0], q.shape[1], k.shape[2], q.shape[3]) if k.dim() == 4 else q
+    cos, sin, scale = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale)
+    name = _pick_backend(backend, q)
+    if name == "triton" and q.shape[-1] < 32:
+        raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
+    return _vtu_decode_op(q, k, v, merge_map, cos, sin, scale, name)

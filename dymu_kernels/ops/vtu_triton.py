@@ -1,0 +1,245 @@
+"""Fused VTU attention in Triton (FlashAttention-2 style forward).
+
+Contract: :func:`dymu_kernels.reference.vtu_attention_expand`. The kernel
+never materialises the expanded sequence:
+
+- each program takes BLOCK_M full positions of one (batch, head); their query
+  rows are *gathered* from the unique tokens through ``merge_map`` and rotated
+  in registers (fp32, HF ``rotate_half``) with cos/sin of the full positions;
+- it streams key blocks the same way (gather unique K/V rows, rotate K at the
+  key positions), with online softmax in fp32 (running max and sum, exp2),
+  causal masking on the sequence index and causal block skipping, padding
+  (``merge_map == -1``) masked, GQA by ``h // (H / H_kv)``;
+- the per-position output is re-merged into its unique token: by default an
+  fp32 ``atomic_add`` of ``o_p / count(u)`` (no ``[N, D]`` intermediate); with
+  ``deterministic=True`` the per-position outputs are written once and a
+  second kernel averages each unique token's positions in position order
+  (bit-identical run to run).
+
+The decode path (``DECODE``) serves the KV cache of the LLaVA integration:
+queries are the last T positions (new singleton tokens, q given directly),
+keys/values are still stored once per unique token.
+
+Head dims 64, 80, 96, 128 (any even D >= 32); fp16, bf16 and fp32 inputs
+(fp32 dots in IEEE precision). Runs on CUDA, and on the CPU under
+``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import cast, fix_rne, pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2):
+    """HF rotate_half RoPE on the two halves, in fp32."""
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's CPU interpreter cannot multiply bf16; operands already
+    # rounded to bf16 are exact in fp32, so an IEEE fp32 dot gives what the
+    # tensor cores give (exact products, fp32 accumulation).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _vtu_fwd_kernel(
+    Q, K, V, MAP, COS, SIN, COUNT, OUT,
+    scale_log2, N, N_UN, T, H, H_KV, HALF_D, D,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_mb, s_mn,
+    s_cb, s_cn, s_cd,
+    s_sb, s_sn, s_sd,
+    s_ob, s_oh, s_on, s_od,
+    CAUSAL: tl.constexpr, DECODE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    FIX_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dh = tl.arange(0, BLOCK_H)
+    dh_ok = (dh < HALF_D)[None, :]
+    dv = tl.arange(0, BLOCK_D)
+    dv_ok = (dv < D)[None, :]
+
+    if DECODE:
+        pos = N - T + offs_m
+        q_ok = offs_m < T
+        q_row = offs_m
+    else:
+        pos = offs_m
+        u = tl.load(MAP + b * s_mb + pos * s_mn, mask=pos < N, other=-1).to(tl.int64)
+        q_ok = u >= 0
+        q_row = tl.where(q_ok, u, 0)
+    q_ptr = Q + b * s_qb + h * s_qh + q_row[:, None] * s_qn
+    qm = q_ok[:, None] & dh_ok
+    q1 = tl.load(q_ptr + dh[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + (dh[None, :] + HALF_D) * s_qd, mask=qm, other=0.0).to(tl.float32)
+    pos_c = tl.where(q_ok, pos, 0)
+    c_ptr = COS + b * s_cb + pos_c[:, None] * s_cn
+    s_ptr = SIN + b * s_sb + pos_c[:, None] * s_sn
+    c1 = tl.load(c_ptr + dh[None, :] * s_cd, mask=qm, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + (dh[None, :] + HALF_D) * s_cd, mask=qm, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + dh[None, :] * s_sd, mask=qm, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + (dh[None, :] + HALF_D) * s_sd, mask=qm, other=0.0).to(tl.float32)
+    qr1, qr2 = _rotate(q1, q2, c1, c2, s1, s2)
+    qr1 = cast(qr1, Q.dtype.element_ty, FIX_RNE)
+    qr2 = cast(qr2, Q.dtype.element_ty, FIX_RNE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = N
+    if CAUSAL:
+        # Keys after the block's last query position cannot contribute.
+        if DECODE:
+            hi = tl.minimum(N, N - T + (pid_m + 1) * BLOCK_M)
+        else:
+            hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        uk = tl.load(MAP + b * s_mb + offs_n * s_mn, mask=offs_n < N, other=-1).to(tl.int64)
+        k_ok = uk >= 0
+        k_row = tl.where(k_ok, uk, 0)
+        km = k_ok[:, None] & dh_ok
+        k_ptr = k_base + k_row[:, None] * s_kn
+        k1 = tl.load(k_ptr + dh[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptr + (dh[None, :] + HALF_D) * s_kd, mask=km, other=0.0).to(tl.float32)
+        ck = COS + b * s_cb + offs_n[:, None] * s_cn
+        sk = SIN + b * s_sb + offs_n[:, None] * s_sn
+        kc1 = tl.load(ck + dh[None, :] * s_cd, mask=km, other=0.0).to(tl.float32)
+        kc2 = tl.load(ck + (dh[None, :] + HALF_D) * s_cd, mask=km, other=0.0).to(tl.float32)
+        ks1 = tl.load(sk + dh[None, :] * s_sd, mask=km, other=0.0).to(tl.float32)
+        ks2 = tl.load(sk + (dh[None, :] + HALF_D) * s_sd, mask=km, other=0.0).to(tl.float32)
+        kr1, kr2 = _rotate(k1, k2, kc1, kc2, ks1, ks2)
+        scores = _dot(qr1, tl.trans(cast(kr1, K.dtype.element_ty, FIX_RNE)), IEEE, UPCAST)
+        scores += _dot(qr2, tl.trans(cast(kr2, K.dtype.element_ty, FIX_RNE)), IEEE, UPCAST)
+        scores = scores * scale_log2
+        allowed = k_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_n[None, :] <= pos[:, None])
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # Rows with no visible key yet keep m = -inf; shift by 0 to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # Normalise by the sum of the weights actually used in P@V (rounded to
+        # the input dtype), so that equal values average back exactly.
+        p = cast(tl.exp2(scores - m_safe[:, None]), V.dtype.element_ty, FIX_RNE)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+        v = tl.load(v_base + k_row[:, None] * s_vn + dv[None, :] * s_vd, mask=k_ok[:, None] & dv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE, UPCAST)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+    om = q_ok[:, None] & dv_ok
+    if DECODE:
+        tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + dv[None, :] * s_od, cast(o, OUT.dtype.element_ty, FIX_RNE), mask=om)
+    elif ATOMIC:
+        cnt = tl.load(COUNT + b * N_UN + q_row, mask=q_ok, other=1.0)
+        tl.atomic_add(OUT + b * s_ob + h * s_oh + q_row[:, None] * s_on + dv[None, :] * s_od, o / cnt[:, None], mask=om)
+    else:  # per-position output, averaged deterministically afterwards
+        tl.store(OUT + b * s_ob + h * s_oh + pos[:, None] * s_on + dv[None, :] * s_od, o, mask=om)
+
+
+@triton.jit
+def _segment_mean_kernel(
+    SRC, ORDER, BEGIN, OUT, N, N_UN, H, D,
+    s_sb, s_sh, s_sn, s_sd,
+    s_ob, s_oh, s_on, s_od,
+    BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr, FIX_RNE: tl.constexpr,
+):
+    """out[b, h, u] = mean of SRC[b, h, p] over u's positions, summed in position order."""
+    pid_u = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    u = pid_u.to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+    u_ok = u < N_UN
+    d = tl.arange(0, BLOCK_D)
+    d_ok = (d < D)[None, :]
+    p0 = tl.load(BEGIN + b * (N_UN + 1) + u, mask=u_ok, other=0)
+    p1 = tl.load(BEGIN + b * (N_UN + 1) + u + 1, mask=u_ok, other=0)
+    acc = tl.zeros([BLOCK_U, BLOCK_D], dtype=tl.float32)
+    for t in range(0, tl.max(p1 - p0, axis=0)):
+        has = p0 + t < p1
+        p = tl.load(ORDER + b * N + p0 + t, mask=has, other=0)
+        acc += tl.load(SRC + b * s_sb + h * s_sh + p[:, None] * s_sn + d[None, :] * s_sd, mask=has[:, None] & d_ok, other=0.0)
+    cnt = tl.maximum(p1 - p0, 1).to(tl.float32)
+    out = acc / cnt[:, None]
+    tl.store(OUT + b * s_ob + h * s_oh + u[:, None] * s_on + d[None, :] * s_od, cast(out, OUT.dtype.element_ty, FIX_RNE), mask=u_ok[:, None] & d_ok)
+
+
+def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, atomic):
+    B, H = q.shape[0], q.shape[1]
+    D = q.shape[-1]
+    N = merge_map.shape[1]
+    T = q.shape[2] if decode else N
+    n_un = k.shape[2]
+    BLOCK_M, BLOCK_N = 64, 64
+    grid = (triton.cdiv(T, BLOCK_M), B * H)
+    _vtu_fwd_kernel[grid](
+        q, k, v, merge_map, cos, sin, count, out,
+        scale * LOG2E, N, n_un, T, H, k.shape[1], D // 2, D,
+        *q.stride(), *k.stride(), *v.stride(), *merge_map.stride(),
+        *cos.stride(), *sin.stride(), *out.stride(),
+        CAUSAL=bool(causal), DECODE=decode, ATOMIC=atomic, IEEE=q.dtype == torch.float32,
+        UPCAST=fix_rne(q.dtype), FIX_RNE=fix_rne(q.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=pow2(D // 2), BLOCK_D=pow2(D),
+    )
+
+
+def vtu_attention_fwd(q, k, v, merge_map, cos, sin, scale: float, causal: bool, deterministic: bool) -> torch.Tensor:
+    """Launch the fused forward; inputs validated, cos/sin already ``[B, N, D]``."""
+    B, H, n_un, D = q.shape
+    N = merge_map.shape[1]
+    valid = merge_map >= 0
+    idx = merge_map.long().clamp_min(0)
+    if not deterministic:
+        counts = torch.zeros((B, n_un), device=q.device, dtype=torch.float32)
+        counts.scatter_add_(1, idx, valid.to(torch.float32))
+        out32 = torch.zeros((B, H, n_un, D), device=q.device, dtype=torch.float32)
+        _launch(q, k, v, merge_map, cos, sin, scale, causal, out32, counts, decode=False, atomic=True)
+        return out32.to(q.dtype)
+    per_pos = torch.empty((B, H, N, D), device=q.device, dtype=torch.float32)
+    _launch(q, k, v, merge_map, cos, sin, scale, causal, per_pos, per_pos, decode=False, atomic=False)
+    # Positions grouped by unique token, in position order (stable sort).
+    key = torch.where(valid, idx, n_un)
+    order = torch.sort(key, dim=1, stable=True).indices.contiguous()
+    counts = torch.zeros((B, n_un + 1), device=q.device, dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))
+    begin = torch.zeros((B, n_un + 1), device=q.device, dtype=torch.int64)
+    torch.cumsum(counts[:, :n_un], dim=1, out=begin[:, 1:])
+    out = torch.empty((B, H, n_un, D), device=q.device, dtype=q.dtype)
+    BLOCK_U = 32
+    _segment_mean_kernel[(triton.cdiv(n_un, BLOCK_U), B * H)](
+        per_pos, order, begin, out, N, n_un, H, D, *per_pos.stride(), *out.stride(),
+        BLOCK_U=BLOCK_U, BLOCK_D=pow2(D), FIX_RNE=fix_rne(out.dtype),
+    )
+    return out
+
+
+def vtu_decode_fwd(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
+    """Decode step: q ``[B, H, T, D]`` at the last T positions; returns ``[B, H, T, D]``."""
+    out = torch.empty_like(q)
+    _launch(q, k, v, merge_map, cos, sin, scale, True, out, out, decode=True, atomic=False)
+    return out

@@ -1,0 +1,226 @@
+"""Fused VTU attention (Triton; interpreter on CPU) against the references, by
+FlashAttention's rule: error vs a float64 reference at most 2x the error of the
+reference computed in the same low dtype."""
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE, randn
+
+import dymu_kernels
+from dymu_kernels import reference as ref
+from dymu_kernels.ops.vtu import FVCORE_HANDLES, attention_flops
+
+pytest.importorskip("triton")
+
+EPS = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def make_map(kind, gen, B, N):
+    maps, n_un = [], 1
+    for b in range(B):
+        if kind == "identity":
+            m = torch.arange(N)
+        elif kind == "one_group":
+            m = torch.zeros(N, dtype=torch.long)
+        elif kind == "scattered":
+            n_u = max(1, N // 3)
+            m = torch.randint(0, n_u, (N,), generator=gen)
+            m[:n_u] = torch.randperm(n_u, generator=gen)[: min(n_u, N)]
+        elif kind == "text_image_text":
+            n_img = N - 10
+            img = 5 + torch.randint(0, max(1, n_img // 4), (n_img,), generator=gen)
+            m = torch.cat([torch.arange(5), img, img.max() + 1 + torch.arange(5)])
+            m = torch.unique(m, return_inverse=True)[1]  # compact unique ids, order kept
+        elif kind == "padding":  # mixed lengths: left padding for b=0, right padding for b=1
+            n_pad = 7 + 9 * b
+            body = torch.randint(0, max(1, (N - n_pad) // 2), (N - n_pad,), generator=gen)
+            body = torch.unique(body, return_inverse=True)[1]
+            m = torch.cat([torch.full((n_pad,), -1), body]) if b % 2 == 0 else torch.cat([body, torch.full((n_pad,), -1)])
+        maps.append(m)
+        n_un = max(n_un, int(m.max()) + 1)
+    return torch.stack(maps).to(torch.int32), n_un + 3  # padded unique dim (unused slots)
+
+
+def make_inputs(kind, gen, dtype, B=2, H=4, H_kv=2, N=80, D=64):
+    merge_map, n_un = make_map(kind, gen, B, N)
+    q = randn(B, H, n_un, D, gen=gen, dtype=torch.float64)
+    k = randn(B, H_kv, n_un, D, gen=gen, dtype=torch.float64)
+    v = randn(B, H_kv, n_un, D, gen=gen, dtype=torch.float64)
+    positions = torch.stack([torch.arange(N) + 5 * b for b in range(B)])
+    cos, sin = ref.rope_cos_sin(positions, D, dtype=torch.float64)
+    return q, k, v, merge_map, cos, sin
+
+
+def check_fa_rule(out, exact, low_ref, dtype):
+    err = (out.double().cpu() - exact).abs().max().item()
+    ref_err = (low_ref.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + EPS[dtype], f"kernel error {err:.3g} > 2 x reference error {ref_err:.3g}"
+
+
+def run_case(q, k, v, merge_map, cos, sin, dtype, **kwargs):
+    lo = [t.to(dtype) for t in (q, k, v, cos, sin)]
+    # As in FlashAttention's tests, the float64 reference sees the same rounded inputs.
+    exact = ref.vtu_attention_expand(*[t.double() for t in lo[:3]], merge_map, *[t.double() for t in lo[3:]], **kwargs)
+    low_ref = ref.vtu_attention_expand(*lo[:3], merge_map, *lo[3:], upcast=False, **kwargs)
+    dev = [t.to(TRITON_DEVICE) for t in lo]
+    out = dymu_kernels.vtu_attention(*dev[:3], merge_map.to(TRITON_DEVICE), *dev[3:], backend="triton", **kwargs)
+    assert out.dtype == dtype and out.shape == q.shape
+    check_fa_rule(out, exact, low_ref, dtype)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["identity", "one_group", "scattered", "text_image_text", "padding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_reference(gen, kind, dtype):
+    run_case(*make_inputs(kind, gen, dtype), dtype)
+
+
+@pytest.mark.parametrize("D", [80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dims(gen, D, dtype):
+    run_case(*make_inputs("scattered", gen, dtype, N=70, D=D, H=2, H_kv=1), dtype)
+
+
+@pytest.mark.parametrize("N", [1, 2, 63])
+def test_tiny_sequences_and_single_unique_token(gen, N):
+    q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float32, N=N)
+    run_case(q, k, v, merge_map, cos, sin, torch.float32)
+    # N_un = 1: every position is the same unique token.
+    one = torch.zeros_like(merge_map)
+    run_case(q[:, :, :1], k[:, :, :1], v[:, :, :1], one, cos, sin, torch.float32)
+
+
+def test_identity_map_equals_causal_rope_attention(gen):
+    q, k, v, merge_map, cos, sin = make_inputs("identity", gen, torch.float32, H=4, H_kv=4)
+    q, k, v = q[:, :, :80], k[:, :, :80], v[:, :, :80]
+    rot = lambda x: ref.apply_rope(x, cos[:, None], sin[:, None])  # noqa: E731
+    expected = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+    dev = [t.float().to(TRITON_DEVICE) for t in (q, k, v)]
+    out = dymu_kernels.vtu_attention(*dev, merge_map.to(TRITON_DEVICE), cos.float().to(TRITON_DEVICE), sin.float().to(TRITON_DEVICE), backend="triton")
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_gqa_non_causal_shared_tables_and_non_contiguous(gen):
+    q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float32, H=6, H_kv=2)
+    qn = q.float().transpose(1, 2).contiguous().transpose(1, 2)
+    kn = torch.cat([k.float(), k.float()], dim=-1)[..., :64]
+    assert not qn.is_contiguous() and not kn.is_contiguous()
+    for causal in (True, False):
+        exact = ref.vtu_attention_expand(q, k, v, merge_map, cos[0], sin[0], causal=causal)
+        out = dymu_kernels.vtu_attention(
+            qn.to(TRITON_DEVICE), kn.to(TRITON_DEVICE), v.float().to(TRITON_DEVICE), merge_map.long().to(TRITON_DEVICE),
+            cos[0].float().to(TRITON_DEVICE), sin[0].float().to(TRITON_DEVICE), causal=causal, backend="triton",
+        )
+        torch.testing.assert_close(out.double().cpu(), exact, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_mode_is_bit_identical(gen, dtype):
+    q, k, v, merge_map, cos, sin = (t.to(TRITON_DEVICE) for t in make_inputs("one_group", gen, dtype))
+    lo = [t.to(dtype) for t in (q, k, v)]
+    a = dymu_kernels.vtu_attention(*lo, merge_map, cos.to(dtype), sin.to(dtype), deterministic=True, backend="triton")
+    b = dymu_kernels.vtu_attention(*lo, merge_map, cos.to(dtype), sin.to(dtype), deterministic=True, backend="triton")
+    assert torch.equal(a, b)
+    fast = dymu_kernels.vtu_attention(*lo, merge_map, cos.to(dtype), sin.to(dtype), backend="triton")
+    torch.testing.assert_close(a, fast, atol=EPS[dtype] * 10, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_path(gen, dtype, T):
+    q, k, v, merge_map, cos, sin = make_inputs("padding", gen, torch.float64, N=60)
+    n_un = q.shape[2]
+    # The T newest tokens are singletons appended to the unique cache.
+    k = torch.cat([k, randn(2, 2, T, 64, gen=gen, dtype=torch.float64)], dim=2)
+    v = torch.cat([v, randn(2, 2, T, 64, gen=gen, dtype=torch.float64)], dim=2)
+    new = torch.arange(n_un, n_un + T, dtype=torch.int32).expand(2, T)
+    merge_map = torch.cat([merge_map, new], dim=1)
+    cos, sin = ref.rope_cos_sin(torch.arange(60 + T), 64, dtype=torch.float64)
+    q_new = randn(2, 4, T, 64, gen=gen, dtype=torch.float64)
+    # Consistency: the decode reference is the full attention's output at the new singletons.
+    q_full = torch.cat([randn(2, 4, n_un, 64, gen=gen, dtype=torch.float64), q_new], dim=2)
+    full = ref.vtu_attention_expand(q_full, k, v, merge_map, cos, sin)
+    torch.testing.assert_close(full[:, :, n_un:], ref.vtu_decode_attention_ref(q_new, k, v, merge_map, cos, sin))
+    lo = [t.to(dtype) for t in (q_new, k, v, cos, sin)]
+    exact = ref.vtu_decode_attention_ref(*[t.double() for t in lo[:3]], merge_map, *[t.double() for t in lo[3:]])
+    low_ref = ref.vtu_decode_attention_ref(*lo[:3], merge_map, *lo[3:], upcast=False)
+    out = dymu_kernels.vtu_decode_attention(*[t.to(TRITON_DEVICE) for t in lo[:3]], merge_map.to(TRITON_DEVICE),
+                                            *[t.to(TRITON_DEVICE) for t in lo[3:]], backend="triton")
+    assert out.shape == (2, 4, T, 64) and out.dtype == dtype
+    check_fa_rule(out, exact, low_ref, dtype)
+
+
+def test_torch_library_op_fake_and_autograd(gen):
+    q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float64, N=20, D=32)
+    args = (q, k, v, merge_map, cos, sin, 32 ** -0.5, True, False, "torch")
+    torch.library.opcheck(torch.ops.dymu_kernels.vtu_attention.default, args)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b, c: dymu_kernels.vtu_attention(a, b, c, merge_map, cos, sin, backend="torch"), leaves)
+    # The Triton path's backward (recompute through the reference) gives the reference's gradients.
+    lo = [t.float().to(TRITON_DEVICE).requires_grad_(True) for t in (q, k, v)]
+    dymu_kernels.vtu_attention(*lo, merge_map.to(TRITON_DEVICE), cos.float().to(TRITON_DEVICE), sin.float().to(TRITON_DEVICE), backend="triton").sum().backward()
+    rl = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref.vtu_attention_expand(*rl, merge_map, cos.float(), sin.float()).sum().backward()
+    for a, b in zip(lo, rl):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, atol=1e-5, rtol=1e-5)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fq = torch.empty(2, 4, 9, 32)
+        fk = torch.empty(2, 2, 9, 32)
+        out = torch.ops.dymu_kernels.vtu_attention(fq, fk, fk, torch.zeros(2, 20, dtype=torch.int32), torch.empty(20, 32), torch.empty(20, 32), 0.1, True, False, "triton")
+        assert out.shape == (2, 4, 9, 32)
+
+
+def test_flop_counters(gen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float32, N=40, D=32)
+    q, k, v, cos, sin = (t.float() for t in (q, k, v, cos, sin))
+    with FlopCounterMode(display=False) as counter:
+        dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="torch")
+    assert counter.get_total_flops() == attention_flops(2, 4, 40, 32, causal=True) == 4 * 2 * 4 * 40 * 40 * 32 // 2
+
+    fvcore = pytest.importorskip("fvcore.nn")
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="torch")
+
+    analysis = fvcore.FlopCountAnalysis(Attn(), (q, k, v)).set_op_handle(**FVCORE_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.total() == attention_flops(2, 4, 40, 32, causal=True) // 2  # fvcore counts MACs
+
+
+VTU_ERRORS = [
+    (dict(q=torch.randn(2, 4, 5, 16)), ValueError, "the triton backend needs head dim D >= 32"),
+    (dict(q=torch.randn(2, 4, 5, 64).double(), k=torch.randn(2, 2, 5, 64).double(), v=torch.randn(2, 2, 5, 64).double()),
+     ValueError, "triton: dtype torch.float64 is not supported"),
+    (dict(merge_map=torch.full((2, 8), 9, dtype=torch.int32)), ValueError, "merge_map values must lie in \\[-1, 4\\]"),
+    (dict(cos=torch.ones(9, 64)), ValueError, "cos must have shape \\[8, 64\\]"),
+    (dict(k=torch.randn(2, 3, 5, 64), v=torch.randn(2, 3, 5, 64)), ValueError, "k has 3 heads, which must divide the 4 heads"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", VTU_ERRORS)
+def test_public_op_errors(overrides, exc, match):
+    args = dict(q=torch.randn(2, 4, 5, 64), k=torch.randn(2, 2, 5, 64), v=torch.randn(2, 2, 5, 64),
+                merge_map=torch.zeros(2, 8, dtype=torch.int32), cos=torch.ones(8, 64), sin=torch.zeros(8, 64))
+    if overrides.get("q") is not None and overrides["q"].shape[-1] == 16:
+        args.update(k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16), cos=torch.ones(8, 16), sin=torch.zeros(8, 16))
+    args.update(overrides)
+    args = {n: t.to(TRITON_DEVICE) for n, t in args.items()}
+    with pytest.raises(exc, match=match):
+        dymu_kernels.vtu_attention(**args, backend="triton")
+
+
+def test_decode_errors():
+    k = torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match="q has 9 new tokens but merge_map has only 8 positions"):
+        dymu_kernels.vtu_decode_attention(torch.randn(1, 4, 9, 64), k, k, torch.zeros(1, 8, dtype=torch.int32), torch.ones(8, 64), torch.zeros(8, 64))
+    with pytest.raises(ValueError, match="q must be a \\[B, H, T, D\\] tensor"):
+        dymu_kernels.vtu_decode_attention(torch.randn(4, 9, 64), k, k, torch.zeros(1, 8, dtype=torch.int32), torch.ones(8, 64), torch.zeros(8, 64))
+
+
+def test_auto_backend_uses_reference_on_cpu(gen):
+    q, k, v, merge_map, cos, sin = (t.float() if t.is_floating_point() else t for t in make_inputs("scattered", gen, torch.float32, N=30))
+    torch.testing.assert_close(dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin), ref.vtu_attention_expand(q, k, v, merge_map, cos, sin))
