@@ -18,6 +18,7 @@ status=0
 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/pytest.log" || status=1
 if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_dtome.py 2>&1 | tee "$OUT/bench_dtome.log" || status=1
+  python3 benchmarks/bench_vtu.py 2>&1 | tee "$OUT/bench_vtu.log" || status=1
   cp benchmarks/results/*cuda*.jsonl "$OUT/" 2>/dev/null
 fi
 exit $status
