@@ -224,3 +224,24 @@ def test_decode_errors():
 def test_auto_backend_uses_reference_on_cpu(gen):
     q, k, v, merge_map, cos, sin = (t.float() if t.is_floating_point() else t for t in make_inputs("scattered", gen, torch.float32, N=30))
     torch.testing.assert_close(dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin), ref.vtu_attention_expand(q, k, v, merge_map, cos, sin))
+
+
+def test_decode_split_k_with_an_all_padding_slice(gen):
+    """A long cache is split over several key slices; the first slice here is
+    entirely left padding, so its partial result must drop out of the combine."""
+    from dymu_kernels.ops.vtu_triton import decode_splits
+
+    N, n_pad, T = 300, 140, 2
+    splits, per_split = decode_splits(2, 4, T, N, torch.device(TRITON_DEVICE))
+    if TRITON_DEVICE == "cpu":  # the interpreter uses 3 slices of 128 keys: slice 0 is all padding
+        assert (splits, per_split) == (3, 128)
+    body = torch.randint(0, 40, (N - n_pad - T,), generator=gen)
+    body[:40] = torch.arange(40)
+    merge_map = torch.cat([torch.full((n_pad,), -1), body, torch.tensor([40, 41])]).to(torch.int32).expand(2, N).contiguous()
+    k = randn(2, 2, 42, 64, gen=gen)
+    v = randn(2, 2, 42, 64, gen=gen)
+    q = randn(2, 4, T, 64, gen=gen)
+    cos, sin = ref.rope_cos_sin(torch.arange(N), 64)
+    exact = ref.vtu_decode_attention_ref(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
+    out = dymu_kernels.vtu_decode_attention(*(t.to(TRITON_DEVICE) for t in (q, k, v, merge_map, cos, sin)), backend="triton")
+    torch.testing.assert_close(out.double().cpu(), exact, atol=2e-5, rtol=2e-5)

@@ -56,8 +56,8 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _vtu_fwd_kernel(
-    Q, K, V, MAP, COS, SIN, COUNT, OUT,
-    scale_log2, N, N_UN, T, H, H_KV, HALF_D, D,
+    Q, K, V, MAP, COS, SIN, COUNT, OUT, LSE,
+    scale_log2, N, N_UN, T, H, H_KV, HALF_D, D, kv_per_split, s_os,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -114,9 +114,12 @@ def _vtu_fwd_kernel(
             hi = tl.minimum(N, N - T + (pid_m + 1) * BLOCK_M)
         else:
             hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    # Split-K (decode): program_id(2) takes one slice of the keys.
+    lo = tl.program_id(2) * kv_per_split
+    hi = tl.minimum(hi, lo + kv_per_split)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         uk = tl.load(MAP + b * s_mb + offs_n * s_mn, mask=offs_n < N, other=-1).to(tl.int64)
         k_ok = uk >= 0
@@ -153,13 +156,33 @@ def _vtu_fwd_kernel(
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
     om = q_ok[:, None] & dv_ok
-    if DECODE:
-        tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + dv[None, :] * s_od, cast(o, OUT.dtype.element_ty, FIX_RNE), mask=om)
+    if DECODE:  # partial result of this key slice, combined by _decode_combine_kernel
+        split = tl.program_id(2).to(tl.int64)
+        tl.store(OUT + split * s_os + b * s_ob + h * s_oh + offs_m[:, None] * s_on + dv[None, :] * s_od, o, mask=om)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + (split * tl.num_programs(1) + bh) * T + offs_m, lse, mask=q_ok)  # LSE [S, B*H, T]
     elif ATOMIC:
         cnt = tl.load(COUNT + b * N_UN + q_row, mask=q_ok, other=1.0)
         tl.atomic_add(OUT + b * s_ob + h * s_oh + q_row[:, None] * s_on + dv[None, :] * s_od, o / cnt[:, None], mask=om)
     else:  # per-position output, averaged deterministically afterwards
         tl.store(OUT + b * s_ob + h * s_oh + pos[:, None] * s_on + dv[None, :] * s_od, o, mask=om)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    PART, LSE, OUT, S, BHT, D, FIX_RNE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge split-K partials: out = sum_s 2^(lse_s) o_s / sum_s 2^(lse_s)."""
+    row = tl.program_id(0).to(tl.int64)  # (b, h, t) flattened
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = sp < S
+    lse = tl.load(LSE + sp * BHT + row, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)))
+    part = tl.load(PART + (sp[:, None] * BHT + row) * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    tl.store(OUT + row * D + d, cast(o, OUT.dtype.element_ty, FIX_RNE), mask=d < D)
 
 
 @triton.jit
@@ -190,23 +213,41 @@ def _segment_mean_kernel(
     tl.store(OUT + b * s_ob + h * s_oh + u[:, None] * s_on + d[None, :] * s_od, cast(out, OUT.dtype.element_ty, FIX_RNE), mask=u_ok[:, None] & d_ok)
 
 
-def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, atomic):
+def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, atomic, lse=None, splits=1, kv_per_split=None):
     B, H = q.shape[0], q.shape[1]
     D = q.shape[-1]
     N = merge_map.shape[1]
     T = q.shape[2] if decode else N
     n_un = k.shape[2]
-    BLOCK_M, BLOCK_N = 64, 64
-    grid = (triton.cdiv(T, BLOCK_M), B * H)
+    BLOCK_M, BLOCK_N = (16, 64) if decode else (64, 64)
+    grid = (triton.cdiv(T, BLOCK_M), B * H, splits)
+    if out.dim() == 5:  # decode partials [S, B, H, T, D]
+        s_os, o_strides = out.stride(0), out.stride()[1:]
+    else:
+        s_os, o_strides = 0, out.stride()
     _vtu_fwd_kernel[grid](
-        q, k, v, merge_map, cos, sin, count, out,
-        scale * LOG2E, N, n_un, T, H, k.shape[1], D // 2, D,
+        q, k, v, merge_map, cos, sin, count, out, lse if lse is not None else out,
+        scale * LOG2E, N, n_un, T, H, k.shape[1], D // 2, D, kv_per_split or N, s_os,
         *q.stride(), *k.stride(), *v.stride(), *merge_map.stride(),
-        *cos.stride(), *sin.stride(), *out.stride(),
+        *cos.stride(), *sin.stride(), *o_strides,
         CAUSAL=bool(causal), DECODE=decode, ATOMIC=atomic, IEEE=q.dtype == torch.float32,
         UPCAST=fix_rne(q.dtype), FIX_RNE=fix_rne(q.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=pow2(D // 2), BLOCK_D=pow2(D),
     )
+
+
+def decode_splits(B: int, H: int, T: int, N: int, device: torch.device, block_n: int = 64):
+    """Key slices per (b, h) for split-K decode: about two waves of programs on
+    the GPU; 3 slices under the interpreter, so tests exercise the combine."""
+    blocks = triton.cdiv(N, block_n)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, B * H * triton.cdiv(T, 16))
+    else:
+        want = 3
+    splits = max(1, min(blocks, want))
+    kv_per_split = triton.cdiv(blocks, splits) * block_n
+    return triton.cdiv(N, kv_per_split), kv_per_split
 
 
 def vtu_attention_fwd(q, k, v, merge_map, cos, sin, scale: float, causal: bool, deterministic: bool) -> torch.Tensor:
@@ -239,7 +280,21 @@ def vtu_attention_fwd(q, k, v, merge_map, cos, sin, scale: float, causal: bool, 
 
 
 def vtu_decode_fwd(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
-    """Decode step: q ``[B, H, T, D]`` at the last T positions; returns ``[B, H, T, D]``."""
+    """Decode step: q ``[B, H, T, D]`` at the last T positions; returns ``[B, H, T, D]``.
+
+    Split-K (flash-decoding): each (b, h) is spread over several key slices
+    whose partial outputs and log-sum-exps are combined in a second kernel, so
+    a single new token still fills the GPU.
+    """
+    B, H, T, D = q.shape
+    N = merge_map.shape[1]
+    splits, kv_per_split = decode_splits(B, H, T, N, q.device)
+    part = torch.empty((splits, B, H, T, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((splits, B * H, T), device=q.device, dtype=torch.float32)
+    _launch(q, k, v, merge_map, cos, sin, scale, True, part, part, decode=True, atomic=False,
+            lse=lse, splits=splits, kv_per_split=kv_per_split)
     out = torch.empty_like(q)
-    _launch(q, k, v, merge_map, cos, sin, scale, True, out, out, decode=True, atomic=False)
+    _decode_combine_kernel[(B * H * T,)](
+        part, lse, out, splits, B * H * T, D, FIX_RNE=fix_rne(q.dtype), BLOCK_S=pow2(splits, 2), BLOCK_D=pow2(D),
+    )
     return out
