@@ -3,6 +3,8 @@
 import os
 import re
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,6 +17,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["vtu_out"].shape == (1, 8, 5, 64)
+    from dymu_kernels.reference import vtu_attention_expand
+
+    names = ("q", "k", "v", "merge_map", "cos", "sin")
+    torch.testing.assert_close(scope["o"], vtu_attention_expand(*(scope[n] for n in names)))
+    assert scope["o_new"].shape == (1, 8, 1, 64)
     assert scope["state"].lengths.shape == (4,)
     assert (tmp_path / "clip-l-336-low.json").exists()
     assert len(scope["out"].tokens_per_layer) == 23 and scope["out"].features.shape[:2] == (2, 577)
