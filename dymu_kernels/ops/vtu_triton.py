@@ -37,9 +37,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _rotate(x1, x2, c1, c2, s1, s2):
-    """HF rotate_half RoPE on the two halves, in fp32."""
-    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+def _load_rotated(x_rows, c_rows, s_rows, dh, HALF_D, s_xd, s_cd, s_sd, mask, DTYPE: tl.constexpr, FIX_RNE: tl.constexpr):
+    """Gather rows split in halves, rotate them with HF rotate_half RoPE in
+    fp32, and round once to the dot dtype. ``*_rows`` point at each row."""
+    x1 = tl.load(x_rows + dh[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_rows + (dh[None, :] + HALF_D) * s_xd, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c_rows + dh[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_rows + (dh[None, :] + HALF_D) * s_cd, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_rows + dh[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_rows + (dh[None, :] + HALF_D) * s_sd, mask=mask, other=0.0).to(tl.float32)
+    return cast(x1 * c1 - x2 * s1, DTYPE, FIX_RNE), cast(x2 * c2 + x1 * s2, DTYPE, FIX_RNE)
 
 
 @triton.jit
@@ -89,20 +96,12 @@ def _vtu_fwd_kernel(
         u = tl.load(MAP + b * s_mb + pos * s_mn, mask=pos < N, other=-1).to(tl.int64)
         q_ok = u >= 0
         q_row = tl.where(q_ok, u, 0)
-    q_ptr = Q + b * s_qb + h * s_qh + q_row[:, None] * s_qn
-    qm = q_ok[:, None] & dh_ok
-    q1 = tl.load(q_ptr + dh[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + (dh[None, :] + HALF_D) * s_qd, mask=qm, other=0.0).to(tl.float32)
     pos_c = tl.where(q_ok, pos, 0)
-    c_ptr = COS + b * s_cb + pos_c[:, None] * s_cn
-    s_ptr = SIN + b * s_sb + pos_c[:, None] * s_sn
-    c1 = tl.load(c_ptr + dh[None, :] * s_cd, mask=qm, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + (dh[None, :] + HALF_D) * s_cd, mask=qm, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + dh[None, :] * s_sd, mask=qm, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + (dh[None, :] + HALF_D) * s_sd, mask=qm, other=0.0).to(tl.float32)
-    qr1, qr2 = _rotate(q1, q2, c1, c2, s1, s2)
-    qr1 = cast(qr1, Q.dtype.element_ty, FIX_RNE)
-    qr2 = cast(qr2, Q.dtype.element_ty, FIX_RNE)
+    qr1, qr2 = _load_rotated(
+        Q + b * s_qb + h * s_qh + q_row[:, None] * s_qn,
+        COS + b * s_cb + pos_c[:, None] * s_cn, SIN + b * s_sb + pos_c[:, None] * s_sn,
+        dh, HALF_D, s_qd, s_cd, s_sd, q_ok[:, None] & dh_ok, Q.dtype.element_ty, FIX_RNE,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -124,19 +123,12 @@ def _vtu_fwd_kernel(
         uk = tl.load(MAP + b * s_mb + offs_n * s_mn, mask=offs_n < N, other=-1).to(tl.int64)
         k_ok = uk >= 0
         k_row = tl.where(k_ok, uk, 0)
-        km = k_ok[:, None] & dh_ok
-        k_ptr = k_base + k_row[:, None] * s_kn
-        k1 = tl.load(k_ptr + dh[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
-        k2 = tl.load(k_ptr + (dh[None, :] + HALF_D) * s_kd, mask=km, other=0.0).to(tl.float32)
-        ck = COS + b * s_cb + offs_n[:, None] * s_cn
-        sk = SIN + b * s_sb + offs_n[:, None] * s_sn
-        kc1 = tl.load(ck + dh[None, :] * s_cd, mask=km, other=0.0).to(tl.float32)
-        kc2 = tl.load(ck + (dh[None, :] + HALF_D) * s_cd, mask=km, other=0.0).to(tl.float32)
-        ks1 = tl.load(sk + dh[None, :] * s_sd, mask=km, other=0.0).to(tl.float32)
-        ks2 = tl.load(sk + (dh[None, :] + HALF_D) * s_sd, mask=km, other=0.0).to(tl.float32)
-        kr1, kr2 = _rotate(k1, k2, kc1, kc2, ks1, ks2)
-        scores = _dot(qr1, tl.trans(cast(kr1, K.dtype.element_ty, FIX_RNE)), IEEE, UPCAST)
-        scores += _dot(qr2, tl.trans(cast(kr2, K.dtype.element_ty, FIX_RNE)), IEEE, UPCAST)
+        kr1, kr2 = _load_rotated(
+            k_base + k_row[:, None] * s_kn,
+            COS + b * s_cb + offs_n[:, None] * s_cn, SIN + b * s_sb + offs_n[:, None] * s_sn,
+            dh, HALF_D, s_kd, s_cd, s_sd, k_ok[:, None] & dh_ok, K.dtype.element_ty, FIX_RNE,
+        )
+        scores = _dot(qr1, tl.trans(kr1), IEEE, UPCAST) + _dot(qr2, tl.trans(kr2), IEEE, UPCAST)
         scores = scores * scale_log2
         allowed = k_ok[None, :]
         if CAUSAL:
