@@ -2,8 +2,11 @@
 
 - :class:`~.clip.DToMeCLIPVisionEncoder` — a CLIP vision tower that merges
   tokens in every block (DToMe) with proportional attention.
+- :func:`~.llava.apply_dymu` / :func:`~.llava.remove_dymu` — patch a
+  ``LlavaForConditionalGeneration`` instance with DToMe + VTU.
 """
 
 from .clip import DToMeCLIPVisionEncoder, DToMeVisionOutput
+from .llava import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu
 
-__all__ = ["DToMeCLIPVisionEncoder", "DToMeVisionOutput"]
+__all__ = ["DToMeCLIPVisionEncoder", "DToMeVisionOutput", "apply_dymu", "dymu_stats", "kv_cache_bytes", "remove_dymu"]

@@ -1,0 +1,446 @@
+"""DyMU for Hugging Face ``LlavaForConditionalGeneration``: one call patches a model.
+
+``apply_dymu(model, thresholds)`` patches *this instance* (no class is
+modified) so that
+
+- the CLIP vision tower merges tokens in every block (DToMe, proportional
+  attention; :class:`~dymu_kernels.integrations.clip.DToMeCLIPVisionEncoder`),
+  and the projector runs on the merged tokens only;
+- the language model runs on the *compact* sequence — text tokens plus the
+  unique image tokens — so norms, projections and MLPs do ``N_un`` tokens of
+  work, while attention sees the virtual full sequence through VTU:
+  ``dymu_kernels.vtu_attention`` with RoPE at the original positions,
+  registered as a transformers ``AttentionInterface`` ("dymu_vtu");
+- ``generate()`` works: the KV cache holds keys/values once per unique token
+  (before RoPE), and every decode step runs ``vtu_decode_attention`` over the
+  full virtual sequence.
+
+The processor is unchanged: it still inserts one placeholder per original
+patch, and outputs (hidden states, logits) come back at the full positions, so
+callers see the shapes they expect. ``remove_dymu(model)`` restores the
+original behaviour; applying twice is a no-op.
+
+How it hooks in: the language model's RoPE is made the identity for the
+compact tokens (so the cache stores un-rotated keys), and the attention
+function receives the merge map and the full positions' cos/sin through a
+keyword argument that transformers forwards to attention implementations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..ops.vtu import vtu_attention, vtu_decode_attention
+from ..reference.calibration import Thresholds, published_thresholds
+from .clip import DToMeCLIPVisionEncoder
+
+ATTN_NAME = "dymu_vtu"
+SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [min, max)
+
+
+# ----------------------------------------------------------------------------
+# Attention implementation
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class VTUContext:
+    """What attention needs for one forward: the map and the full positions' RoPE."""
+
+    merge_map: torch.Tensor  # [B, N] full position -> cache row (-1 padding)
+    cos: torch.Tensor  # [B, N, D]
+    sin: torch.Tensor
+    decode: bool
+    backend: str
+
+
+def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dymu_vtu=None, **kwargs):
+    """transformers attention function: VTU attention when called from a DyMU
+    forward (``dymu_vtu`` context given), plain SDPA otherwise."""
+    if dymu_vtu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    ctx: VTUContext = dymu_vtu
+    fn = vtu_decode_attention if ctx.decode else vtu_attention
+    out = fn(query, key.to(query.dtype), value.to(query.dtype), ctx.merge_map, ctx.cos.to(query.dtype),
+             ctx.sin.to(query.dtype), scale=scaling, backend=ctx.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, dymu_vtu_attention)
+    try:  # masks are built by DyMU itself; tell transformers to build none
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------
+# Patch state
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class DyMUStats:
+    """Per-image statistics of the last forward with images."""
+
+    tokens_kept: List[int]  # image tokens passed to the language model, per image
+    tokens_per_layer: List[List[int]]  # per image: tokens after each vision block
+    num_patches: int  # image tokens per image without DyMU
+
+
+@dataclass
+class _Patch:
+    encoder: DToMeCLIPVisionEncoder
+    vtu: bool
+    backend: str
+    saved_attn: Optional[str]
+    select_strategy: str
+    stats: Optional[DyMUStats] = None
+
+
+@dataclass
+class _CacheState:
+    """VTU bookkeeping carried on the KV cache object between generate() steps."""
+
+    merge_map: torch.Tensor  # [B, N]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B, N] full RoPE positions
+    rows: int  # cache rows used so far (compact length)
+    compact_mask: Optional[torch.Tensor] = None  # no-VTU ablation: mask over compact rows
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    parts = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not (lo <= parts < hi):
+        raise RuntimeError(
+            f"dymu_kernels.apply_dymu supports transformers >= {lo[0]}.{lo[1]} and < {hi[0]}.{hi[1]}, "
+            f"found {transformers.__version__}"
+        )
+
+
+def _llava_parts(model):
+    inner = getattr(model, "model", None)
+    ok = inner is not None and all(hasattr(inner, n) for n in ("vision_tower", "language_model", "multi_modal_projector"))
+    if not ok or getattr(model.config, "model_type", None) != "llava":
+        raise TypeError(
+            f"apply_dymu supports transformers LlavaForConditionalGeneration models, got {type(model).__name__} "
+            f"(model_type={getattr(model.config, 'model_type', None)!r})"
+        )
+    lm = inner.language_model
+    if not hasattr(lm, "rotary_emb") or not hasattr(lm, "layers"):
+        raise TypeError(f"the language model {type(lm).__name__} has no rotary_emb/layers; VTU needs a RoPE decoder (Llama-like)")
+    return inner, lm
+
+
+def _resolve_thresholds(thresholds, num_layers: int):
+    if isinstance(thresholds, str) and not os.path.exists(thresholds):
+        model, _, level = thresholds.rpartition(":")
+        if not model:
+            raise ValueError(
+                f"thresholds {thresholds!r} is neither a threshold file nor a preset 'model:level' "
+                "(e.g. 'openai/clip-vit-large-patch14-336:low')"
+            )
+        thresholds = published_thresholds(model, level)
+    if isinstance(thresholds, (str, os.PathLike)):
+        thresholds = Thresholds.load(thresholds)
+    values = thresholds.thresholds if isinstance(thresholds, Thresholds) else list(thresholds)
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
+            raise ValueError(f"thresholds[{i}] must be a number, got {t!r}")
+    if len(values) < num_layers:
+        raise ValueError(f"thresholds has {len(values)} entries but the vision tower runs {num_layers} blocks")
+    return [float(t) for t in values[:num_layers]]
+
+
+def _vision_blocks(inner) -> int:
+    layer = inner.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"DyMU needs a single vision_feature_layer, got {layer!r}: merged tokens differ between layers")
+    n = len(DToMeCLIPVisionEncoder(inner.vision_tower).vision.encoder.layers)
+    blocks = n + 1 + layer if layer < 0 else layer
+    if not 1 <= blocks <= n:
+        raise ValueError(f"vision_feature_layer={layer} selects no encoder block of {n}")
+    return blocks
+
+
+def apply_dymu(
+    model,
+    thresholds: Union[None, str, os.PathLike, Sequence[float], Thresholds] = "openai/clip-vit-large-patch14-336:low",
+    *,
+    r: Union[None, int, Sequence[int]] = None,
+    vtu: bool = True,
+    backend: str = "auto",
+):
+    """Patch a ``LlavaForConditionalGeneration`` instance with DyMU (see module doc).
+
+    Args:
+        model: the model; patched in place and returned.
+        thresholds: per-block DToMe thresholds — a preset ``"model:level"``
+            (the published ``"openai/clip-vit-large-patch14-336:low"`` by
+            default), a threshold JSON file, a :class:`Thresholds`, or a list.
+        r: instead of thresholds, merge exactly ``r`` tokens per image per
+            block (the paper's fixed-r ToMe ablation).
+        vtu: ``False`` is the "merging without VTU" ablation: merged tokens are
+            fed with compressed positions ``0..N_un-1`` and ordinary attention.
+        backend: merge and attention backend, ``"auto" | "triton" | "cpp" | "torch"``.
+
+    Raises:
+        TypeError for an unsupported model; RuntimeError for an unsupported
+        transformers version; ValueError for bad thresholds / r.
+    """
+    _check_transformers()
+    inner, lm = _llava_parts(model)
+    if getattr(model, "_dymu", None) is not None:
+        return model  # already patched: a no-op
+    strategy = inner.config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
+    blocks = _vision_blocks(inner)
+    if r is not None:
+        thresholds = None
+    else:
+        thresholds = _resolve_thresholds(thresholds, blocks)
+    encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend)
+    saved = None
+    if vtu:
+        _register_attention()
+        saved = lm.config._attn_implementation
+        lm.config._attn_implementation = ATTN_NAME
+    # VTU attention has Triton and torch backends; "cpp" (a CPU merge) pairs with the torch one.
+    patch = _Patch(encoder, vtu, "torch" if backend == "cpp" else backend, saved, strategy)
+    model._dymu = patch
+    # This instance only: generate() encodes images through get_image_features first.
+    inner.forward = functools.partial(_patched_forward, inner, patch)
+    inner.get_image_features = functools.partial(_patched_get_image_features, inner, patch)
+    return model
+
+
+def remove_dymu(model):
+    """Undo :func:`apply_dymu` on this instance; a model never patched is returned unchanged."""
+    patch = getattr(model, "_dymu", None)
+    if patch is None:
+        return model
+    inner, lm = _llava_parts(model)
+    for name in ("forward", "get_image_features"):
+        inner.__dict__.pop(name, None)
+    if patch.vtu:
+        lm.config._attn_implementation = patch.saved_attn
+    del model._dymu
+    return model
+
+
+def dymu_stats(model) -> Optional[DyMUStats]:
+    """Tokens kept per image (and per vision block) in the last forward with images."""
+    patch = getattr(model, "_dymu", None)
+    return None if patch is None else patch.stats
+
+
+def kv_cache_bytes(cache) -> Dict[str, int]:
+    """KV-cache bytes as stored, and what the same cache would take without DyMU
+    (one row per full position instead of one per unique token)."""
+    total, rows = 0, None
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+                rows = t.shape[-2]
+    state: Optional[_CacheState] = getattr(cache, "_dymu_state", None)
+    full = state.merge_map.shape[1] if state is not None else rows
+    without = total if not rows else total * full // rows
+    return {"bytes": total, "bytes_without_dymu": without}
+
+
+# ----------------------------------------------------------------------------
+# The patched LlavaModel.forward
+# ----------------------------------------------------------------------------
+
+
+def _full_positions(attention_mask, position_ids, B, N, device):
+    if position_ids is not None:
+        return position_ids.to(device).expand(B, N).long()
+    if attention_mask is not None:
+        # Like generate(): positions count only real tokens (left padding friendly).
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return torch.arange(N, device=device).expand(B, N)
+
+
+def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embeds, image_feats, image_counts, image_slots):
+    """Lay out text tokens and unique image tokens, and the full -> compact map.
+
+    Args:
+        input_ids: ``[B, N]`` with ``image_token_id`` placeholders, one per patch.
+        attention_mask: ``[B, N]`` (0 = padding) or None.
+        text_embeds: ``[B, N, C]`` token embeddings of input_ids.
+        image_feats: ``[n_img, U_cap, C]`` unique image tokens (projected) per image.
+        image_counts: ``[n_img]`` unique tokens per image.
+        image_slots: ``[n_img, P]`` per placeholder (patch) of each image, its unique token.
+
+    Returns:
+        ``(compact [B, N_un_max, C], merge_map [B, N] int32, n_unique [B])``; images
+        are consumed in placeholder order (batch-major), like transformers does.
+    """
+    B, N = input_ids.shape
+    device = input_ids.device
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    is_img = (input_ids == image_token_id) & valid
+    n_img, P = image_slots.shape if image_slots is not None else (0, 0)
+    n_placeholders = int(is_img.sum())
+    if n_placeholders != n_img * P:
+        raise ValueError(
+            f"found {n_placeholders} image placeholder tokens in input_ids but {n_img} image(s) x {P} patches "
+            f"= {n_img * P} image tokens; the prompt and pixel_values do not match"
+        )
+    img_flat = is_img.reshape(-1).nonzero().flatten()  # batch-major placeholder positions
+    first = img_flat.view(n_img, P)[:, 0] if n_img else img_flat
+    new = (valid & ~is_img).long()
+    if n_img:
+        new.view(-1)[first] = image_counts.long().to(device)
+    start = new.cumsum(-1) - new  # compact index where each position's new tokens begin
+    merge_map = torch.where(valid & ~is_img, start, -1)
+    if n_img:
+        base = start.reshape(-1)[first]  # [n_img]
+        merge_map.view(-1)[img_flat] = (base[:, None] + image_slots.to(device)).reshape(-1)
+    n_unique = new.sum(-1)
+    n_max = max(int(n_unique.max()), 1)
+    C = text_embeds.shape[-1]
+    compact = text_embeds.new_zeros(B, n_max, C)
+    text_pos = (valid & ~is_img).nonzero()
+    compact[text_pos[:, 0], start[text_pos[:, 0], text_pos[:, 1]]] = text_embeds[text_pos[:, 0], text_pos[:, 1]]
+    if n_img:
+        sample = img_flat.view(n_img, P)[:, 0] // N
+        for i in range(n_img):  # one copy per image
+            u = int(image_counts[i])
+            b, s0 = int(sample[i]), int(base[i])
+            compact[b, s0 : s0 + u] = image_feats[i, :u].to(compact.dtype)
+    return compact, merge_map.to(torch.int32), n_unique
+
+
+@dataclass
+class MergedImages:
+    """Merged, projected image tokens; what the patched ``get_image_features``
+    returns (generate() encodes images with it before the first forward).
+    Deliberately has no ``pooler_output``: transformers must not treat these
+    as one feature row per placeholder."""
+
+    features: torch.Tensor  # [n_img, U_cap, C] projected unique tokens
+    counts: torch.Tensor  # [n_img] unique tokens per image
+    slots: torch.Tensor  # [n_img, P] unique token of each placeholder
+
+
+def _patched_get_image_features(self, patch: _Patch, pixel_values, vision_feature_layer=None,
+                                vision_feature_select_strategy=None, image_sizes=None, **kwargs) -> MergedImages:
+    dtype = self.multi_modal_projector.linear_1.weight.dtype if hasattr(self.multi_modal_projector, "linear_1") else pixel_values.dtype
+    return _encode_images(self, patch, pixel_values, dtype)
+
+
+def _encode_images(self, patch: _Patch, pixel_values, dtype) -> MergedImages:
+    out = patch.encoder(pixel_values.to(dtype))
+    if patch.select_strategy == "default":  # drop CLS (always slot 0: it never merges)
+        feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
+    else:
+        feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
+    projected = self.multi_modal_projector(feats)
+    patch.stats = DyMUStats(
+        tokens_kept=counts.tolist(),
+        tokens_per_layer=torch.stack(out.tokens_per_layer, dim=1).tolist(),
+        num_patches=slots.shape[1],
+    )
+    return MergedImages(projected, counts, slots)
+
+
+def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
+    """The language model's layers + final norm with RoPE as the identity (VTU
+    rotates inside attention, at the full positions)."""
+    B, T, _ = hidden.shape
+    head_dim = ctx.cos.shape[-1]
+    ones = hidden.new_ones(B, T, head_dim)
+    zeros = hidden.new_zeros(B, T, head_dim)
+    for layer in lm.layers[: lm.config.num_hidden_layers]:
+        out = layer(hidden, attention_mask=None, position_embeddings=(ones, zeros), past_key_values=cache,
+                    use_cache=use_cache, dymu_vtu=ctx)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return lm.norm(hidden)
+
+
+def _patched_forward(
+    self, model_patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
+    inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
+    use_cache=None, mm_encoder_outputs=None, **kwargs,
+):
+    from transformers.cache_utils import DynamicCache
+    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+    if input_ids is None:
+        raise ValueError("a DyMU-patched LLaVA needs input_ids (to find the image placeholders), not inputs_embeds")
+    lm = self.language_model
+    embeds = self.get_input_embeddings()(input_ids)
+    B, T = input_ids.shape
+    state: Optional[_CacheState] = getattr(past_key_values, "_dymu_state", None)
+    if use_cache is None:
+        use_cache = lm.config.use_cache
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache(config=lm.config)
+
+    if state is None and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
+    if state is None:  # prefill: build the compact sequence
+        images = (mm_encoder_outputs or {}).get("image")
+        if images is not None and not isinstance(images, MergedImages):
+            raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
+        if images is None and pixel_values is not None:
+            images = _encode_images(self, model_patch, pixel_values, embeds.dtype)
+        image_feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
+        full_mask = attention_mask[:, -T:] if attention_mask is not None else None
+        compact, merge_map, n_unique = build_compact_sequence(
+            input_ids, full_mask, self.config.image_token_id, embeds, image_feats, counts, slots
+        )
+        positions = _full_positions(full_mask, position_ids, B, T, embeds.device)
+        cos, sin = lm.rotary_emb(compact, positions)
+        new_state = _CacheState(merge_map, cos, sin, positions, compact.shape[1])
+        if model_patch.vtu:
+            ctx = VTUContext(merge_map, cos, sin, decode=False, backend=model_patch.backend)
+            hidden = _run_decoder(lm, compact, past_key_values, use_cache, ctx)
+        else:  # ablation: compressed positions, ordinary attention on the compact sequence
+            rows = torch.arange(compact.shape[1], device=compact.device)
+            new_state.compact_mask = (rows[None, :] < n_unique[:, None]).long()
+            hidden = lm(inputs_embeds=compact, attention_mask=new_state.compact_mask,
+                        position_ids=rows.expand(B, -1), past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
+        # Back to the full positions the caller indexes (padding rows are 0).
+        idx = merge_map.long().clamp_min(0)[..., None].expand(B, T, hidden.shape[-1])
+        last_hidden = hidden.gather(1, idx).masked_fill((merge_map < 0)[..., None], 0)
+    else:  # decode: T new singleton tokens appended to the cache
+        last = state.positions[:, -1:]
+        new_pos = position_ids[:, -T:].to(last.device).expand(B, T).long() if position_ids is not None else last + 1 + torch.arange(T, device=last.device)
+        rows = state.rows + torch.arange(T, device=embeds.device, dtype=torch.int32)
+        merge_map = torch.cat([state.merge_map, rows.expand(B, T)], dim=1)
+        cos_new, sin_new = lm.rotary_emb(embeds, new_pos)
+        cos, sin = torch.cat([state.cos, cos_new], 1), torch.cat([state.sin, sin_new], 1)
+        new_state = _CacheState(merge_map, cos, sin, torch.cat([state.positions, new_pos], 1), state.rows + T)
+        if model_patch.vtu:
+            ctx = VTUContext(merge_map, cos, sin, decode=True, backend=model_patch.backend)
+            last_hidden = _run_decoder(lm, embeds, past_key_values, use_cache, ctx)
+        else:
+            # Compressed positions continue after this sample's real tokens so far.
+            compressed = state.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=embeds.device)
+            new_state.compact_mask = torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
+            last_hidden = lm(inputs_embeds=embeds, attention_mask=new_state.compact_mask, position_ids=compressed,
+                             past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
+    if use_cache and past_key_values is not None:
+        past_key_values._dymu_state = new_state
+    return LlavaModelOutputWithPast(last_hidden_state=last_hidden, past_key_values=past_key_values if use_cache else None)
