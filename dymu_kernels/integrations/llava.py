@@ -136,11 +136,12 @@ def _check_transformers() -> None:
 
 def _llava_parts(model):
     inner = getattr(model, "model", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     ok = inner is not None and all(hasattr(inner, n) for n in ("vision_tower", "language_model", "multi_modal_projector"))
-    if not ok or getattr(model.config, "model_type", None) != "llava":
+    if not ok or model_type != "llava":
         raise TypeError(
             f"apply_dymu supports transformers LlavaForConditionalGeneration models, got {type(model).__name__} "
-            f"(model_type={getattr(model.config, 'model_type', None)!r})"
+            f"(model_type={model_type!r})"
         )
     lm = inner.language_model
     if not hasattr(lm, "rotary_emb") or not hasattr(lm, "layers"):
