@@ -1,5 +1,7 @@
 """DyMU in a tiny, randomly initialised HF LLaVA: apply_dymu / generate / remove_dymu."""
 
+import sys
+
 import pytest
 import torch
 
@@ -212,7 +214,8 @@ def test_errors(gen, tmp_path):
 
 def test_transformers_version_and_feature_layer_checks(monkeypatch):
     model = tiny_llava()
-    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    # transformers swaps its sys.modules entry for a lazy module: patch the one `import` returns.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
     with pytest.raises(RuntimeError, match="supports transformers >= 4.57 and < 6.0, found 4.40.0"):
         apply_dymu(model, NO_MERGE)
     monkeypatch.undo()
