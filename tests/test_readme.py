@@ -24,4 +24,5 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert scope["o_new"].shape == (1, 8, 1, 64)
     assert scope["state"].lengths.shape == (4,)
     assert (tmp_path / "clip-l-336-low.json").exists()
+    assert scope["gen"].sequences.shape[1] > 8 and not hasattr(scope["llava"], "_dymu")
     assert len(scope["out"].tokens_per_layer) == 23 and scope["out"].features.shape[:2] == (2, 577)
