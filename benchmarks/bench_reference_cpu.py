@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, time_ms, write_rows  # noqa: E402
 
 import dymu_kernels  # noqa: E402
-from dymu_kernels import _ext, reference as ref  # noqa: E402
+from dymu_kernels import _ext  # noqa: E402
 
 
 def segment_mean_rows(quick: bool):

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ..ops.vtu import vtu_attention, vtu_decode_attention
 from ..reference.calibration import Thresholds, published_thresholds
-from .clip import DToMeCLIPVisionEncoder
+from .clip import DToMeCLIPVisionEncoder, _vision_parts
 
 ATTN_NAME = "dymu_vtu"
 SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [min, max)
@@ -119,7 +119,6 @@ class _CacheState:
     positions: torch.Tensor  # [B, N] full RoPE positions
     rows: int  # cache rows used so far (compact length)
     compact_mask: Optional[torch.Tensor] = None  # no-VTU ablation: mask over compact rows
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 def _check_transformers() -> None:
@@ -173,7 +172,7 @@ def _vision_blocks(inner) -> int:
     layer = inner.config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"DyMU needs a single vision_feature_layer, got {layer!r}: merged tokens differ between layers")
-    n = len(DToMeCLIPVisionEncoder(inner.vision_tower).vision.encoder.layers)
+    n = len(_vision_parts(inner.vision_tower).encoder.layers)
     blocks = n + 1 + layer if layer < 0 else layer
     if not 1 <= blocks <= n:
         raise ValueError(f"vision_feature_layer={layer} selects no encoder block of {n}")

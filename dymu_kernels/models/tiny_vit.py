@@ -15,7 +15,7 @@ A policy is any object with ``select(layer, node_max) -> merge_mask``; see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn

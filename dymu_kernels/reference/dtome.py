@@ -37,7 +37,7 @@ The capacity ``N_cap`` is kept, so output shapes never depend on the data;
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
