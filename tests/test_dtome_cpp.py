@@ -3,35 +3,13 @@
 import pytest
 import torch
 
-from conftest import randn
+from merge_cases import assert_same_merge, mixed_batch
 
 import dymu_kernels
 from dymu_kernels import _ext
 from dymu_kernels.reference import init_merge_state
 
 pytestmark = pytest.mark.skipif(_ext.extension() is None, reason="C++ extension not built")
-
-TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def mixed_batch(gen, N, C, dtype, B=3):
-    """Images of different lengths; image 0 is 'simple' (low-rank keys), the rest noisy."""
-    x = randn(B, N, C, gen=gen, dtype=dtype)
-    lengths = torch.tensor([N] + [max(1, N - 7 * b) for b in range(1, B)], dtype=torch.int32)
-    state = init_merge_state(x, lengths)
-    size = state.size * torch.randint(1, 4, state.size.shape, generator=gen)  # earlier merges
-    metric = randn(B, 2, N, 32, gen=gen)
-    metric[0] = randn(2, N, 1, gen=gen) @ randn(1, 32, gen=gen) + 0.05 * metric[0]
-    return state.x, size, state.lengths, state.pos_map, metric
-
-
-def assert_same_merge(out, ref, dtype):
-    assert torch.equal(out.lengths, ref.lengths) and out.lengths.dtype == ref.lengths.dtype
-    assert torch.equal(out.pos_map, ref.pos_map) and out.pos_map.dtype == ref.pos_map.dtype
-    assert torch.equal(out.size, ref.size)
-    assert out.x.dtype == dtype
-    torch.testing.assert_close(out.x, ref.x, atol=TOL[dtype], rtol=TOL[dtype])
-
 
 @pytest.mark.parametrize("N", [1, 5, 50, 577, 1025])
 @pytest.mark.parametrize("C", [64, 1024])

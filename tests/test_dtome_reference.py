@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import randn
+from merge_cases import threshold_between_scores
 from slow_reference import loop_merge_one
 
 from dymu_kernels.reference import dtome_merge, init_merge_state, merge_tokens
@@ -25,16 +26,6 @@ def padded_state(xs, sizes=None, n_cap=None, n0=None):
     # Each original patch points at some valid slot (many-to-one like after earlier merges).
     pos_map = torch.stack([torch.arange(n0) % max(int(l), 1) for l in lengths]).to(torch.int32)
     return x, size, lengths, pos_map
-
-
-def threshold_between_scores(node_max, quantile):
-    """A threshold halfway between two neighbouring scores near ``quantile``, so that
-    rounding differences between implementations cannot flip a decision."""
-    v = node_max[torch.isfinite(node_max)].sort().values
-    if v.numel() == 0:
-        return 0.5
-    k = min(int(quantile * (v.numel() - 1)), v.numel() - 1)
-    return float((v[k] + v[k + 1]) / 2) if k + 1 < v.numel() else float(v[k]) + 1e-3
 
 
 def check_against_loop(x, size, lengths, pos_map, metric, out, *, threshold=None, r=None, cls_token=True, atol=1e-12):

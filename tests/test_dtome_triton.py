@@ -3,43 +3,18 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, randn
+from conftest import TRITON_DEVICE
+from merge_cases import assert_same_merge, threshold_with_margin
+from merge_cases import mixed_batch as _mixed_batch
 
 import dymu_kernels
 from dymu_kernels.reference import init_merge_state
 
-pytest.importorskip("triton")
-
-TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
 
 def mixed_batch(gen, N, C, dtype, B=3):
-    """Images of different lengths; image 0 'simple' (near rank-1 keys), the rest noisy."""
-    x = randn(B, N, C, gen=gen, dtype=dtype)
-    lengths = torch.tensor([N] + [max(1, N - 7 * b) for b in range(1, B)], dtype=torch.int32)
-    state = init_merge_state(x, lengths)
-    size = state.size * torch.randint(1, 4, state.size.shape, generator=gen)
-    metric = randn(B, 2, N, 32, gen=gen, dtype=dtype)
-    metric[0] = (randn(2, N, 1, gen=gen) @ randn(1, 32, gen=gen) + 0.05 * metric[0].float()).to(dtype)
-    return [t.to(TRITON_DEVICE) for t in (state.x, size, state.lengths, state.pos_map, metric)]
+    return _mixed_batch(gen, N, C, dtype, B, device=TRITON_DEVICE)
 
-
-def threshold_with_margin(metric, lengths, quantile):
-    """A threshold halfway between two neighbouring reference scores, so fp32
-    rounding differences between implementations cannot flip a decision."""
-    node_max, _ = dymu_kernels.reference.bipartite_match(metric.cpu(), lengths.cpu())
-    v = node_max[torch.isfinite(node_max)].sort().values
-    k = int(quantile * (v.numel() - 1))
-    return float((v[k] + v[k + 1]) / 2)
-
-
-def assert_same_merge(out, ref, dtype):
-    assert torch.equal(out.lengths.cpu(), ref.lengths) and out.lengths.dtype == ref.lengths.dtype
-    assert torch.equal(out.pos_map.cpu(), ref.pos_map) and out.pos_map.dtype == ref.pos_map.dtype
-    assert torch.equal(out.size.cpu(), ref.size)
-    assert out.x.dtype == dtype and out.x.device.type == TRITON_DEVICE
-    torch.testing.assert_close(out.x.cpu(), ref.x, atol=TOL[dtype], rtol=TOL[dtype])
-
+pytest.importorskip("triton")
 
 def run_both(args, **kwargs):
     ref = dymu_kernels.dtome_merge(*[a.cpu() for a in args], **kwargs, backend="torch")
