@@ -36,7 +36,12 @@ def debug_enabled() -> bool:
 
 
 def values_checkable(t: torch.Tensor) -> bool:
-    """True when reading ``t``'s values is free (CPU) or debug mode asks for it."""
+    """True when reading ``t``'s values is free (CPU) or debug mode asks for it.
+
+    Never while ``torch.compile`` traces: the values are not known then, and
+    reading them would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or _debug
 
 

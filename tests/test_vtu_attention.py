@@ -58,15 +58,18 @@ def check_fa_rule(out, exact, low_ref, dtype):
     assert err <= 2 * ref_err + EPS[dtype], f"kernel error {err:.3g} > 2 x reference error {ref_err:.3g}"
 
 
-def run_case(q, k, v, merge_map, cos, sin, dtype, **kwargs):
-    lo = [t.to(dtype) for t in (q, k, v, cos, sin)]
+def run_case(q, k, v, merge_map, cos, sin, dtype, deterministic=False, **kwargs):
+    """Kernel vs float64 reference by FlashAttention's rule; references run on the
+    test device too (on a GPU that keeps large shapes fast)."""
+    dev = TRITON_DEVICE
+    merge_map = merge_map.to(dev)
+    lo = [t.to(dev, dtype) for t in (q, k, v, cos, sin)]
     # As in FlashAttention's tests, the float64 reference sees the same rounded inputs.
     exact = ref.vtu_attention_expand(*[t.double() for t in lo[:3]], merge_map, *[t.double() for t in lo[3:]], **kwargs)
     low_ref = ref.vtu_attention_expand(*lo[:3], merge_map, *lo[3:], upcast=False, **kwargs)
-    dev = [t.to(TRITON_DEVICE) for t in lo]
-    out = dymu_kernels.vtu_attention(*dev[:3], merge_map.to(TRITON_DEVICE), *dev[3:], backend="triton", **kwargs)
+    out = dymu_kernels.vtu_attention(*lo[:3], merge_map, *lo[3:], backend="triton", deterministic=deterministic, **kwargs)
     assert out.dtype == dtype and out.shape == q.shape
-    check_fa_rule(out, exact, low_ref, dtype)
+    check_fa_rule(out, exact.cpu(), low_ref.cpu(), dtype)
     return out
 
 
@@ -245,3 +248,24 @@ def test_decode_split_k_with_an_all_padding_slice(gen):
     exact = ref.vtu_decode_attention_ref(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
     out = dymu_kernels.vtu_decode_attention(*(t.to(TRITON_DEVICE) for t in (q, k, v, merge_map, cos, sin)), backend="triton")
     torch.testing.assert_close(out.double().cpu(), exact, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks(gen):
+    q, k, v, merge_map, cos, sin = (t.float() if t.is_floating_point() else t for t in make_inputs("scattered", gen, torch.float32, N=24, D=32))
+
+    def layer(q, k, v):
+        return dymu_kernels.vtu_attention(q * 2, k, v, merge_map, cos, sin, backend="torch") + 1
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run on the GPU machine")
+
+
+@cuda_only
+@pytest.mark.parametrize("B,H,N,D", [(2, 8, 2944, 128), (1, 2, 8192, 128), (2, 4, 1000, 80)])
+def test_large_shapes_on_gpu(gen, B, H, N, D):
+    q, k, v, merge_map, cos, sin = make_inputs("text_image_text", gen, torch.float64, B=B, H=H, H_kv=H // 2, N=N, D=D)
+    run_case(q, k, v, merge_map, cos, sin, torch.bfloat16)
+    run_case(q, k, v, merge_map, cos, sin, torch.float16, deterministic=True)
