@@ -222,3 +222,17 @@ def test_transformers_version_and_feature_layer_checks(monkeypatch):
     model.model.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="DyMU needs a single vision_feature_layer"):
         apply_dymu(model, NO_MERGE)
+
+
+def test_beam_search_and_several_return_sequences(gen):
+    model = tiny_llava()
+    ids, pix = prompt(1), images(gen, 1)
+    kwargs = dict(input_ids=ids, pixel_values=pix, max_new_tokens=4, suppress_tokens=[IMG], pad_token_id=0)
+    with torch.no_grad():
+        beams = model.generate(num_beams=3, num_return_sequences=2, do_sample=False, **kwargs)
+        apply_dymu(model, NO_MERGE, backend="torch")
+        assert torch.equal(model.generate(num_beams=3, num_return_sequences=2, do_sample=False, **kwargs), beams)
+        remove_dymu(model)
+        apply_dymu(model, [0.5, 0.5], backend="torch")
+        out = model.generate(num_beams=2, num_return_sequences=2, do_sample=False, **kwargs)
+    assert out.shape[0] == 2 and dymu_stats(model).tokens_kept[0] < P

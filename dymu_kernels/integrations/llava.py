@@ -280,6 +280,27 @@ def _full_positions(attention_mask, position_ids, B, N, device):
     return torch.arange(N, device=device).expand(B, N)
 
 
+def _expand_images_for_repeated_prompts(images: MergedImages, input_ids, attention_mask, image_token_id) -> MergedImages:
+    """generate() with beams or num_return_sequences repeats every prompt k times
+    (``repeat_interleave``) but encodes each image once; give every copy its images."""
+    P = images.slots.shape[1]
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    per_sample = (((input_ids == image_token_id) & valid).sum(-1) // P).tolist()
+    n_img, B = images.counts.shape[0], input_ids.shape[0]
+    if sum(per_sample) == n_img or n_img == 0 or sum(per_sample) % n_img:
+        return images  # nothing to expand (a mismatch is reported by build_compact_sequence)
+    k = sum(per_sample) // n_img
+    groups = [per_sample[i : i + k] for i in range(0, B, k)]
+    if B % k or any(len(set(g)) != 1 for g in groups):
+        return images
+    index, start = [], 0
+    for g in groups:
+        index += list(range(start, start + g[0])) * k
+        start += g[0]
+    idx = torch.tensor(index, device=images.counts.device)
+    return MergedImages(images.features[idx.to(images.features.device)], images.counts[idx], images.slots[idx.to(images.slots.device)])
+
+
 def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embeds, image_feats, image_counts, image_slots):
     """Lay out text tokens and unique image tokens, and the full -> compact map.
 
@@ -405,6 +426,8 @@ def _patched_forward(
             raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
         if images is None and pixel_values is not None:
             images = _encode_images(self, model_patch, pixel_values, embeds.dtype)
+        if images is not None:
+            images = _expand_images_for_repeated_prompts(images, input_ids, attention_mask, self.config.image_token_id)
         image_feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
         full_mask = attention_mask[:, -T:] if attention_mask is not None else None
         compact, merge_map, n_unique = build_compact_sequence(
