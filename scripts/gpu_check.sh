@@ -15,7 +15,7 @@ what="${1:-all}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 status=0
-python3 -m pytest -q -x tests 2>&1 | tee "$OUT/pytest.log" || status=1
+python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.log" || status=1  # no -x: a GPU hour is scarce, see every failure
 if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_dtome.py 2>&1 | tee "$OUT/bench_dtome.log" || status=1
   python3 benchmarks/bench_vtu.py 2>&1 | tee "$OUT/bench_vtu.log" || status=1
