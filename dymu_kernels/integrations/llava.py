@@ -399,11 +399,63 @@ def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
     return lm.norm(hidden)
 
 
+def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_ids, images, cache, use_cache):
+    """Prompt step: compact sequence, merge map, full positions; runs the decoder."""
+    lm = self.language_model
+    B, T = input_ids.shape
+    if images is not None:
+        images = _expand_images_for_repeated_prompts(images, input_ids, attention_mask, self.config.image_token_id)
+    feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
+    compact, merge_map, n_unique = build_compact_sequence(
+        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots
+    )
+    positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
+    cos, sin = lm.rotary_emb(compact, positions)
+    state = _CacheState(merge_map, cos, sin, positions, compact.shape[1])
+    if patch.vtu:
+        ctx = VTUContext(merge_map, cos, sin, decode=False, backend=patch.backend)
+        hidden = _run_decoder(lm, compact, cache, use_cache, ctx)
+    else:  # ablation: compressed positions, ordinary attention on the compact sequence
+        rows = torch.arange(compact.shape[1], device=compact.device)
+        state.compact_mask = (rows[None, :] < n_unique[:, None]).long()
+        hidden = lm(inputs_embeds=compact, attention_mask=state.compact_mask, position_ids=rows.expand(B, -1),
+                    past_key_values=cache, use_cache=use_cache).last_hidden_state
+    # Back to the full positions the caller indexes (padding rows are 0).
+    idx = merge_map.long().clamp_min(0)[..., None].expand(B, T, hidden.shape[-1])
+    return hidden.gather(1, idx).masked_fill((merge_map < 0)[..., None], 0), state
+
+
+def _decode(self, patch: _Patch, state: _CacheState, embeds, position_ids, cache, use_cache):
+    """Generation step: T new singleton tokens appended to the cache and the map."""
+    lm = self.language_model
+    B, T, _ = embeds.shape
+    last = state.positions[:, -1:]
+    if position_ids is not None:
+        new_pos = position_ids[:, -T:].to(last.device).expand(B, T).long()
+    else:
+        new_pos = last + 1 + torch.arange(T, device=last.device)
+    rows = state.rows + torch.arange(T, device=embeds.device, dtype=torch.int32)
+    merge_map = torch.cat([state.merge_map, rows.expand(B, T)], dim=1)
+    cos_new, sin_new = lm.rotary_emb(embeds, new_pos)
+    cos, sin = torch.cat([state.cos, cos_new], 1), torch.cat([state.sin, sin_new], 1)
+    new_state = _CacheState(merge_map, cos, sin, torch.cat([state.positions, new_pos], 1), state.rows + T)
+    if patch.vtu:
+        ctx = VTUContext(merge_map, cos, sin, decode=True, backend=patch.backend)
+        return _run_decoder(lm, embeds, cache, use_cache, ctx), new_state
+    # Ablation: compressed positions continue after this sample's real tokens so far.
+    compressed = state.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=embeds.device)
+    new_state.compact_mask = torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
+    hidden = lm(inputs_embeds=embeds, attention_mask=new_state.compact_mask, position_ids=compressed,
+                past_key_values=cache, use_cache=use_cache).last_hidden_state
+    return hidden, new_state
+
+
 def _patched_forward(
-    self, model_patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
-    inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
-    use_cache=None, mm_encoder_outputs=None, **kwargs,
+    self, patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+    past_key_values=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+    image_sizes=None, use_cache=None, mm_encoder_outputs=None, **kwargs,
 ):
+    """``LlavaModel.forward`` of a patched instance (same arguments and output type)."""
     from transformers.cache_utils import DynamicCache
     from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
@@ -411,59 +463,25 @@ def _patched_forward(
         raise ValueError("a DyMU-patched LLaVA needs input_ids (to find the image placeholders), not inputs_embeds")
     lm = self.language_model
     embeds = self.get_input_embeddings()(input_ids)
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     state: Optional[_CacheState] = getattr(past_key_values, "_dymu_state", None)
     if use_cache is None:
         use_cache = lm.config.use_cache
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache(config=lm.config)
-
     if state is None and past_key_values is not None and past_key_values.get_seq_length() > 0:
         raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
-    if state is None:  # prefill: build the compact sequence
+
+    if state is None:
         images = (mm_encoder_outputs or {}).get("image")
         if images is not None and not isinstance(images, MergedImages):
             raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
         if images is None and pixel_values is not None:
-            images = _encode_images(self, model_patch, pixel_values, embeds.dtype)
-        if images is not None:
-            images = _expand_images_for_repeated_prompts(images, input_ids, attention_mask, self.config.image_token_id)
-        image_feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
-        full_mask = attention_mask[:, -T:] if attention_mask is not None else None
-        compact, merge_map, n_unique = build_compact_sequence(
-            input_ids, full_mask, self.config.image_token_id, embeds, image_feats, counts, slots
-        )
-        positions = _full_positions(full_mask, position_ids, B, T, embeds.device)
-        cos, sin = lm.rotary_emb(compact, positions)
-        new_state = _CacheState(merge_map, cos, sin, positions, compact.shape[1])
-        if model_patch.vtu:
-            ctx = VTUContext(merge_map, cos, sin, decode=False, backend=model_patch.backend)
-            hidden = _run_decoder(lm, compact, past_key_values, use_cache, ctx)
-        else:  # ablation: compressed positions, ordinary attention on the compact sequence
-            rows = torch.arange(compact.shape[1], device=compact.device)
-            new_state.compact_mask = (rows[None, :] < n_unique[:, None]).long()
-            hidden = lm(inputs_embeds=compact, attention_mask=new_state.compact_mask,
-                        position_ids=rows.expand(B, -1), past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
-        # Back to the full positions the caller indexes (padding rows are 0).
-        idx = merge_map.long().clamp_min(0)[..., None].expand(B, T, hidden.shape[-1])
-        last_hidden = hidden.gather(1, idx).masked_fill((merge_map < 0)[..., None], 0)
-    else:  # decode: T new singleton tokens appended to the cache
-        last = state.positions[:, -1:]
-        new_pos = position_ids[:, -T:].to(last.device).expand(B, T).long() if position_ids is not None else last + 1 + torch.arange(T, device=last.device)
-        rows = state.rows + torch.arange(T, device=embeds.device, dtype=torch.int32)
-        merge_map = torch.cat([state.merge_map, rows.expand(B, T)], dim=1)
-        cos_new, sin_new = lm.rotary_emb(embeds, new_pos)
-        cos, sin = torch.cat([state.cos, cos_new], 1), torch.cat([state.sin, sin_new], 1)
-        new_state = _CacheState(merge_map, cos, sin, torch.cat([state.positions, new_pos], 1), state.rows + T)
-        if model_patch.vtu:
-            ctx = VTUContext(merge_map, cos, sin, decode=True, backend=model_patch.backend)
-            last_hidden = _run_decoder(lm, embeds, past_key_values, use_cache, ctx)
-        else:
-            # Compressed positions continue after this sample's real tokens so far.
-            compressed = state.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=embeds.device)
-            new_state.compact_mask = torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
-            last_hidden = lm(inputs_embeds=embeds, attention_mask=new_state.compact_mask, position_ids=compressed,
-                             past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
-    if use_cache and past_key_values is not None:
+            images = _encode_images(self, patch, pixel_values, embeds.dtype)
+        mask = attention_mask[:, -T:] if attention_mask is not None else None
+        hidden, new_state = _prefill(self, patch, input_ids, embeds, mask, position_ids, images, past_key_values, use_cache)
+    else:
+        hidden, new_state = _decode(self, patch, state, embeds, position_ids, past_key_values, use_cache)
+    if use_cache:
         past_key_values._dymu_state = new_state
-    return LlavaModelOutputWithPast(last_hidden_state=last_hidden, past_key_values=past_key_values if use_cache else None)
+    return LlavaModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
