@@ -44,3 +44,19 @@ def assert_same_merge(out, ref, dtype):
     assert torch.equal(out.size.cpu(), ref.size)
     assert out.x.dtype == dtype
     torch.testing.assert_close(out.x.cpu(), ref.x, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def assert_batch_equals_alone(args, threshold, backend):
+    """Each image of a batch gets bit-identically what it gets alone (same merges,
+    features gathered in a fixed order)."""
+    x, size, lengths, pos_map, metric = args
+    batch = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, threshold, backend=backend)
+    for b in range(x.shape[0]):
+        L = int(lengths[b])
+        one = slice(b, b + 1)
+        alone = dymu_kernels.dtome_merge(
+            x[one, :L], size[one, :L], lengths[one], pos_map[one], metric[one, :, :L], threshold, backend=backend
+        )
+        n = int(alone.lengths[0])
+        assert int(batch.lengths[b]) == n and torch.equal(batch.pos_map[b, :L], alone.pos_map[0, :L])
+        assert torch.equal(batch.x[b, :n], alone.x[0, :n])

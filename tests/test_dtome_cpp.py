@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from merge_cases import assert_same_merge, mixed_batch
+from merge_cases import assert_batch_equals_alone, assert_same_merge, mixed_batch
 
 import dymu_kernels
 from dymu_kernels import _ext
@@ -56,16 +56,7 @@ def test_cpp_merge_non_contiguous_and_deterministic(gen):
 
 
 def test_cpp_merge_batch_equals_alone(gen):
-    x, size, lengths, pos_map, metric = mixed_batch(gen, 577, 64, torch.float32, B=4)
-    batch = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.2, backend="cpp")
-    for b in range(4):
-        L = int(lengths[b])
-        alone = dymu_kernels.dtome_merge(
-            x[b : b + 1, :L], size[b : b + 1, :L], lengths[b : b + 1], pos_map[b : b + 1], metric[b : b + 1, :, :L], 0.2, backend="cpp"
-        )
-        n = int(alone.lengths[0])
-        assert int(batch.lengths[b]) == n and torch.equal(batch.pos_map[b, :L], alone.pos_map[0, :L])
-        assert torch.equal(batch.x[b, :n], alone.x[0, :n])  # gathered in a fixed order: bit-identical
+    assert_batch_equals_alone(mixed_batch(gen, 577, 64, torch.float32, B=4), 0.2, "cpp")
 
 
 def test_cpp_backend_errors(gen):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE
-from merge_cases import assert_same_merge, threshold_with_margin
+from merge_cases import assert_batch_equals_alone, assert_same_merge, threshold_with_margin
 from merge_cases import mixed_batch as _mixed_batch
 
 import dymu_kernels
@@ -73,16 +73,7 @@ def test_triton_non_contiguous_and_deterministic(gen):
 
 
 def test_triton_batch_equals_alone(gen):
-    x, size, lengths, pos_map, metric = mixed_batch(gen, 200, 64, torch.float32, B=3)
-    batch = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.2, backend="triton")
-    for b in range(3):
-        L = int(lengths[b])
-        alone = dymu_kernels.dtome_merge(
-            x[b : b + 1, :L], size[b : b + 1, :L], lengths[b : b + 1], pos_map[b : b + 1], metric[b : b + 1, :, :L], 0.2, backend="triton"
-        )
-        n = int(alone.lengths[0])
-        assert int(batch.lengths[b]) == n and torch.equal(batch.pos_map[b, :L], alone.pos_map[0, :L])
-        assert torch.equal(batch.x[b, :n], alone.x[0, :n])
+    assert_batch_equals_alone(mixed_batch(gen, 200, 64, torch.float32), 0.2, "triton")
 
 
 def test_triton_device_threshold_tensor(gen):
