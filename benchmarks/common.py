@@ -75,6 +75,9 @@ def write_rows(name: str, rows: List[Dict[str, object]]) -> str:
 
 
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
+    if not rows:
+        print("(no rows)")
+        return
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:

@@ -46,6 +46,19 @@ def test_triton_fixed_r_and_extremes(gen, N, C):
     assert torch.equal(none.x.cpu(), ref_none.x)  # nothing merged: rows moved bit-exactly
 
 
+@pytest.mark.parametrize("D", [200, 1024])
+def test_triton_wide_metric_in_feature_chunks(gen, D):
+    # Metrics wider than one 64-feature chunk (e.g. the hidden states
+    # themselves, one "head" of C features) are matched chunk by chunk.
+    x, size, lengths, pos_map, _ = mixed_batch(gen, 77, 32, torch.float32, B=2)
+    metric = torch.randn(2, 1, 77, D, generator=gen).to(TRITON_DEVICE)
+    metric[1] = metric[1, :, :1] + 0.3 * metric[1]  # one image far more redundant
+    thr = threshold_with_margin(metric, lengths, 0.5)
+    out, ref = run_both([x, size, lengths, pos_map, metric], threshold=thr)
+    assert_same_merge(out, ref, torch.float32)
+    assert 0 < int(ref.lengths.min()) < 77  # something merged, not everything
+
+
 def test_triton_ties_and_several_sources():
     metric = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2, 1, 3, 4, 4, 2]]), 5).float() * 3
     x = torch.randn(1, 9, 16)

@@ -69,18 +69,23 @@ def _match_kernel(
     row_ok = a_ok
     if CLS:
         row_ok = a_ok & (ia != 0)
-    base = m_ptr + b * s_mb + cols[None, :]
-    d_ok = (cols < D)[None, :]
-    a = tl.load(base + (2 * ia)[:, None] * s_mn, mask=a_ok[:, None] & d_ok, other=0.0)
+    a_rows = m_ptr + b * s_mb + (2 * ia) * s_mn
     best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
     best_j = tl.zeros([BLOCK_A], dtype=tl.int64)
     n_b = L // 2
     for j0 in range(0, n_b, BLOCK_B):
         jb = j0 + tl.arange(0, BLOCK_B).to(tl.int64)
         b_ok = jb < n_b
-        bt = tl.load(base + (2 * jb + 1)[:, None] * s_mn, mask=b_ok[:, None] & d_ok, other=0.0)
-        # IEEE fp32: TF32 would round scores enough to flip threshold decisions.
-        s = tl.dot(a, tl.trans(bt), input_precision="ieee")
+        b_rows = m_ptr + b * s_mb + (2 * jb + 1) * s_mn
+        s = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        # Feature chunks keep the tiles in registers for wide metrics; a
+        # head-averaged key (D <= BLOCK_D) is a single chunk.
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + cols < D)[None, :]
+            a = tl.load(a_rows[:, None] + (d0 + cols)[None, :], mask=a_ok[:, None] & d_ok, other=0.0)
+            bt = tl.load(b_rows[:, None] + (d0 + cols)[None, :], mask=b_ok[:, None] & d_ok, other=0.0)
+            # IEEE fp32: TF32 would round scores enough to flip threshold decisions.
+            s += tl.dot(a, tl.trans(bt), input_precision="ieee")
         s = tl.where(b_ok[None, :], s, float("-inf"))
         tile_max = tl.max(s, axis=1)
         tile_arg = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int64)
@@ -168,12 +173,20 @@ def normalized_metric(metric: torch.Tensor) -> torch.Tensor:
     m4 = metric if metric.dim() == 4 else metric[:, None]
     B, H, N, D = m4.shape
     out = torch.empty((B, N, D), device=metric.device, dtype=torch.float32)
-    BLOCK_N = 64
+    BLOCK_D = pow2(D)
+    # A [BLOCK_N, BLOCK_D] fp32 tile of at most 8K values stays in registers.
+    BLOCK_N = max(1, min(64, 8192 // BLOCK_D))
     _metric_kernel[(B, triton.cdiv(N, BLOCK_N))](
         m4, out, N, H, D, *m4.stride(), out.stride(0), out.stride(1),
-        EPS=NORM_EPS, BLOCK_N=BLOCK_N, BLOCK_D=pow2(D),
+        EPS=NORM_EPS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
     )
     return out
+
+
+# (BLOCK_A, BLOCK_B, max BLOCK_D, num_warps). IEEE fp32 dots run on the CUDA
+# cores, so the tiles are sized to stay in registers (no spills on sm_80/sm_90,
+# checked by benchmarks/triton_aot.py).
+MATCH_CONFIG = (32, 64, 64, 4)
 
 
 def match(metric: torch.Tensor, lengths: torch.Tensor, threshold=None, *, cls_token: bool = True):
@@ -194,11 +207,11 @@ def match(metric: torch.Tensor, lengths: torch.Tensor, threshold=None, *, cls_to
         thr_value, use_thr = 0.0, False
     else:
         thr_value, use_thr = (float(threshold) if threshold is not None else 0.0), threshold is not None
-    BLOCK_A, BLOCK_B = 64, 64
+    BLOCK_A, BLOCK_B, BLOCK_D, num_warps = MATCH_CONFIG
     _match_kernel[(B, triton.cdiv(n_a, BLOCK_A))](
         m, lengths, node_max, node_idx, merge, thr_value, n_a, D, m.stride(0), m.stride(1),
         CLS=bool(cls_token), USE_THRESHOLD=use_thr,
-        BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_D=pow2(D),
+        BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_D=min(pow2(D), BLOCK_D), num_warps=num_warps,
     )
     if isinstance(threshold, torch.Tensor):
         merge = (node_max > threshold).to(torch.int8)

@@ -31,6 +31,23 @@ def fix_rne(dtype: torch.dtype) -> bool:
     return interpreter_mode() and dtype == torch.bfloat16
 
 
+def target_arch(device: torch.device) -> int:
+    """Compute capability (e.g. 90) kernels are compiled for on ``device``:
+    the device's own on CUDA, else the active Triton driver's target
+    (compile-only checks), else 90 (the CPU interpreter ignores it)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    if not interpreter_mode():
+        try:
+            target = triton.runtime.driver.active.get_current_target()
+            if isinstance(target.arch, int):
+                return target.arch
+        except Exception:  # no GPU driver at all: nothing is compiled anyway
+            pass
+    return 90
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= n, at least ``lo`` (tl.dot needs dims >= 16)."""
     return max(lo, triton.next_power_of_2(max(int(n), 1)))

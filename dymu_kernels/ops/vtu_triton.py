@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import cast, fix_rne, pow2
+from .triton_utils import cast, fix_rne, pow2, target_arch
 
 LOG2E = 1.4426950408889634
 
@@ -196,13 +196,35 @@ def _segment_mean_kernel(
     p0 = tl.load(BEGIN + b * (N_UN + 1) + u, mask=u_ok, other=0)
     p1 = tl.load(BEGIN + b * (N_UN + 1) + u + 1, mask=u_ok, other=0)
     acc = tl.zeros([BLOCK_U, BLOCK_D], dtype=tl.float32)
+    src_base = SRC + b * s_sb + h * s_sh
     for t in range(0, tl.max(p1 - p0, axis=0)):
         has = p0 + t < p1
         p = tl.load(ORDER + b * N + p0 + t, mask=has, other=0)
-        acc += tl.load(SRC + b * s_sb + h * s_sh + p[:, None] * s_sn + d[None, :] * s_sd, mask=has[:, None] & d_ok, other=0.0)
+        # Row pointers formed in 1-D first: broadcasting `p` inside the 2-D
+        # address makes Triton 3.6's layout pass fail on sm_80/sm_90.
+        rows = src_base + p * s_sn
+        acc += tl.load(rows[:, None] + d[None, :] * s_sd, mask=has[:, None] & d_ok, other=0.0)
     cnt = tl.maximum(p1 - p0, 1).to(tl.float32)
     out = acc / cnt[:, None]
     tl.store(OUT + b * s_ob + h * s_oh + u[:, None] * s_on + d[None, :] * s_od, cast(out, OUT.dtype.element_ty, FIX_RNE), mask=u_ok[:, None] & d_ok)
+
+
+def fwd_config(D: int, dtype: torch.dtype, decode: bool, arch: int = 90):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel.
+
+    Chosen from the compile reports of ``benchmarks/triton_aot.py`` (sm_80,
+    sm_90): the largest tiles that use the tensor cores without spilling
+    registers. Hopper's warpgroup MMA (HGMMA) keeps 128-row tiles in
+    registers; Ampere's MMA, with the K tile rotated in registers, fits 64
+    rows. IEEE fp32 dots run on the CUDA cores: small tiles, no pipelining.
+    """
+    if dtype == torch.float32:
+        return (16, 32, 8, 1) if decode else (32, 32, 8, 1)
+    if decode:
+        return (16, 32, 4, 2) if D == 80 else (16, 64, 4, 3)
+    if arch >= 90:
+        return (128, 32, 8, 3) if D == 80 else (128, 64, 8, 3)
+    return (64, 32, 8, 3) if D <= 64 else (64, 64, 8, 3)
 
 
 def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, atomic, lse=None, splits=1, kv_per_split=None):
@@ -211,7 +233,7 @@ def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, 
     N = merge_map.shape[1]
     T = q.shape[2] if decode else N
     n_un = k.shape[2]
-    BLOCK_M, BLOCK_N = (16, 64) if decode else (64, 64)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = fwd_config(D, q.dtype, decode, target_arch(q.device))
     grid = (triton.cdiv(T, BLOCK_M), B * H, splits)
     if out.dim() == 5:  # decode partials [S, B, H, T, D]
         s_os, o_strides = out.stride(0), out.stride()[1:]
@@ -225,16 +247,18 @@ def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, 
         CAUSAL=bool(causal), DECODE=decode, ATOMIC=atomic, IEEE=q.dtype == torch.float32,
         UPCAST=fix_rne(q.dtype), FIX_RNE=fix_rne(q.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=pow2(D // 2), BLOCK_D=pow2(D),
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def decode_splits(B: int, H: int, T: int, N: int, device: torch.device, block_n: int = 64):
+def decode_splits(B: int, H: int, T: int, N: int, device: torch.device, block_m: int = 16, block_n: int = 64):
     """Key slices per (b, h) for split-K decode: about two waves of programs on
-    the GPU; 3 slices under the interpreter, so tests exercise the combine."""
+    the GPU; 3 slices under the interpreter, so tests exercise the combine.
+    Each slice is a whole number of ``block_n`` key blocks."""
     blocks = triton.cdiv(N, block_n)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, B * H * triton.cdiv(T, 16))
+        want = triton.cdiv(2 * sms, B * H * triton.cdiv(T, block_m))
     else:
         want = 3
     splits = max(1, min(blocks, want))
@@ -280,7 +304,8 @@ def vtu_decode_fwd(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
     """
     B, H, T, D = q.shape
     N = merge_map.shape[1]
-    splits, kv_per_split = decode_splits(B, H, T, N, q.device)
+    block_m, block_n = fwd_config(D, q.dtype, True, target_arch(q.device))[:2]
+    splits, kv_per_split = decode_splits(B, H, T, N, q.device, block_m, block_n)
     part = torch.empty((splits, B, H, T, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((splits, B * H, T), device=q.device, dtype=torch.float32)
     _launch(q, k, v, merge_map, cos, sin, scale, True, part, part, decode=True, atomic=False,
