@@ -140,13 +140,58 @@ def decode_rows(quick: bool):
     return rows
 
 
+SWEEP_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+                 (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3)]
+
+
+def sweep_rows():
+    """Time the fused forward under each candidate tile config (BLOCK_M,
+    BLOCK_N, num_warps, num_stages) at three shapes, to retune
+    ``vtu_triton.fwd_config`` from one GPU run."""
+    from dymu_kernels.ops import vtu_triton
+
+    gen = torch.Generator().manual_seed(2)
+    rows, H, D = [], 32, 128
+    default = vtu_triton.fwd_config
+    try:
+        for B, N, ratio in [(8, 640, 0.34), (1, 2944, 0.34), (1, 8192, 0.34)]:
+            merge_map, n_un = make_map(B, N, ratio, gen)
+            merge_map = merge_map.cuda()
+            q = torch.randn(B, H, n_un, D, device="cuda", dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            cos, sin = ref.rope_cos_sin(torch.arange(N, device="cuda"), D, dtype=torch.bfloat16)
+            cos, sin = cos.expand(B, N, D), sin.expand(B, N, D)
+            flops = attention_flops(B, H, N, D, causal=True)
+            chosen = default(D, torch.bfloat16, False, vtu_triton.target_arch(q.device))
+            for cfg in SWEEP_CONFIGS:
+                vtu_triton.fwd_config = lambda *a, cfg=cfg: cfg
+                try:
+                    t = time_ms(lambda: dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="triton"), "cuda")
+                except Exception as e:  # a config the compiler rejects (shared memory) is a result too
+                    rows.append({"op": "vtu_config_sweep", "provider": str(cfg), "shape": f"B={B} N={N} N_un={n_un}", "error": str(e)[:120]})
+                    continue
+                rows.append({"op": "vtu_config_sweep", "provider": str(cfg), "shape": f"B={B} H={H} N={N} N_un={n_un} D={D}",
+                             "dtype": "bfloat16", "us": t["ms"] * 1e3, **t, "tflops": flops / (t["ms"] * 1e-3) / 1e12,
+                             "default": cfg == chosen})
+    finally:
+        vtu_triton.fwd_config = default
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time candidate tile configs of the fused kernel instead")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_vtu.py needs a CUDA GPU (the fused kernel only runs interpreted on the CPU); nothing measured.")
+        return 0
+    if args.sweep:
+        rows = sweep_rows()
+        print_table(rows, ["op", "provider", "shape", "us", "tflops", "default", "error"])
+        if not args.no_save:
+            print("results appended to", write_rows("vtu_sweep_cuda", rows))
         return 0
     rows = attention_rows(args.quick) + decode_rows(args.quick)
     print_table(rows, ["op", "provider", "shape", "us", "tflops", "peak_frac", "vs_ref", "vs_floor", "n_over_nun"])

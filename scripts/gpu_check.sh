@@ -19,6 +19,7 @@ python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.log" || status=1  # no -x
 if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_dtome.py 2>&1 | tee "$OUT/bench_dtome.log" || status=1
   python3 benchmarks/bench_vtu.py 2>&1 | tee "$OUT/bench_vtu.log" || status=1
+  python3 benchmarks/bench_vtu.py --sweep 2>&1 | tee "$OUT/bench_vtu_sweep.log" || status=1
   cp benchmarks/results/*cuda*.jsonl "$OUT/" 2>/dev/null
 fi
 exit $status

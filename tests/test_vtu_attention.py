@@ -87,6 +87,19 @@ def test_head_dims(gen, D, dtype):
     run_case(*make_inputs("scattered", gen, dtype, N=70, D=D, H=2, H_kv=1), dtype)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("D", [64, 80])
+def test_every_architecture_tile_config(gen, monkeypatch, arch, D):
+    # Tile shapes differ per GPU generation (ops.vtu_triton.fwd_config); each
+    # config must give the same answers, whichever machine runs the tests.
+    from dymu_kernels.ops import vtu_triton
+
+    monkeypatch.setattr(vtu_triton, "target_arch", lambda device: arch)
+    assert vtu_triton.fwd_config(D, torch.bfloat16, False, arch)[0] == (128 if arch == 90 else 64)
+    run_case(*make_inputs("text_image_text", gen, torch.bfloat16, H=2, H_kv=1, N=150, D=D), torch.bfloat16)
+    run_case(*make_inputs("padding", gen, torch.float16, H=2, H_kv=2, N=90, D=D), torch.float16, deterministic=True)
+
+
 @pytest.mark.parametrize("N", [1, 2, 63])
 def test_tiny_sequences_and_single_unique_token(gen, N):
     q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float32, N=N)
