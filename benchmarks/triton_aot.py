@@ -212,6 +212,8 @@ def vtu_cases(quick: bool) -> Iterator[Tuple[str, Callable[[], object]]]:
                 cos, sin = rope_cos_sin(pos, d, dtype=dtype)
                 for causal, det in ((True, False), (True, True), (False, False)):
                     vtu_triton.vtu_attention_fwd(q, k, v, merge_map, cos, sin, d**-0.5, causal, det)
+                half = d // 2  # half tables: one cos/sin entry per frequency
+                vtu_triton.vtu_attention_fwd(q, k, v, merge_map, cos[..., :half], sin[..., :half], d**-0.5, True, False)
                 vtu_triton.vtu_decode_fwd(q[:, :, :1], k, v, merge_map, cos, sin, d**-0.5)
 
             yield f"vtu D={d} {name}", case

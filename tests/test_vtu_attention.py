@@ -243,6 +243,32 @@ def test_decode_errors():
         dymu_kernels.vtu_decode_attention(torch.randn(4, 9, 64), k, k, torch.zeros(1, 8, dtype=torch.int32), torch.ones(8, 64), torch.zeros(8, 64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_rope_tables_equal_full_tables(gen, dtype):
+    # Half tables [N, D/2] hold each frequency once; the kernel reads them for
+    # both halves, so results are bit-identical to the HF-format tables.
+    q, k, v, merge_map, cos, sin = (
+        t.to(TRITON_DEVICE, dtype) if t.is_floating_point() else t.to(TRITON_DEVICE)
+        for t in make_inputs("text_image_text", gen, dtype, H=2, H_kv=1, N=150)
+    )
+    half = q.shape[-1] // 2
+    ch, sh = cos[..., :half], sin[..., :half]
+    for kwargs in ({}, {"deterministic": True}, {"causal": False}):
+        full = dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="triton", **kwargs)
+        if kwargs.get("deterministic"):
+            assert torch.equal(dymu_kernels.vtu_attention(q, k, v, merge_map, ch, sh, backend="triton", **kwargs), full)
+        else:  # fp32 atomics may add in another order
+            torch.testing.assert_close(dymu_kernels.vtu_attention(q, k, v, merge_map, ch, sh, backend="triton", **kwargs), full, atol=EPS[dtype], rtol=0)
+    ref_full = ref.vtu_attention_expand(*(t.cpu() for t in (q, k, v, merge_map, cos, sin)))
+    assert torch.equal(ref.vtu_attention_expand(*(t.cpu() for t in (q, k, v, merge_map, ch, sh))), ref_full)
+    T = 2
+    dec = dict(q=q[:, :, :T], k=k, v=v, merge_map=merge_map)
+    torch.testing.assert_close(
+        dymu_kernels.vtu_decode_attention(**dec, cos=ch, sin=sh, backend="triton"),
+        dymu_kernels.vtu_decode_attention(**dec, cos=cos, sin=sin, backend="triton"), atol=0, rtol=0,
+    )
+
+
 def test_auto_backend_uses_reference_on_cpu(gen):
     q, k, v, merge_map, cos, sin = (t.float() if t.is_floating_point() else t for t in make_inputs("scattered", gen, torch.float32, N=30))
     torch.testing.assert_close(dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin), ref.vtu_attention_expand(q, k, v, merge_map, cos, sin))

@@ -41,8 +41,8 @@ def _vtu_attention_op(
     if backend == "triton":
         from .vtu_triton import vtu_attention_fwd
 
-        B, N, D = merge_map.shape[0], merge_map.shape[1], q.shape[-1]
-        return vtu_attention_fwd(q, k, v, merge_map, cos.expand(B, N, D), sin.expand(B, N, D), scale, causal, deterministic)
+        B, N, W = merge_map.shape[0], merge_map.shape[1], cos.shape[-1]
+        return vtu_attention_fwd(q, k, v, merge_map, cos.expand(B, N, W), sin.expand(B, N, W), scale, causal, deterministic)
     return ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, causal=causal, scale=scale)
 
 
@@ -77,8 +77,8 @@ def _vtu_decode_op(
     if backend == "triton":
         from .vtu_triton import vtu_decode_fwd
 
-        B, N, D = merge_map.shape[0], merge_map.shape[1], q.shape[-1]
-        return vtu_decode_fwd(q, k, v, merge_map, cos.expand(B, N, D), sin.expand(B, N, D), scale)
+        B, N, W = merge_map.shape[0], merge_map.shape[1], cos.shape[-1]
+        return vtu_decode_fwd(q, k, v, merge_map, cos.expand(B, N, W), sin.expand(B, N, W), scale)
     return ref.vtu_decode_attention_ref(q, k, v, merge_map, cos, sin, scale=scale)
 
 
@@ -150,7 +150,10 @@ def vtu_attention(
         merge_map: ``[B, N]`` int32/int64 in ``[-1, N_un)``; samples may have
             different N (pad with -1) and N_un (pad the unique dim).
         cos, sin: ``[N, D]`` or ``[B, N, D]`` RoPE tables of the full positions
-            (HF format, as ``LlamaRotaryEmbedding`` returns them).
+            (HF format, as ``LlamaRotaryEmbedding`` returns them), or half
+            tables ``[N, D/2]`` / ``[B, N, D/2]`` (one entry per frequency,
+            used for both halves): the same rotation with half the table
+            reads in the kernel.
         causal: causal mask on the full position index.
         scale: softmax scale, default ``D ** -0.5``.
         deterministic: bit-identical results run to run (Triton: re-merge in
@@ -169,7 +172,7 @@ def vtu_attention(
         out of range; ValueError listing why a requested backend cannot run
         (e.g. Triton needs D >= 32).
     """
-    cos, sin, scale = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale)
+    cos, sin, scale = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale, full_tables=False)
     name = _pick_backend(backend, q)
     if name == "triton" and q.shape[-1] < 32:
         raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
@@ -195,7 +198,7 @@ def vtu_decode_attention(
             already appended to k/v).
         k, v: ``[B, H_kv, N_un, D]`` pre-RoPE key/value cache, one row per unique token.
         merge_map: ``[B, N]`` full position -> cache row (-1 = padding).
-        cos, sin: ``[N, D]`` or ``[B, N, D]`` for all N positions.
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` (or half tables ``[..., D/2]``) for all N positions.
 
     Returns:
         ``[B, H, T, D]``: new token t attends every valid position ``<= N-T+t``.
@@ -205,7 +208,7 @@ def vtu_decode_attention(
     if q.shape[2] > merge_map.shape[-1]:
         raise ValueError(f"q has {q.shape[2]} new tokens but merge_map has only {merge_map.shape[-1]} positions")
     widened = q.new_empty(q.shape[0], q.shape[1], k.shape[2], q.shape[3]) if k.dim() == 4 else q
-    cos, sin, scale = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale)
+    cos, sin, scale = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale, full_tables=False)
     name = _pick_backend(backend, q)
     if name == "triton" and q.shape[-1] < 32:
         raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")

@@ -37,15 +37,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rotated(x_rows, c_rows, s_rows, dh, HALF_D, s_xd, s_cd, s_sd, mask, DTYPE: tl.constexpr, FIX_RNE: tl.constexpr):
+def _load_rotated(
+    x_rows, c_rows, s_rows, dh, HALF_D, s_xd, s_cd, s_sd, mask,
+    DTYPE: tl.constexpr, FIX_RNE: tl.constexpr, HALF_TABLE: tl.constexpr,
+):
     """Gather rows split in halves, rotate them with HF rotate_half RoPE in
-    fp32, and round once to the dot dtype. ``*_rows`` point at each row."""
+    fp32, and round once to the dot dtype. ``*_rows`` point at each row.
+    HALF_TABLE: cos/sin hold one entry per frequency, shared by both halves."""
     x1 = tl.load(x_rows + dh[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_rows + (dh[None, :] + HALF_D) * s_xd, mask=mask, other=0.0).to(tl.float32)
     c1 = tl.load(c_rows + dh[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_rows + (dh[None, :] + HALF_D) * s_cd, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(s_rows + dh[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_rows + (dh[None, :] + HALF_D) * s_sd, mask=mask, other=0.0).to(tl.float32)
+    if HALF_TABLE:
+        c2 = c1
+        s2 = s1
+    else:
+        c2 = tl.load(c_rows + (dh[None, :] + HALF_D) * s_cd, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(s_rows + (dh[None, :] + HALF_D) * s_sd, mask=mask, other=0.0).to(tl.float32)
     return cast(x1 * c1 - x2 * s1, DTYPE, FIX_RNE), cast(x2 * c2 + x1 * s2, DTYPE, FIX_RNE)
 
 
@@ -73,7 +81,7 @@ def _vtu_fwd_kernel(
     s_sb, s_sn, s_sd,
     s_ob, s_oh, s_on, s_od,
     CAUSAL: tl.constexpr, DECODE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    FIX_RNE: tl.constexpr,
+    FIX_RNE: tl.constexpr, HALF_TABLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -100,7 +108,7 @@ def _vtu_fwd_kernel(
     qr1, qr2 = _load_rotated(
         Q + b * s_qb + h * s_qh + q_row[:, None] * s_qn,
         COS + b * s_cb + pos_c[:, None] * s_cn, SIN + b * s_sb + pos_c[:, None] * s_sn,
-        dh, HALF_D, s_qd, s_cd, s_sd, q_ok[:, None] & dh_ok, Q.dtype.element_ty, FIX_RNE,
+        dh, HALF_D, s_qd, s_cd, s_sd, q_ok[:, None] & dh_ok, Q.dtype.element_ty, FIX_RNE, HALF_TABLE,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -126,7 +134,7 @@ def _vtu_fwd_kernel(
         kr1, kr2 = _load_rotated(
             k_base + k_row[:, None] * s_kn,
             COS + b * s_cb + offs_n[:, None] * s_cn, SIN + b * s_sb + offs_n[:, None] * s_sn,
-            dh, HALF_D, s_kd, s_cd, s_sd, k_ok[:, None] & dh_ok, K.dtype.element_ty, FIX_RNE,
+            dh, HALF_D, s_kd, s_cd, s_sd, k_ok[:, None] & dh_ok, K.dtype.element_ty, FIX_RNE, HALF_TABLE,
         )
         scores = _dot(qr1, tl.trans(kr1), IEEE, UPCAST) + _dot(qr2, tl.trans(kr2), IEEE, UPCAST)
         scores = scores * scale_log2
@@ -245,7 +253,7 @@ def _launch(q, k, v, merge_map, cos, sin, scale, causal, out, count, *, decode, 
         *q.stride(), *k.stride(), *v.stride(), *merge_map.stride(),
         *cos.stride(), *sin.stride(), *o_strides,
         CAUSAL=bool(causal), DECODE=decode, ATOMIC=atomic, IEEE=q.dtype == torch.float32,
-        UPCAST=fix_rne(q.dtype), FIX_RNE=fix_rne(q.dtype),
+        UPCAST=fix_rne(q.dtype), FIX_RNE=fix_rne(q.dtype), HALF_TABLE=cos.shape[-1] != D,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=pow2(D // 2), BLOCK_D=pow2(D),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -267,7 +275,8 @@ def decode_splits(B: int, H: int, T: int, N: int, device: torch.device, block_m:
 
 
 def vtu_attention_fwd(q, k, v, merge_map, cos, sin, scale: float, causal: bool, deterministic: bool) -> torch.Tensor:
-    """Launch the fused forward; inputs validated, cos/sin already ``[B, N, D]``."""
+    """Launch the fused forward; inputs validated, cos/sin already ``[B, N, D]``
+    (or half tables ``[B, N, D/2]``)."""
     B, H, n_un, D = q.shape
     N = merge_map.shape[1]
     valid = merge_map >= 0

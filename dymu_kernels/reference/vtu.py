@@ -64,10 +64,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def check_vtu_inputs(q, k, v, merge_map, cos, sin, scale):
-    """Validate VTU attention inputs; return ``(cos, sin)`` as ``[B, N, D]`` and the scale.
+def check_vtu_inputs(q, k, v, merge_map, cos, sin, scale, full_tables: bool = True):
+    """Validate VTU attention inputs; return ``(cos, sin)`` and the scale.
 
-    Raises TypeError/ValueError naming the argument (see ``vtu_attention``).
+    cos/sin may be HF-format ``[..., N, D]`` tables or half tables
+    ``[..., N, D/2]`` (one value per frequency, used for both halves, as in
+    FlashAttention's rotary). They come back expanded to batch ``B``: as
+    ``[B, N, D]`` with ``full_tables`` (half tables repeated), else in their
+    own width. Raises TypeError/ValueError naming the argument (see
+    ``vtu_attention``).
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, H, n_un, D = q.shape
@@ -87,15 +92,22 @@ def check_vtu_inputs(q, k, v, merge_map, cos, sin, scale):
     tables = []
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+        width = t.shape[-1]
+        if width not in (D, D // 2):
+            raise ValueError(
+                f"{name} must have last dim D={D} (HF format) or D/2={D // 2} (half table), got shape {tuple(t.shape)}"
+            )
         if t.dim() == 2:
-            check_shape(name, t, [N, D], "one row per full position of merge_map")
-            t = t[None].expand(B, N, D)
+            check_shape(name, t, [N, width], "one row per full position of merge_map")
+            t = t[None].expand(B, N, width)
         else:
-            check_shape(name, t, [None, N, D], "one row per full position of merge_map")
+            check_shape(name, t, [None, N, width], "one row per full position of merge_map")
             if t.shape[0] not in (1, B):
                 raise ValueError(f"{name} batch size must be 1 or {B}, got {t.shape[0]}")
-            t = t.expand(B, N, D)
-        tables.append(t)
+            t = t.expand(B, N, width)
+        tables.append(torch.cat([t, t], dim=-1) if full_tables and width != D else t)
+    if cos.shape[-1] != sin.shape[-1]:
+        raise ValueError(f"cos and sin must have the same width, got {cos.shape[-1]} and {sin.shape[-1]}")
     check_same_device(q=q, k=k, v=v, merge_map=merge_map, cos=cos, sin=sin)
     check_index_range("merge_map", merge_map, -1, n_un, "unique token per position, -1 = padding")
     if scale is None:
@@ -131,7 +143,8 @@ def vtu_attention_expand(
     Args:
         q: ``[B, H, N_un, D]`` before RoPE; k, v: ``[B, H_kv, N_un, D]``.
         merge_map: ``[B, N]`` in ``[-1, N_un)``.
-        cos, sin: ``[N, D]`` or ``[B, N, D]`` HF-format tables at full positions.
+        cos, sin: ``[N, D]`` or ``[B, N, D]`` HF-format tables at full positions
+            (or half tables ``[..., N, D/2]``, see :func:`check_vtu_inputs`).
         upcast: compute in fp32 (fp64 for fp64 input); ``False`` computes in the
             input dtype (the low-precision baseline of FlashAttention's test rule).
 
