@@ -188,7 +188,9 @@ def dtome_cases(quick: bool) -> Iterator[Tuple[str, Callable[[], object]]]:
                 # the merge gets valid flags and targets of its own.
                 n_a = (n + 1) // 2
                 idx = torch.randint(0, n // 2, (2, n_a))
-                dtome_triton.merge_tokens(state, idx, torch.rand(2, n_a) < 0.5)
+                scores = torch.rand(2, n_a)
+                for cls in (True, False):  # unmerged A tokens by position / by score
+                    dtome_triton.merge_tokens(state, idx, torch.rand(2, n_a) < 0.5, scores, cls_token=cls)
 
             yield f"dtome N={n} C={c} heads={heads} {name}", case
 

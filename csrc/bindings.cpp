@@ -9,5 +9,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_tokens", &dymu::merge_tokens_cpu,
         "Apply A->B merges to a merge state; returns (x, size, lengths, pos_map)", pybind11::arg("x"),
         pybind11::arg("size"), pybind11::arg("lengths"), pybind11::arg("pos_map"), pybind11::arg("node_idx"),
-        pybind11::arg("merge_mask"));
+        pybind11::arg("merge_mask"), pybind11::arg("node_max"), pybind11::arg("cls_token"));
+  m.def("vtu_attention", &dymu::vtu_attention_cpu, "VTU attention over the full positions, re-merged per unique token",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("merge_map"), pybind11::arg("cos"),
+        pybind11::arg("sin"), pybind11::arg("scale"), pybind11::arg("causal"));
+  m.def("vtu_decode_attention", &dymu::vtu_decode_attention_cpu,
+        "VTU decode attention of the T newest positions over a per-unique-token KV cache", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("merge_map"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("scale"));
 }

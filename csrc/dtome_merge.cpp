@@ -4,13 +4,18 @@
 // The reference scatter-adds every token into its destination; here each
 // output row is *gathered* from its members in a fixed order (destination
 // first, then its sources by increasing slot), so the result is deterministic
-// and every row is read once and written once.
+// and every row is read once and written once. The new order follows the two
+// order rules of DESIGN.md §1.1 (plan_image): (a) nothing merged -> unchanged;
+// (b) unmerged A tokens (by position with CLS, by descending score without),
+// then all B tokens.
 #include "dymu_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -26,25 +31,54 @@ struct MergePlan {
   int64_t new_length = 0;
 };
 
-MergePlan plan_image(int64_t L, const int64_t* node_idx, const bool* mask) {
+// Rule (a) of DESIGN.md §1.1: an image that merges nothing keeps its sequence
+// unchanged, order included.
+MergePlan identity_plan(int64_t L) {
   MergePlan p;
+  p.new_length = L;
+  p.home.resize(static_cast<size_t>(L));
+  for (int64_t k = 0; k < L; ++k) p.home[k] = k;
+  p.dest = p.home;
+  p.src_begin.assign(static_cast<size_t>(L + 1), 0);
+  return p;
+}
+
+// Rule (b): the unmerged A tokens (A indices) in their new order — position
+// order when score is null (CLS), else best score first; the stable sort keeps
+// ties in position order, so the plan is deterministic.
+std::vector<int64_t> kept_a_order(int64_t n_a, const bool* mask, const double* score) {
+  std::vector<int64_t> kept;
+  for (int64_t i = 0; i < n_a; ++i) {
+    if (mask[i]) continue;
+    TORCH_CHECK(score == nullptr || !std::isnan(score[i]), "merge_tokens_cpu: node_max must not be NaN");
+    kept.push_back(i);
+  }
+  if (score != nullptr)
+    std::stable_sort(kept.begin(), kept.end(), [score](int64_t a, int64_t b) { return score[a] > score[b]; });
+  return kept;
+}
+
+// score: the image's node_max row to order unmerged A tokens by (no CLS), or null.
+MergePlan plan_image(int64_t L, const int64_t* node_idx, const bool* mask, const double* score) {
   const int64_t n_a = (L + 1) / 2, n_b = L / 2;
+  if (std::none_of(mask, mask + n_a, [](bool m) { return m; })) return identity_plan(L);
+  MergePlan p;
   p.dest.assign(static_cast<size_t>(L), -1);
-  int64_t n_kept = 0;
-  for (int64_t i = 0; i < n_a; ++i) n_kept += mask[i] ? 0 : 1;
+  const std::vector<int64_t> kept = kept_a_order(n_a, mask, score);
+  const int64_t n_kept = static_cast<int64_t>(kept.size());
   p.new_length = n_kept + n_b;
   p.home.reserve(static_cast<size_t>(p.new_length));
+  for (const int64_t i : kept) {
+    p.dest[2 * i] = static_cast<int64_t>(p.home.size());
+    p.home.push_back(2 * i);
+  }
   std::vector<int64_t> n_src(static_cast<size_t>(n_b), 0);
   for (int64_t i = 0; i < n_a; ++i) {
-    if (mask[i]) {
-      const int64_t j = node_idx[i];
-      TORCH_CHECK(j >= 0 && j < n_b, "merge_tokens_cpu: node_idx ", j, " out of range [0, ", n_b, ")");
-      p.dest[2 * i] = n_kept + j;
-      ++n_src[j];
-    } else {
-      p.dest[2 * i] = static_cast<int64_t>(p.home.size());
-      p.home.push_back(2 * i);
-    }
+    if (!mask[i]) continue;
+    const int64_t j = node_idx[i];
+    TORCH_CHECK(j >= 0 && j < n_b, "merge_tokens_cpu: node_idx ", j, " out of range [0, ", n_b, ")");
+    p.dest[2 * i] = n_kept + j;
+    ++n_src[j];
   }
   for (int64_t j = 0; j < n_b; ++j) {
     p.dest[2 * j + 1] = n_kept + j;
@@ -104,8 +138,9 @@ void merge_kernel(const std::vector<MergePlan>& plans, const scalar_t* x, const 
 
 std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch::Tensor& size,
                                             const torch::Tensor& lengths, const torch::Tensor& pos_map,
-                                            const torch::Tensor& node_idx, const torch::Tensor& merge_mask) {
-  for (const auto* t : {&x, &size, &lengths, &pos_map, &node_idx, &merge_mask})
+                                            const torch::Tensor& node_idx, const torch::Tensor& merge_mask,
+                                            const torch::Tensor& node_max, bool cls_token) {
+  for (const auto* t : {&x, &size, &lengths, &pos_map, &node_idx, &merge_mask, &node_max})
     TORCH_CHECK(t->device().is_cpu(), "merge_tokens_cpu: all inputs must be CPU tensors");
   TORCH_CHECK(x.dim() == 3, "merge_tokens_cpu: x must be [B, N, C], got ", x.sizes());
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), n_a = (N + 1) / 2;
@@ -116,12 +151,16 @@ std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch:
               "merge_tokens_cpu: node_idx must be [B, ceil(N/2)]");
   TORCH_CHECK(merge_mask.sizes() == node_idx.sizes() && merge_mask.scalar_type() == at::kBool,
               "merge_tokens_cpu: merge_mask must be a bool tensor shaped like node_idx");
+  TORCH_CHECK(node_max.sizes() == node_idx.sizes() && node_max.is_floating_point(),
+              "merge_tokens_cpu: node_max must be a float tensor shaped like node_idx");
 
   auto x_c = x.contiguous();
   auto size_c = size.contiguous();
   auto len64 = lengths.to(at::kLong).contiguous();
   auto idx64 = node_idx.to(at::kLong).contiguous();
   auto mask_c = merge_mask.contiguous();
+  // float -> double is exact, so the order of the scores is kept.
+  auto score64 = node_max.to(at::kDouble).contiguous();
   const int64_t* len_p = len64.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len_p[b] >= 0 && len_p[b] <= N, "merge_tokens_cpu: lengths[", b, "]=", len_p[b], " outside [0, ", N, "]");
@@ -129,7 +168,8 @@ std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch:
   std::vector<MergePlan> plans(static_cast<size_t>(B));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      plans[b] = plan_image(len_p[b], idx64.data_ptr<int64_t>() + b * n_a, mask_c.data_ptr<bool>() + b * n_a);
+      plans[b] = plan_image(len_p[b], idx64.data_ptr<int64_t>() + b * n_a, mask_c.data_ptr<bool>() + b * n_a,
+                            cls_token ? nullptr : score64.data_ptr<double>() + b * n_a);
   });
 
   auto out_x = torch::empty_like(x_c);

@@ -14,7 +14,11 @@ def normalise(v):
 
 
 def loop_merge_one(x, size, metric, *, threshold=None, r=None, cls_token=True):
-    """One image's merge on its valid tokens. Returns (x, size, slot_of_old_token)."""
+    """One image's merge on its valid tokens. Returns (x, size, slot_of_old_token).
+
+    New order (DESIGN.md §1.1): nothing merged -> unchanged; else the kept A
+    tokens (position order with CLS, else by descending score, ties by
+    position), then all B tokens."""
     L = x.shape[0]
     m = metric.double()
     if m.dim() == 3:  # [H, L, Dh] -> head mean
@@ -33,7 +37,11 @@ def loop_merge_one(x, size, metric, *, threshold=None, r=None, cls_token=True):
     else:
         order = sorted(best, key=lambda a: (-best[a][0], a))
         merged = set(order[:r])
+    if not merged:  # rule (a): the sequence stays as it is, order included
+        return x.double(), size.double(), {t: t for t in range(L)}
     kept_a = [a for a in a_slots if a not in merged]
+    if not cls_token:  # rule (b): best score first, ties by position
+        kept_a.sort(key=lambda a: (-best.get(a, (float("-inf"),))[0], a))
     new_slots = kept_a + b_slots
     groups = {slot: [slot] for slot in new_slots}
     for a in merged:

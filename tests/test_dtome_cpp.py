@@ -3,11 +3,20 @@
 import pytest
 import torch
 
-from merge_cases import assert_batch_equals_alone, assert_same_merge, mixed_batch
+from merge_cases import (
+    assert_batch_equals_alone,
+    assert_chain_matches_reference,
+    assert_same_merge,
+    assert_score_order,
+    assert_untouched_image_unchanged,
+    mixed_batch,
+    random_merge_step,
+    untouched_image_batch,
+)
 
 import dymu_kernels
 from dymu_kernels import _ext
-from dymu_kernels.reference import init_merge_state
+from dymu_kernels.reference import init_merge_state, merge_tokens
 
 pytestmark = pytest.mark.skipif(_ext.extension() is None, reason="C++ extension not built")
 
@@ -65,4 +74,40 @@ def test_cpp_backend_errors(gen):
         dymu_kernels.dtome_merge(x.to("meta"), size.to("meta"), lengths.to("meta"), pos_map.to("meta"), metric.to("meta"), 0.5, backend="cpp")
     C = _ext.extension()
     with pytest.raises(RuntimeError, match="node_idx must be"):
-        C.merge_tokens(x, size, lengths, pos_map, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool))
+        C.merge_tokens(x, size, lengths, pos_map, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool),
+                       torch.zeros(3, 4), True)
+    idx, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="node_max must be a float tensor"):
+        C.merge_tokens(x, size, lengths, pos_map, idx, mask, torch.zeros(3, 4), False)
+    mask[0, 1] = True
+    with pytest.raises(RuntimeError, match="node_max must not be NaN"):
+        C.merge_tokens(x, size, lengths, pos_map, idx, mask, torch.full((3, 5), float("nan")), False)
+
+
+# --- Order rules (DESIGN.md §1.1) ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["threshold", "r"])
+@pytest.mark.parametrize("cls_token", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_chain_of_blocks_matches_reference(gen, mode, cls_token, dtype):
+    assert_chain_matches_reference(gen, 101, 48, dtype, mode, cls_token, "cpp")
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_cpp_image_merging_nothing_is_unchanged(gen, cls_token):
+    args = untouched_image_batch(gen, 30, 8, torch.bfloat16)
+    assert_untouched_image_unchanged(args, "cpp", threshold=0.5, cls_token=cls_token)
+    assert_untouched_image_unchanged(args, "cpp", r=torch.tensor([0, 4]), cls_token=cls_token)
+
+
+def test_cpp_unmerged_a_tokens_follow_score_order():
+    assert_score_order("cpp")
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_cpp_merge_step_identical_to_reference_with_tied_scores(gen, cls_token):
+    state, node_idx, mask, node_max = random_merge_step(gen)
+    ref = merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)
+    out = _ext.extension().merge_tokens(*state, node_idx, mask, node_max, cls_token)
+    assert_same_merge(type(ref)(*out), ref, torch.float32)

@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from conftest import randn
-from merge_cases import threshold_between_scores
+from merge_cases import (
+    assert_chain_matches_reference,
+    assert_score_order,
+    assert_untouched_image_unchanged,
+    chain_batch,
+    chain_kwargs,
+    random_merge_step,
+    run_chain,
+    score_tie_case,
+    threshold_between_scores,
+    untouched_image_batch,
+)
 from slow_reference import loop_merge_one
 
 from dymu_kernels.reference import dtome_merge, init_merge_state, merge_tokens
@@ -64,10 +75,9 @@ def test_merge_nothing_and_everything(gen, cls_token):
     metric = randn(3, 4, 40, 16, gen=gen)
     x, size, lengths, pos_map = padded_state(list(x))
     none = dtome_merge(x, size, lengths, pos_map, metric, float("inf"), cls_token=cls_token)
-    # Nothing merged: only the reorder (kept A first, then B); features bit-exact.
-    assert torch.equal(none.lengths, lengths)
-    order = list(range(0, 40, 2)) + list(range(1, 40, 2))
-    assert torch.equal(none.x, x[:, order]) and torch.equal(none.size, size[:, order])
+    # Nothing merged (rule (a)): the state comes back unchanged, order included.
+    assert torch.equal(none.lengths, lengths) and torch.equal(none.pos_map, pos_map)
+    assert torch.equal(none.x, x) and torch.equal(none.size, size)
     everything = dtome_merge(x, size, lengths, pos_map, metric, -2.0, cls_token=cls_token)
     n_mergeable = 20 - (1 if cls_token else 0)
     assert (everything.lengths == 40 - n_mergeable).all()
@@ -194,7 +204,7 @@ def test_no_host_sync_meta_tensors():
     lengths = torch.empty(4, device="meta", dtype=torch.int32)
     pos_map = torch.empty(4, 577, device="meta", dtype=torch.int32)
     metric = torch.empty(4, 16, 577, 64, device="meta", dtype=torch.bfloat16)
-    for kwargs in ({"threshold": 0.9}, {"threshold": torch.tensor(0.9, device="meta")}, {"r": 21}):
+    for kwargs in ({"threshold": 0.9}, {"threshold": torch.tensor(0.9, device="meta")}, {"r": 21}, {"r": 21, "cls_token": False}):
         out = dtome_merge(x, size, lengths, pos_map, metric, **kwargs)
         assert out.x.shape == x.shape and out.x.dtype == x.dtype
         assert out.size.shape == size.shape and out.lengths.shape == (4,) and out.pos_map.shape == (4, 577)
@@ -208,3 +218,63 @@ def test_merge_tokens_ignores_masks_on_padding(gen):
     mask = torch.ones(1, 3, dtype=torch.bool)  # asks to merge the padding A slot 4 too
     out = merge_tokens(init_merge_state(x, lengths)._replace(size=size, pos_map=pos_map), torch.zeros(1, 3, dtype=torch.long), mask)
     assert int(out.lengths[0]) == 2 and float(out.size.sum()) == 4.0
+
+
+# --- Order rules over chains of blocks (DESIGN.md §1.1) -----------------------
+
+
+def loop_chain(x, size, lengths, pos_map, metrics, mode, cls_token):
+    """The slow loop chained over blocks, image by image: per block the
+    (x, size, pos_map) of every image. Each block reads the same metric slots
+    as the batched op, so any difference in order shows up downstream."""
+    per_block = [[] for _ in metrics]
+    for b in range(x.shape[0]):
+        L = int(lengths[b])
+        xb, sb, pos = x[b, :L], size[b, :L], [int(s) for s in pos_map[b]]
+        for block, metric in enumerate(metrics):
+            kwargs = chain_kwargs(block, mode)
+            if "r" in kwargs:
+                kwargs["r"] = int(kwargs["r"][b])
+            xb, sb, slot_of = loop_merge_one(xb, sb, metric[b, : xb.shape[0]], **kwargs, cls_token=cls_token)
+            pos = [slot_of[s] if s >= 0 else -1 for s in pos]
+            per_block[block].append((xb, sb, pos))
+    return per_block
+
+
+@pytest.mark.parametrize("mode", ["threshold", "r"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_chain_of_blocks_matches_loop(gen, mode, cls_token):
+    state, metrics = chain_batch(gen, 64, 12, torch.float64)
+    outs = run_chain(state, metrics, mode, cls_token, "torch")
+    expected = loop_chain(*state, metrics, mode, cls_token)
+    for out, per_image in zip(outs, expected):
+        for b, (ex, es, pos) in enumerate(per_image):
+            n = ex.shape[0]
+            assert int(out.lengths[b]) == n
+            assert torch.equal(out.pos_map[b], torch.tensor(pos, dtype=torch.int32))
+            torch.testing.assert_close(out.size[b, :n].double(), es)
+            torch.testing.assert_close(out.x[b, :n], ex, atol=1e-12, rtol=1e-12)
+    assert_chain_matches_reference(gen, 64, 12, torch.float64, mode, cls_token, "torch")  # sanity of the helper
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_image_merging_nothing_is_unchanged(gen, cls_token):
+    args = untouched_image_batch(gen, 30, 8, torch.float32)
+    assert_untouched_image_unchanged(args, "torch", threshold=0.5, cls_token=cls_token)
+    assert_untouched_image_unchanged(args, "torch", r=torch.tensor([0, 4]), cls_token=cls_token)
+
+
+def test_unmerged_a_tokens_follow_score_order_without_cls():
+    assert_score_order("torch")
+    state, metric, expected = score_tie_case()
+    node_max, node_idx = bipartite_match(metric, state[2], cls_token=False)
+    assert node_max[0].tolist() == pytest.approx([0.8, 1.0, 0.8, 0.96, 0.0])
+    assert node_max[0, 0] == node_max[0, 2]  # an exact tie, broken by position
+
+
+def test_merge_tokens_needs_scores_without_cls(gen):
+    state, node_idx, mask, node_max = random_merge_step(gen)
+    with pytest.raises(ValueError, match="needs node_max"):
+        merge_tokens(state, node_idx, mask, cls_token=False)
+    out = merge_tokens(state, node_idx, mask, node_max, cls_token=False)
+    assert torch.equal(out.x[1], state.x[1]) and torch.equal(out.pos_map[1], state.pos_map[1])

@@ -5,10 +5,12 @@ import torch
 
 from conftest import TRITON_DEVICE
 from merge_cases import assert_batch_equals_alone, assert_same_merge, threshold_with_margin
+from merge_cases import assert_chain_matches_reference, assert_score_order, assert_untouched_image_unchanged
+from merge_cases import random_merge_step, untouched_image_batch
 from merge_cases import mixed_batch as _mixed_batch
 
 import dymu_kernels
-from dymu_kernels.reference import init_merge_state
+from dymu_kernels.reference import MergeState, init_merge_state, merge_tokens
 
 
 def mixed_batch(gen, N, C, dtype, B=3):
@@ -115,3 +117,41 @@ def test_auto_never_picks_the_interpreter(gen, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="triton: inputs are on cpu but it runs on cuda \\(or under TRITON_INTERPRET=1\\)"):
         select_backend("dtome_merge", "triton", (TRITON, CPP, TORCH), torch.device("cpu"), torch.float32)
+
+
+# --- Order rules (DESIGN.md §1.1) ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["threshold", "r"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_triton_chain_of_blocks_matches_reference(gen, mode, cls_token):
+    assert_chain_matches_reference(gen, 101, 48, torch.float32, mode, cls_token, "triton", device=TRITON_DEVICE)
+
+
+def test_triton_chain_bf16(gen):
+    assert_chain_matches_reference(gen, 64, 32, torch.bfloat16, "threshold", False, "triton", device=TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_triton_image_merging_nothing_is_unchanged(gen, cls_token):
+    args = untouched_image_batch(gen, 30, 8, torch.bfloat16, device=TRITON_DEVICE)
+    assert_untouched_image_unchanged(args, "triton", threshold=0.5, cls_token=cls_token)
+    r = torch.tensor([0, 4], device=TRITON_DEVICE)
+    assert_untouched_image_unchanged(args, "triton", r=r, cls_token=cls_token)
+
+
+def test_triton_unmerged_a_tokens_follow_score_order():
+    assert_score_order("triton", TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_triton_merge_step_identical_to_reference_with_tied_scores(gen, cls_token):
+    from dymu_kernels.ops import dtome_triton
+
+    state, node_idx, mask, node_max = random_merge_step(gen)
+    ref = merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)
+    dev = [t.to(TRITON_DEVICE) for t in (*state, node_idx, mask, node_max)]
+    out = dtome_triton.merge_tokens(MergeState(*dev[:4]), *dev[4:], cls_token=cls_token)
+    assert_same_merge(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="needs node_max"):
+        dtome_triton.merge_tokens(MergeState(*dev[:4]), dev[4], dev[5], cls_token=False)

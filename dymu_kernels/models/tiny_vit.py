@@ -54,7 +54,7 @@ class _Block(nn.Module):
         state = state._replace(x=x)
         if policy is not None:
             node_max, node_idx = bipartite_match(k, state.lengths, cls_token=True)
-            state = merge_tokens(state, node_idx, policy.select(layer, node_max))
+            state = merge_tokens(state, node_idx, policy.select(layer, node_max), node_max, cls_token=True)
         return state._replace(x=state.x + self.mlp(self.ln2(state.x)))
 
 

@@ -1,8 +1,9 @@
 """One encoder block's DToMe merge, dispatched to the fastest backend.
 
 Same contract as :func:`dymu_kernels.reference.dtome_merge`: every backend
-makes the same merges (same sizes, lengths and pos_map) and features within
-rounding.
+makes the same merges (same sizes, lengths and pos_map) in the same new order
+(the order rules (a) and (b) of the official release, DESIGN.md §1.1) and
+features within rounding.
 
 - ``triton`` (CUDA): fused match + threshold kernel, prefix-sum compaction and
   a deterministic gather merge; no host sync (see :mod:`.dtome_triton`).
@@ -55,10 +56,10 @@ def dtome_merge(
         ref.check_scores(node_max)
         if merge is None:
             merge = ref.fixed_r_mask(node_max, r)
-        return dtome_triton.merge_tokens(state, node_idx, merge)
+        return dtome_triton.merge_tokens(state, node_idx, merge, node_max, cls_token=cls_token)
     node_max, node_idx = ref.bipartite_match(metric, lengths, cls_token=cls_token)
     ref.check_scores(node_max)
     mask = ref.select_merges(node_max, threshold, r)
     if name == "torch":
-        return ref.merge_tokens(state, node_idx, mask)
-    return MergeState(*_ext.extension().merge_tokens(x, size, lengths, pos_map, node_idx, mask))
+        return ref.merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)
+    return MergeState(*_ext.extension().merge_tokens(x, size, lengths, pos_map, node_idx, mask, node_max, cls_token))

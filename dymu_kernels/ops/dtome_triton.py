@@ -10,8 +10,11 @@ asynchronously so a whole merged ViT forward can be captured in a CUDA graph:
                         the score matrix is never written to memory.
    (fixed-r ToMe mode ranks the [B, N/2] scores with torch.sort instead.)
 3. ``_plan_kernel``     one program per image: prefix sums over kept A tokens
-                        give every old slot its new slot in ToMe/DyMU order,
-                        and every new slot its "home" token.
+                        give every old slot its new slot in the official
+                        order (DESIGN.md §1.1: an image merging nothing is
+                        unchanged; kept A tokens by position with CLS, else
+                        in score order, sorted by torch beforehand), and every
+                        new slot its "home" token.
 4. sources grouped per destination with a stable sort (torch), so each
    destination later sums its sources in increasing slot order.
 5. ``_merge_kernel``    a tile of output rows gathers home + sources,
@@ -24,12 +27,14 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 import triton.language as tl
 
 import torch
 
-from ..reference.dtome import MergeState, NORM_EPS
+from ..reference.dtome import MergeState, NORM_EPS, score_order
 from .triton_utils import cast, fix_rne, pow2
 
 
@@ -103,25 +108,37 @@ def _match_kernel(
 
 @triton.jit
 def _plan_kernel(
-    merge_ptr, idx_ptr, len_ptr, dest_ptr, home_ptr, new_len_ptr, n_kept_ptr,
-    N, N_A, BLOCK: tl.constexpr,
+    merge_ptr, idx_ptr, order_ptr, len_ptr, dest_ptr, home_ptr, new_len_ptr, n_kept_ptr,
+    N, N_A, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     L = tl.load(len_ptr + b).to(tl.int64)
-    i = tl.arange(0, BLOCK).to(tl.int64)
-    a_ok = (2 * i < L) & (i < N_A)
-    merged = (tl.load(merge_ptr + b * N_A + i, mask=i < N_A, other=0) != 0) & a_ok
+    p = tl.arange(0, BLOCK).to(tl.int64)
+    in_range = p < N_A
+    # The A tokens are compacted in a chosen order (rule (b)): by position
+    # with a CLS token, else the score order computed by the launcher.
+    if BY_SCORE:
+        i = tl.load(order_ptr + b * N_A + p, mask=in_range, other=0)
+    else:
+        i = p
+    a_ok = (2 * i < L) & in_range
+    merged = (tl.load(merge_ptr + b * N_A + i, mask=in_range, other=0) != 0) & a_ok
     kept = a_ok & tl.where(merged, False, True)
     kept_i = kept.to(tl.int64)
     rank = tl.cumsum(kept_i, axis=0) - kept_i  # exclusive prefix sum: new slot of a kept A token
     n_kept = tl.sum(kept_i, axis=0)
-    target = tl.load(idx_ptr + b * N_A + i, mask=i < N_A, other=0)
-    dest_a = tl.where(kept, rank, tl.where(merged, n_kept + target, -1))
-    tl.store(dest_ptr + b * N + 2 * i, dest_a, mask=2 * i < N)
-    b_ok = 2 * i + 1 < L
-    tl.store(dest_ptr + b * N + 2 * i + 1, tl.where(b_ok, n_kept + i, -1), mask=2 * i + 1 < N)
-    tl.store(home_ptr + b * N + rank, 2 * i, mask=kept)
-    tl.store(home_ptr + b * N + n_kept + i, 2 * i + 1, mask=b_ok)
+    # Rule (a): an image that merges nothing keeps every token where it is.
+    unchanged = tl.sum(merged.to(tl.int64), axis=0) == 0
+    target = tl.load(idx_ptr + b * N_A + i, mask=in_range, other=0)
+    slot_a = tl.where(unchanged, 2 * i, rank)
+    dest_a = tl.where(kept, slot_a, tl.where(merged, n_kept + target, -1))
+    tl.store(dest_ptr + b * N + 2 * i, dest_a, mask=in_range)
+    j = p  # B tokens keep their order: B index j is the p-th B token
+    b_ok = 2 * j + 1 < L
+    slot_b = tl.where(unchanged, 2 * j + 1, n_kept + j)
+    tl.store(dest_ptr + b * N + 2 * j + 1, tl.where(b_ok, slot_b, -1), mask=2 * j + 1 < N)
+    tl.store(home_ptr + b * N + slot_a, 2 * i, mask=kept)
+    tl.store(home_ptr + b * N + slot_b, 2 * j + 1, mask=b_ok)
     tl.store(new_len_ptr + b, n_kept + L // 2)
     tl.store(n_kept_ptr + b, n_kept)
 
@@ -218,8 +235,22 @@ def match(metric: torch.Tensor, lengths: torch.Tensor, threshold=None, *, cls_to
     return node_max, node_idx, (merge if threshold is not None else None)
 
 
-def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge: torch.Tensor) -> MergeState:
-    """Apply merge flags ``[B, ceil(N/2)]`` to a merge state (Triton plan + gather)."""
+def merge_tokens(
+    state: MergeState,
+    node_idx: torch.Tensor,
+    merge: torch.Tensor,
+    node_max: Optional[torch.Tensor] = None,
+    *,
+    cls_token: bool = True,
+) -> MergeState:
+    """Apply merge flags ``[B, ceil(N/2)]`` to a merge state (Triton plan + gather).
+
+    Same contract as :func:`dymu_kernels.reference.merge_tokens`, order rules
+    included: ``node_max`` orders the unmerged A tokens without a CLS token
+    (required then); identical scores give an identical order.
+    """
+    if not cls_token and node_max is None:
+        raise ValueError("merge_tokens without a CLS token needs node_max: unmerged A tokens are ordered by score")
     x, size, lengths, pos_map = state
     B, N, C = x.shape
     n_a, n_b = (N + 1) // 2, N // 2
@@ -231,7 +262,13 @@ def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge: torch.Tensor)
     home = torch.zeros((B, N), device=dev, dtype=torch.int64)
     new_len = torch.empty((B,), device=dev, dtype=torch.int64)
     n_kept = torch.empty((B,), device=dev, dtype=torch.int64)
-    _plan_kernel[(B,)](merge, node_idx, lengths, dest, home, new_len, n_kept, N, n_a, BLOCK=pow2(n_a))
+    # Rule (b) without CLS: the reference's own stable sort (on the device, no
+    # host sync) so that equal scores give the reference's order exactly.
+    order = score_order(node_max).contiguous() if not cls_token else node_idx
+    _plan_kernel[(B,)](
+        merge, node_idx, order, lengths, dest, home, new_len, n_kept, N, n_a,
+        BY_SCORE=not cls_token, BLOCK=pow2(n_a),
+    )
 
     # Sources grouped by destination, in slot order within a group (stable sort).
     valid_merge = merge.bool() & (torch.arange(n_a, device=dev)[None, :] * 2 < lengths[:, None].long())

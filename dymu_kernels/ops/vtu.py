@@ -1,10 +1,18 @@
 """VTU attention as a real torch op: ``torch.ops.dymu_kernels.vtu_attention``.
 
-The op dispatches to the fused Triton kernel (:mod:`.vtu_triton`) on CUDA
-tensors and to the reference (:func:`~dymu_kernels.reference.vtu_attention_expand`)
-elsewhere. It is registered with ``torch.library`` so that
+The op dispatches to one of three backends:
 
-- ``torch.compile`` traces it (fake implementation: output shaped like q);
+- ``triton``: the fused kernel (:mod:`.vtu_triton`) on CUDA tensors;
+- ``cpp``: the fused CPU kernel of the C++ extension (``csrc/vtu_attention.cpp``:
+  gather + RoPE + online softmax over key blocks + re-merge);
+- ``torch``: stock PyTorch ops (:mod:`.vtu_torch`: expand + SDPA + segment
+  mean), for machines with neither.
+
+The reference (:func:`~dymu_kernels.reference.vtu_attention_expand`) is the
+spec they are tested against. The op is registered with ``torch.library`` so that
+
+- ``torch.compile`` traces it (fake implementation: a contiguous output
+  shaped like q, as every backend returns);
 - ``torch.utils.flop_counter.FlopCounterMode`` counts it (formula below) and
   fvcore counts it with :data:`FVCORE_HANDLES`;
 - autograd works: the backward recomputes through the reference.
@@ -17,10 +25,22 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backends import TORCH, TRITON, select_backend
+from .. import _ext
+from ..backends import TORCH, TRITON, Backend, select_backend
 from ..reference import vtu as ref
+from . import vtu_torch
 
-BACKENDS = (TRITON, TORCH)
+# The C++ kernel computes in fp32, so fp64 inputs go to the torch backend.
+CPP_VTU = Backend(
+    "cpp", devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32), unavailable=_ext.missing_reason
+)
+BACKENDS = (TRITON, CPP_VTU, TORCH)
+
+
+def _cpp_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, n: int):
+    """The C++ kernels read fp32 ``[B, N, W]`` tables."""
+    w = cos.shape[-1]
+    return tuple(t.to(torch.float32).expand(batch, n, w).contiguous() for t in (cos, sin))
 
 
 def attention_flops(batch: int, heads: int, n: int, d: int, causal: bool = True) -> int:
@@ -43,12 +63,15 @@ def _vtu_attention_op(
 
         B, N, W = merge_map.shape[0], merge_map.shape[1], cos.shape[-1]
         return vtu_attention_fwd(q, k, v, merge_map, cos.expand(B, N, W), sin.expand(B, N, W), scale, causal, deterministic)
-    return ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, causal=causal, scale=scale)
+    if backend == "cpp":
+        cos32, sin32 = _cpp_tables(cos, sin, *merge_map.shape)
+        return _ext.extension().vtu_attention(q, k, v, merge_map, cos32, sin32, scale, causal)
+    return vtu_torch.vtu_attention_sdpa(q, k, v, merge_map, cos, sin, scale, causal)
 
 
 @_vtu_attention_op.register_fake
 def _(q, k, v, merge_map, cos, sin, scale, causal, deterministic, backend):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,12 +102,15 @@ def _vtu_decode_op(
 
         B, N, W = merge_map.shape[0], merge_map.shape[1], cos.shape[-1]
         return vtu_decode_fwd(q, k, v, merge_map, cos.expand(B, N, W), sin.expand(B, N, W), scale)
-    return ref.vtu_decode_attention_ref(q, k, v, merge_map, cos, sin, scale=scale)
+    if backend == "cpp":
+        cos32, sin32 = _cpp_tables(cos, sin, *merge_map.shape)
+        return _ext.extension().vtu_decode_attention(q, k, v, merge_map, cos32, sin32, scale)
+    return vtu_torch.vtu_decode_sdpa(q, k, v, merge_map, cos, sin, scale)
 
 
 @_vtu_decode_op.register_fake
 def _(q, k, v, merge_map, cos, sin, scale, backend):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 @register_flop_formula(torch.ops.dymu_kernels.vtu_attention)
@@ -157,9 +183,11 @@ def vtu_attention(
         causal: causal mask on the full position index.
         scale: softmax scale, default ``D ** -0.5``.
         deterministic: bit-identical results run to run (Triton: re-merge in
-            a second pass instead of fp32 atomics).
-        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``
-            or ``"torch"``.
+            a second pass instead of fp32 atomics; the C++ and torch backends
+            always are).
+        backend: ``"auto"`` (Triton on CUDA, C++ on the CPU when the
+            extension is built, else torch), ``"triton"``, ``"cpp"`` or
+            ``"torch"``.
 
     Returns:
         ``[B, H, N_un, D]`` in q's dtype (fp16, bf16, fp32); unique slots that

@@ -319,7 +319,9 @@ def vtu_decode_fwd(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
     lse = torch.empty((splits, B * H, T), device=q.device, dtype=torch.float32)
     _launch(q, k, v, merge_map, cos, sin, scale, True, part, part, decode=True, atomic=False,
             lse=lse, splits=splits, kv_per_split=kv_per_split)
-    out = torch.empty_like(q)
+    # The combine kernel writes rows in [B, H, T, D] order: a contiguous output,
+    # whatever q's strides (HF hands q transposed).
+    out = q.new_empty(q.shape)
     _decode_combine_kernel[(B * H * T,)](
         part, lse, out, splits, B * H * T, D, FIX_RNE=fix_rne(q.dtype), BLOCK_S=pow2(splits, 2), BLOCK_D=pow2(D),
     )

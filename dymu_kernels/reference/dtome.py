@@ -25,11 +25,28 @@ One block's merge, per image, on its ``L = lengths[b]`` valid tokens:
    ``x_B <- sum(x_t * s_t) / sum(s_t)`` and ``s_B <- sum(s_t)`` over B and all
    its sources, accumulated in fp32 (fp64 for fp64 input). Tokens that receive
    no source are moved unchanged (bit-exact).
-5. New order: unmerged A tokens in their previous order, then all B tokens in
-   their order. Example with L = 7, CLS, and A2 -> B1, A3 -> B1 merged::
+5. New order (the two order rules of the official release, DESIGN.md §1.1;
+   they decide which tokens are A and B in the next block):
+
+   (a) an image that merges **no** token keeps its sequence unchanged, order
+       included (the release returns its input as is when r = 0);
+   (b) otherwise the unmerged A tokens come first, then all B tokens in their
+       order. With ``cls_token=True`` the unmerged A tokens keep their
+       previous order (CLS first); without a CLS token they follow in
+       descending order of their score ``node_max`` (ties: lower A index
+       first), as ToMe leaves them.
+
+   Example with L = 7, CLS, and A2 -> B1, A3 -> B1 merged::
 
        before: [A0=CLS, B0, A1, B1, A2, B2, A3]
        after:  [A0, A1, B0, B1(+A2,A3), B2]          L' = 5
+
+   Without CLS, scores A0 = 0.2, A1 = A2 = 0.7, and only A3 -> B1 merged::
+
+       before: [A0, B0, A1, B1, A2, B2, A3]
+       after:  [A1, A2, A0, B0, B1(+A3), B2]         L' = 6 (A1 before A2: tie)
+
+   Nothing merged (threshold above every score, or r = 0): ``after == before``.
 
 The capacity ``N_cap`` is kept, so output shapes never depend on the data;
 :func:`trim_state` shrinks it when a host sync is acceptable.
@@ -152,9 +169,15 @@ def threshold_mask(node_max: torch.Tensor, threshold: Union[float, torch.Tensor]
     return node_max > threshold
 
 
+def score_order(node_max: torch.Tensor) -> torch.Tensor:
+    """A indices of every image by descending score, ties by A index ``[B, n_a]``
+    (a stable sort: the order rule (b) ranks unmerged A tokens with it)."""
+    return node_max.argsort(dim=-1, descending=True, stable=True)
+
+
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every entry within its row, best first; ties keep index order."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
+    order = score_order(scores)
     ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, ranks)
 
@@ -190,13 +213,39 @@ class FixedRPolicy:
         return fixed_r_mask(node_max, self.r[layer])
 
 
-def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge_mask: torch.Tensor) -> MergeState:
+def _kept_a_slots(kept_a: torch.Tensor, node_max: Optional[torch.Tensor], cls_token: bool) -> torch.Tensor:
+    """New slot of every kept A token (rule (b)); values at other A tokens are
+    meaningless. A prefix sum over the kept flags compacts them: in position
+    order with a CLS token, in :func:`score_order` without one."""
+    if cls_token:
+        return kept_a.cumsum(dim=1) - 1
+    order = score_order(node_max)
+    slot_in_order = kept_a.gather(1, order).cumsum(dim=1) - 1
+    return torch.empty_like(order).scatter_(1, order, slot_in_order)
+
+
+def merge_tokens(
+    state: MergeState,
+    node_idx: torch.Tensor,
+    merge_mask: torch.Tensor,
+    node_max: Optional[torch.Tensor] = None,
+    *,
+    cls_token: bool = True,
+) -> MergeState:
     """Apply a chosen set of A -> B merges to a merge state.
 
-    ``node_idx``/``merge_mask`` are ``[B, ceil(N_cap/2)]`` as produced by
-    :func:`bipartite_match` and a selection; entries for padding slots are
-    ignored. Returns the new state with the same capacity.
+    ``node_idx``/``merge_mask``/``node_max`` are ``[B, ceil(N_cap/2)]`` as
+    produced by :func:`bipartite_match` and a selection; entries for padding
+    slots are ignored. The new order follows rules (a) and (b) of the module
+    doc: ``node_max`` orders the unmerged A tokens when ``cls_token=False``
+    (required then, unused with a CLS token). Returns the new state with the
+    same capacity.
+
+    Raises:
+        ValueError: ``cls_token=False`` without ``node_max``.
     """
+    if not cls_token and node_max is None:
+        raise ValueError("merge_tokens without a CLS token needs node_max: unmerged A tokens are ordered by score")
     x, size, lengths, pos_map = state
     B, N, C = x.shape
     n_a, n_b = (N + 1) // 2, N // 2
@@ -208,13 +257,19 @@ def merge_tokens(state: MergeState, node_idx: torch.Tensor, merge_mask: torch.Te
     dump = N  # padding is routed to an extra slot that is dropped at the end
 
     # Destination slot of every old slot after the merge.
-    home_a = torch.where(kept_a, kept_a.cumsum(dim=1) - 1, dump)
+    home_a = torch.where(kept_a, _kept_a_slots(kept_a, node_max, cls_token), dump)
     dest_a = torch.where(merged, n_kept + node_idx, home_a)
     home_b = torch.where(b_valid, n_kept + torch.arange(n_b, device=dev)[None, :], dump)
     home = torch.empty((B, N), dtype=torch.long, device=dev)
     dest = torch.empty((B, N), dtype=torch.long, device=dev)
     home[:, 0::2], home[:, 1::2] = home_a, home_b
     dest[:, 0::2], dest[:, 1::2] = dest_a, home_b
+    # Rule (a): an image that merges nothing keeps every token where it is.
+    slots = torch.arange(N, device=dev)[None, :]
+    unchanged = torch.where(slots < lengths.long()[:, None], slots, dump)
+    untouched = ~merged.any(dim=1, keepdim=True)
+    home = torch.where(untouched, unchanged, home)
+    dest = torch.where(untouched, unchanged, dest)
 
     acc = accumulation_dtype(x.dtype)
     w = size.to(acc)
@@ -254,11 +309,13 @@ def dtome_merge(
             (a float or 0-d tensor; ``inf`` merges nothing).
         r: instead of ``threshold``, merge exactly ``min(r, mergeable)`` tokens
             per image (int or int tensor ``[B]``) — the ToMe baseline.
-        cls_token: protect slot 0 (set False for encoders without CLS).
+        cls_token: protect slot 0 (set False for encoders without CLS; the
+            unmerged A tokens are then ordered by score, rule (b)).
 
     Returns:
         :class:`MergeState` ``(x, size, lengths, pos_map)`` with the same
-        shapes and dtypes as the inputs.
+        shapes and dtypes as the inputs, tokens in the order of rules (a)
+        and (b) of the module doc.
 
     Raises:
         TypeError/ValueError naming the argument for wrong ranks, shapes,
@@ -270,7 +327,7 @@ def dtome_merge(
     node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
     check_scores(node_max)
     mask = select_merges(node_max, threshold, r)
-    return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask)
+    return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask, node_max, cls_token=cls_token)
 
 
 def check_dtome_args(x, size, lengths, pos_map, metric, threshold=None, r=None):
