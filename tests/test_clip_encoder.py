@@ -29,21 +29,28 @@ def test_no_merging_equals_hf_forward(gen):
         out = enc(pixels)
         none = DToMeCLIPVisionEncoder(model, [1.5] * 3, num_layers=3, backend="torch")(pixels)  # cos score never > 1.5
     torch.testing.assert_close(out.features, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
-    # Merging nothing only reorders tokens; pos_map says where each went.
+    # Merging nothing leaves the sequence unchanged (DESIGN.md §1.1 rule (a)); pos_map says where each went.
     back = none.features.gather(1, none.pos_map.long()[..., None].expand_as(out.features))
     torch.testing.assert_close(back, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
     assert (none.lengths == 50).all()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_backends_equal_reference_encoder(gen, backend):
+def backend_device(backend):
+    """The device a merge backend is tested on; skips one that cannot run here."""
     if backend == "cpp":
         from dymu_kernels import _ext
 
         if _ext.extension() is None:
             pytest.skip("C++ extension not built")
-    pytest.importorskip("triton") if backend == "triton" else None
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend == "triton":
+        pytest.importorskip("triton")
+        return TRITON_DEVICE
+    return "cpu"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_backends_equal_reference_encoder(gen, backend):
+    device = backend_device(backend)
     model = tiny_clip()
     pixels = randn(3, 3, 56, 56, gen=gen)
     pixels[1] = 0.1  # a flat image merges much more
@@ -58,20 +65,47 @@ def test_backends_equal_reference_encoder(gen, backend):
     torch.testing.assert_close(out.features.cpu(), ref.features, atol=1e-4, rtol=1e-4)
 
 
-def test_fixed_r_thresholds_file_and_trim(tmp_path, gen):
+def test_fixed_r_and_thresholds_file(tmp_path, gen):
     model = tiny_clip()
     pixels = randn(2, 3, 56, 56, gen=gen)
+    thresholds = [0.7, 0.8, 0.9, 0.95]
     with torch.no_grad():
         tome = DToMeCLIPVisionEncoder(model, r=4, backend="torch")(pixels)
         assert tome.lengths.tolist() == [50 - 16] * 2
         path = tmp_path / "thr.json"
-        Thresholds(thresholds=[0.7, 0.8, 0.9, 0.95], r=[4] * 4).save(path)
-        full = DToMeCLIPVisionEncoder(model, path, backend="torch")(pixels)
-        trimmed = DToMeCLIPVisionEncoder(model, path, backend="torch", trim=True)(pixels)
+        Thresholds(thresholds=thresholds, r=[4] * 4).save(path)
+        from_file = DToMeCLIPVisionEncoder(model, path, backend="torch")(pixels)
+        from_list = DToMeCLIPVisionEncoder(model, thresholds, backend="torch")(pixels)
+    assert torch.equal(from_file.features, from_list.features) and torch.equal(from_file.pos_map, from_list.pos_map)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_trimmed_encoder_equals_untrimmed(gen, backend):
+    device = backend_device(backend)
+    model = tiny_clip().to(device)
+    pixels = randn(2, 3, 56, 56, gen=gen)
+    pixels[1] = 0.1  # a flat image merges far more than a random one
+    thresholds = [0.5] * 4
+    with torch.no_grad():
+        full = DToMeCLIPVisionEncoder(model, thresholds, backend=backend, trim=False)(pixels.to(device))
+        trimmed = DToMeCLIPVisionEncoder(model, thresholds, backend=backend, trim=True)(pixels.to(device))
     n = int(full.lengths.max())
-    assert trimmed.features.shape[1] == n and full.features.shape[1] == 50
-    torch.testing.assert_close(trimmed.features, full.features[:, :n], atol=1e-5, rtol=1e-5)
+    assert full.features.shape[1] == 50 and trimmed.features.shape[1] == n < 50
+    assert int(full.lengths.min()) < n  # the images keep different counts
+    assert torch.equal(trimmed.lengths, full.lengths) and torch.equal(trimmed.pos_map, full.pos_map)
+    assert torch.equal(trimmed.size, full.size[:, :n])
     assert [t.tolist() for t in trimmed.tokens_per_layer] == [t.tolist() for t in full.tokens_per_layer]
+    valid = torch.arange(n, device=device)[None, :] < full.lengths[:, None]
+    torch.testing.assert_close(trimmed.features[valid], full.features[:, :n][valid], atol=1e-4, rtol=1e-4)
+
+
+def test_trim_auto_trims_off_cuda_only():
+    model = tiny_clip()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = DToMeCLIPVisionEncoder(model)  # the default
+    assert auto.trim == "auto" and auto.trims_on(cpu) and not auto.trims_on(cuda)
+    assert DToMeCLIPVisionEncoder(model, trim=True).trims_on(cuda)
+    assert not DToMeCLIPVisionEncoder(model, trim=False).trims_on(cpu)
 
 
 def test_encoder_errors():
@@ -84,6 +118,8 @@ def test_encoder_errors():
         DToMeCLIPVisionEncoder(model, num_layers=5)
     with pytest.raises(ValueError, match="r must be a non-negative int or one per block"):
         DToMeCLIPVisionEncoder(model, r=[1, 2])
+    with pytest.raises(ValueError, match="trim must be 'auto', True or False, got 'yes'"):
+        DToMeCLIPVisionEncoder(model, trim="yes")
     with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel"):
         DToMeCLIPVisionEncoder(torch.nn.Linear(2, 2))
 
@@ -94,7 +130,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @cuda_only
 def test_merged_forward_has_no_host_sync_and_captures_in_a_cuda_graph(gen):
     model = tiny_clip().cuda()
-    enc = DToMeCLIPVisionEncoder(model, [0.8, 0.85, 0.9, 0.95], backend="triton")
+    enc = DToMeCLIPVisionEncoder(model, [0.8, 0.85, 0.9, 0.95], backend="triton")  # trim="auto": none on CUDA
     static = randn(4, 3, 56, 56, gen=gen).cuda()
     with torch.no_grad():
         torch.cuda.set_sync_debug_mode("error")  # any host sync raises

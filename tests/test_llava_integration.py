@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from dymu_kernels import reference as ref  # noqa: E402
 from dymu_kernels.integrations import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
+from dymu_kernels.integrations.llava import build_compact_sequence  # noqa: E402
 
 IMG = 99  # image placeholder id
 P = 16  # patches per image (28 px / 7 px)
@@ -32,6 +33,14 @@ def prompt(n_images=1, pre=3, post=4, start=1):
     for i in range(n_images):
         ids += [IMG] * P + [start + pre + i]
     return torch.tensor([ids + list(range(40, 40 + post))])
+
+
+def left_padded(*prompts):
+    """One batch of prompts, left-padded with 0 like a tokenizer for generation: ``(input_ids, attention_mask)``."""
+    n = max(p.shape[1] for p in prompts)
+    ids = torch.cat([torch.cat([torch.zeros(1, n - p.shape[1], dtype=torch.long), p], 1) for p in prompts])
+    mask = torch.stack([torch.arange(n) >= n - p.shape[1] for p in prompts]).long()
+    return ids, mask
 
 
 def images(gen, n, flat=()):
@@ -106,10 +115,7 @@ def test_batch_with_left_padding_equals_each_sample_alone(gen):
     model = tiny_llava()
     a, b = prompt(1, pre=2, post=2), prompt(2, pre=5, post=3, start=10)
     pix = images(gen, 3, flat=(1,))  # sample a: image 0; sample b: images 1 (flat) and 2
-    n = b.shape[1]
-    ids = torch.cat([torch.cat([torch.zeros(1, n - a.shape[1], dtype=torch.long), a], 1), b])
-    mask = torch.ones_like(ids)
-    mask[0, : n - a.shape[1]] = 0
+    ids, mask = left_padded(a, b)
     with torch.no_grad():
         apply_dymu(model, [0.5, 0.5], backend="torch")
         batch_seq, batch_scores = greedy(model, ids, pix, attention_mask=mask)
@@ -237,3 +243,86 @@ def test_beam_search_and_several_return_sequences(gen):
         apply_dymu(model, [0.5, 0.5], backend="torch")
         out = model.generate(num_beams=2, num_return_sequences=2, do_sample=False, **kwargs)
     assert out.shape[0] == 2 and dymu_stats(model).tokens_kept[0] < P
+
+
+def test_trimmed_vision_tower_gives_the_same_logits(gen):
+    model = tiny_llava()
+    ids, mask = left_padded(prompt(1, pre=2, post=2), prompt(2, pre=5, post=3, start=10))
+    pix = images(gen, 3, flat=(1,))  # the flat image keeps far fewer tokens
+    logits, stats = {}, {}
+    with torch.no_grad():
+        for trim in (False, True):
+            apply_dymu(model, [0.5, 0.5], backend="torch", trim=trim)
+            logits[trim] = model(input_ids=ids, pixel_values=pix, attention_mask=mask).logits
+            stats[trim] = dymu_stats(model)
+            if trim:
+                capacity = model._dymu.encoder(pix).features.shape[1]
+            remove_dymu(model)
+        assert apply_dymu(model, [0.5, 0.5])._dymu.encoder.trim == "auto"  # the default
+    assert capacity < P + 1 and min(stats[True].tokens_kept) < max(stats[True].tokens_kept)
+    assert stats[True] == stats[False]
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def loop_compact_sequence(input_ids, attention_mask, text_embeds, feats, counts, slots):
+    """The compact sequence built the slow, obvious way: walk every sample's
+    positions, appending text tokens and, at each image's P placeholders, its
+    unique tokens."""
+    rows, maps, img = [], [], 0
+    for b in range(input_ids.shape[0]):
+        row, merge_map, pos = [], [], 0
+        while pos < input_ids.shape[1]:
+            if not attention_mask[b, pos]:
+                merge_map.append(-1)
+                pos += 1
+            elif input_ids[b, pos] != IMG:
+                merge_map.append(len(row))
+                row.append(text_embeds[b, pos])
+                pos += 1
+            else:
+                merge_map += [len(row) + int(s) for s in slots[img]]
+                row += list(feats[img, : int(counts[img])])
+                pos, img = pos + P, img + 1
+        rows.append(row)
+        maps.append(merge_map)
+    compact = torch.zeros(len(rows), max(len(r) for r in rows), text_embeds.shape[-1])
+    for b, row in enumerate(rows):
+        compact[b, : len(row)] = torch.stack(row)
+    return compact, torch.tensor(maps, dtype=torch.int32), torch.tensor([len(r) for r in rows])
+
+
+def random_merged_images(gen, n_img, u_cap, dim):
+    """Features, unique counts (all different) and placeholder -> unique maps of n_img images."""
+    counts = torch.randperm(u_cap, generator=gen)[:n_img] + 1
+    slots = torch.stack([torch.randint(0, int(c), (P,), generator=gen) for c in counts])
+    return randn(n_img, u_cap, dim, gen=gen), counts, slots
+
+
+def test_build_compact_sequence_equals_per_image_loop(gen):
+    # Left padding, two and three images per prompt, a prompt without images.
+    ids, mask = left_padded(prompt(2, pre=1, post=2), prompt(0, pre=4, post=1), prompt(1, pre=3, post=0, start=20),
+                            prompt(3, pre=2, post=3, start=5))
+    feats, counts, slots = random_merged_images(gen, 6, P - 2, 8)  # U_cap < P: a trimmed tower
+    embeds = randn(*ids.shape, 8, gen=gen)
+    got = build_compact_sequence(ids, mask, IMG, embeds, feats, counts, slots)
+    expected = loop_compact_sequence(ids, mask, embeds, feats, counts, slots)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert torch.equal(got[0], expected[0])
+
+    # generate() with k = 2 beams repeats each prompt, not its images: every copy gets them.
+    kept = torch.tensor([0, 1, 3, 4, 5])  # the images of prompts 0 and 3
+    feats, counts, slots = feats[kept], counts[kept], slots[kept]
+    repeat = torch.tensor([0, 1, 0, 1, 2, 3, 4, 2, 3, 4])
+    ids2, mask2, embeds2 = (t.repeat_interleave(2, 0) for t in (ids[[0, 3]], mask[[0, 3]], embeds[[0, 3]]))
+    got = build_compact_sequence(ids2, mask2, IMG, embeds2, feats, counts, slots, repeated_prompts=True)
+    expected = loop_compact_sequence(ids2, mask2, embeds2, feats[repeat], counts[repeat], slots[repeat])
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_build_compact_sequence_rejects_images_split_across_prompts(gen):
+    ids, mask = left_padded(prompt(1, pre=1, post=2), prompt(1, pre=1, post=2))
+    ids[0, -3], ids[1, 1] = IMG, 7  # sample 0 has P + 1 placeholders, sample 1 has P - 1
+    feats, counts, slots = random_merged_images(gen, 2, P, 8)
+    with pytest.raises(ValueError, match=f"sample 0 has {P + 1} image placeholder tokens, not a whole number"):
+        build_compact_sequence(ids, mask, IMG, randn(*ids.shape, 8, gen=gen), feats, counts, slots)

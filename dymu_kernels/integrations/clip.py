@@ -8,8 +8,10 @@ embedding, layer norms, projections and MLPs, and runs each encoder block as
     state = dtome_merge(state, keys=k, threshold_i)             # merge A -> B
     x = x + mlp(layer_norm2(x))
 
-on the batched merge state (DESIGN.md §2). Nothing synchronises with the host
-unless ``trim=True``, so a GPU forward can be captured in a CUDA graph.
+on the batched merge state (DESIGN.md §2). The only host syncs are the
+optional trims of the padded capacity (one per block, see ``trim``); with
+``trim=False`` — the default on CUDA — nothing synchronises, so a GPU forward
+can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -77,10 +79,30 @@ class DToMeCLIPVisionEncoder(nn.Module):
         num_layers: blocks to run (LLaVA reads block 23 of 24: pass 23);
             default all.
         backend: ``"auto" | "triton" | "cpp" | "torch"`` for the merge.
-        trim: shrink the padded capacity to the longest image after each merge
-            (a host sync per block; saves compute in eager mode).
+        trim: ``"auto"`` (default) ``| True | False``. Trimming shrinks the
+            padded capacity to the longest image after each block, reading
+            ``lengths`` (one host sync per block), so later blocks run on
+            fewer slots. The result is the same either way (up to float
+            rounding of the shorter matmuls): same ``lengths``, ``pos_map``,
+            ``size`` and features on valid slots; only the capacity — the
+            second dimension of ``features`` and ``size`` — differs.
+
+            - On the CPU trimming is exact and cheap (the "sync" is a read of
+              memory already there) and saves compute in proportion to the
+              tokens dropped: ``"auto"`` trims.
+            - On CUDA it is one host sync per block against running every
+              block at the padded capacity. Which is faster must be settled by
+              measurement on a GPU (none was available when this was
+              written); until then ``"auto"`` keeps the full capacity there,
+              so the forward stays sync-free and can be captured in a CUDA
+              graph. ``True`` forces trimming on any device; ``False`` never
+              trims (what CUDA-graph capture needs).
 
     Neither thresholds nor r: no merging (but proportional attention still on).
+
+    Raises:
+        ValueError for a bad ``trim``, thresholds/r or num_layers; TypeError
+        for a model that is not a CLIP vision model.
     """
 
     def __init__(
@@ -91,7 +113,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
         r: Union[None, int, Sequence[int]] = None,
         num_layers: Optional[int] = None,
         backend: str = "auto",
-        trim: bool = False,
+        trim: Union[str, bool] = "auto",
     ):
         super().__init__()
         self.vision = _vision_parts(vision_model)
@@ -109,7 +131,13 @@ class DToMeCLIPVisionEncoder(nn.Module):
             r = r[: self.num_layers]
         self.r = r
         self.backend = backend
+        if not (isinstance(trim, bool) or trim == "auto"):
+            raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
         self.trim = trim
+
+    def trims_on(self, device: torch.device) -> bool:
+        """Whether a forward on ``device`` trims the capacity after each block."""
+        return device.type != "cuda" if self.trim == "auto" else self.trim
 
     def _block(self, layer: nn.Module, state: MergeState, i: int) -> MergeState:
         attn = layer.self_attn
@@ -127,14 +155,19 @@ class DToMeCLIPVisionEncoder(nn.Module):
         return state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x)))
 
     def forward(self, pixel_values: torch.Tensor) -> DToMeVisionOutput:
-        """Encode ``pixel_values [B, 3, H, W]`` (as the CLIP processor makes them)."""
+        """Encode ``pixel_values [B, 3, H, W]`` (as the CLIP processor makes them).
+
+        ``features``/``size`` have ``N_cap`` slots: all ``N0`` without
+        trimming, the longest image's length (>= 1) with it.
+        """
         x = self.vision.embeddings(pixel_values)
         x = self.vision.pre_layrnorm(x)
         state = init_merge_state(x)
+        trim = self.trims_on(x.device)
         counts = []
         for i, layer in enumerate(self.vision.encoder.layers[: self.num_layers]):
             state = self._block(layer, state, i)
-            if self.trim:
+            if trim:
                 state = trim_state(state)
             counts.append(state.lengths)
         return DToMeVisionOutput(state.x, state.size, state.lengths, state.pos_map, counts)

@@ -29,6 +29,7 @@ keyword argument that transformers forwards to attention implementations.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
@@ -100,13 +101,27 @@ class DyMUStats:
 
 
 @dataclass
+class _ImageCounts:
+    """Token counts of the last encoded images, kept on the device: a forward
+    reads nothing back for statistics; :func:`dymu_stats` does, when asked."""
+
+    kept: torch.Tensor  # [n_img] image tokens passed to the language model
+    per_layer: List[torch.Tensor]  # one [n_img] tensor per vision block
+    num_patches: int
+
+    def stats(self) -> DyMUStats:
+        return DyMUStats(tokens_kept=self.kept.tolist(), tokens_per_layer=torch.stack(self.per_layer, dim=1).tolist(),
+                         num_patches=self.num_patches)
+
+
+@dataclass
 class _Patch:
     encoder: DToMeCLIPVisionEncoder
     vtu: bool
     backend: str
     saved_attn: Optional[str]
     select_strategy: str
-    stats: Optional[DyMUStats] = None
+    counts: Optional[_ImageCounts] = None
 
 
 @dataclass
@@ -131,6 +146,19 @@ def _check_transformers() -> None:
             f"dymu_kernels.apply_dymu supports transformers >= {lo[0]}.{lo[1]} and < {hi[0]}.{hi[1]}, "
             f"found {transformers.__version__}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(layer_type: type) -> str:
+    """The KV-cache argument of a decoder layer class: newer transformers
+    (5.2x) call it ``cache``, older ones ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(layer_type.forward).parameters else "past_key_values"
+
+
+def _cache_arg(lm, cache) -> Dict[str, object]:
+    """``{name: cache}`` for the language model's layers, its forward and its
+    output classes; a stale name would be swallowed by ``**kwargs`` silently."""
+    return {_cache_kwarg(type(lm.layers[0])): cache}
 
 
 def _llava_parts(model):
@@ -186,6 +214,7 @@ def apply_dymu(
     r: Union[None, int, Sequence[int]] = None,
     vtu: bool = True,
     backend: str = "auto",
+    trim: Union[str, bool] = "auto",
 ):
     """Patch a ``LlavaForConditionalGeneration`` instance with DyMU (see module doc).
 
@@ -199,6 +228,14 @@ def apply_dymu(
         vtu: ``False`` is the "merging without VTU" ablation: merged tokens are
             fed with compressed positions ``0..N_un-1`` and ordinary attention.
         backend: merge and attention backend, ``"auto" | "triton" | "cpp" | "torch"``.
+        trim: ``"auto" | True | False`` — whether the vision tower shrinks its
+            padded sequence to the longest image after each block (see
+            :class:`~dymu_kernels.integrations.clip.DToMeCLIPVisionEncoder`).
+            ``"auto"`` trims on the CPU, where it saves compute in proportion
+            to the tokens merged, and not on CUDA, where it would cost one host
+            sync per block (sync-free until a GPU measurement says otherwise);
+            ``False`` keeps the tower capturable in a CUDA graph. Results are
+            the same either way.
 
     Raises:
         TypeError for an unsupported model; RuntimeError for an unsupported
@@ -216,14 +253,13 @@ def apply_dymu(
         thresholds = None
     else:
         thresholds = _resolve_thresholds(thresholds, blocks)
-    encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend)
+    encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
     saved = None
     if vtu:
         _register_attention()
         saved = lm.config._attn_implementation
         lm.config._attn_implementation = ATTN_NAME
-    # VTU attention has Triton and torch backends; "cpp" (a CPU merge) pairs with the torch one.
-    patch = _Patch(encoder, vtu, "torch" if backend == "cpp" else backend, saved, strategy)
+    patch = _Patch(encoder, vtu, backend, saved, strategy)
     model._dymu = patch
     # This instance only: generate() encodes images through get_image_features first.
     inner.forward = functools.partial(_patched_forward, inner, patch)
@@ -246,9 +282,11 @@ def remove_dymu(model):
 
 
 def dymu_stats(model) -> Optional[DyMUStats]:
-    """Tokens kept per image (and per vision block) in the last forward with images."""
+    """Tokens kept per image (and per vision block) in the last forward with
+    images; None before one (or for a model not patched). Reads the counts
+    back from the device (a host sync) — forwards themselves never do."""
     patch = getattr(model, "_dymu", None)
-    return None if patch is None else patch.stats
+    return None if patch is None or patch.counts is None else patch.counts.stats()
 
 
 def kv_cache_bytes(cache) -> Dict[str, int]:
@@ -280,78 +318,6 @@ def _full_positions(attention_mask, position_ids, B, N, device):
     return torch.arange(N, device=device).expand(B, N)
 
 
-def _expand_images_for_repeated_prompts(images: MergedImages, input_ids, attention_mask, image_token_id) -> MergedImages:
-    """generate() with beams or num_return_sequences repeats every prompt k times
-    (``repeat_interleave``) but encodes each image once; give every copy its images."""
-    P = images.slots.shape[1]
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    per_sample = (((input_ids == image_token_id) & valid).sum(-1) // P).tolist()
-    n_img, B = images.counts.shape[0], input_ids.shape[0]
-    if sum(per_sample) == n_img or n_img == 0 or sum(per_sample) % n_img:
-        return images  # nothing to expand (a mismatch is reported by build_compact_sequence)
-    k = sum(per_sample) // n_img
-    groups = [per_sample[i : i + k] for i in range(0, B, k)]
-    if B % k or any(len(set(g)) != 1 for g in groups):
-        return images
-    index, start = [], 0
-    for g in groups:
-        index += list(range(start, start + g[0])) * k
-        start += g[0]
-    idx = torch.tensor(index, device=images.counts.device)
-    return MergedImages(images.features[idx.to(images.features.device)], images.counts[idx], images.slots[idx.to(images.slots.device)])
-
-
-def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embeds, image_feats, image_counts, image_slots):
-    """Lay out text tokens and unique image tokens, and the full -> compact map.
-
-    Args:
-        input_ids: ``[B, N]`` with ``image_token_id`` placeholders, one per patch.
-        attention_mask: ``[B, N]`` (0 = padding) or None.
-        text_embeds: ``[B, N, C]`` token embeddings of input_ids.
-        image_feats: ``[n_img, U_cap, C]`` unique image tokens (projected) per image.
-        image_counts: ``[n_img]`` unique tokens per image.
-        image_slots: ``[n_img, P]`` per placeholder (patch) of each image, its unique token.
-
-    Returns:
-        ``(compact [B, N_un_max, C], merge_map [B, N] int32, n_unique [B])``; images
-        are consumed in placeholder order (batch-major), like transformers does.
-    """
-    B, N = input_ids.shape
-    device = input_ids.device
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    is_img = (input_ids == image_token_id) & valid
-    n_img, P = image_slots.shape if image_slots is not None else (0, 0)
-    n_placeholders = int(is_img.sum())
-    if n_placeholders != n_img * P:
-        raise ValueError(
-            f"found {n_placeholders} image placeholder tokens in input_ids but {n_img} image(s) x {P} patches "
-            f"= {n_img * P} image tokens; the prompt and pixel_values do not match"
-        )
-    img_flat = is_img.reshape(-1).nonzero().flatten()  # batch-major placeholder positions
-    first = img_flat.view(n_img, P)[:, 0] if n_img else img_flat
-    new = (valid & ~is_img).long()
-    if n_img:
-        new.view(-1)[first] = image_counts.long().to(device)
-    start = new.cumsum(-1) - new  # compact index where each position's new tokens begin
-    merge_map = torch.where(valid & ~is_img, start, -1)
-    if n_img:
-        base = start.reshape(-1)[first]  # [n_img]
-        merge_map.view(-1)[img_flat] = (base[:, None] + image_slots.to(device)).reshape(-1)
-    n_unique = new.sum(-1)
-    n_max = max(int(n_unique.max()), 1)
-    C = text_embeds.shape[-1]
-    compact = text_embeds.new_zeros(B, n_max, C)
-    text_pos = (valid & ~is_img).nonzero()
-    compact[text_pos[:, 0], start[text_pos[:, 0], text_pos[:, 1]]] = text_embeds[text_pos[:, 0], text_pos[:, 1]]
-    if n_img:
-        sample = img_flat.view(n_img, P)[:, 0] // N
-        for i in range(n_img):  # one copy per image
-            u = int(image_counts[i])
-            b, s0 = int(sample[i]), int(base[i])
-            compact[b, s0 : s0 + u] = image_feats[i, :u].to(compact.dtype)
-    return compact, merge_map.to(torch.int32), n_unique
-
-
 @dataclass
 class MergedImages:
     """Merged, projected image tokens; what the patched ``get_image_features``
@@ -364,6 +330,156 @@ class MergedImages:
     slots: torch.Tensor  # [n_img, P] unique token of each placeholder
 
 
+@dataclass
+class _Layout:
+    """Where each token of a prompt batch goes in the compact sequence.
+
+    Built with device ops and a single host read (``placeholders`` and
+    ``n_max`` together); positions are flat, batch-major indices into [B, N].
+    """
+
+    is_text: torch.Tensor  # [B, N] valid positions that are not image placeholders
+    image_pos: torch.Tensor  # [n_img, P] position of each image's placeholders
+    start: torch.Tensor  # [B, N] compact index of the first token a position adds
+    n_unique: torch.Tensor  # [B] compact length per sample
+    placeholders: List[int]  # host: image placeholders per sample
+    n_max: int  # host: compact capacity, max(n_unique) and at least 1
+
+
+def _plan_layout(input_ids, attention_mask, image_token_id, images: Optional[MergedImages]) -> _Layout:
+    """The :class:`_Layout` of a prompt batch; one host sync. Not yet checked
+    against the images (a mismatch gives a meaningless layout, no error)."""
+    B, N = input_ids.shape
+    device = input_ids.device
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    is_img = (input_ids == image_token_id) & valid
+    is_text = valid & ~is_img
+    n_img, P = images.slots.shape if images is not None else (0, 0)
+    # nonzero() would sync for its data-dependent shape; the placeholders the
+    # images can fill are n_img * P, so find the j-th one as the position where
+    # the running count first reaches j + 1. (With too few placeholders the
+    # clamp keeps indices in range; the count check rejects the batch.)
+    running = is_img.reshape(-1).long().cumsum(0)
+    rank = torch.arange(1, n_img * P + 1, device=device)
+    image_pos = torch.searchsorted(running, rank).clamp_max(B * N - 1).view(n_img, P)
+    new = is_text.long()  # tokens each position adds to the compact sequence
+    if n_img:  # an image's unique tokens enter at its first placeholder
+        new.view(-1)[image_pos[:, 0]] = images.counts.to(device=device, dtype=torch.long)
+    start = new.cumsum(-1) - new
+    n_unique = new.sum(-1)
+    # The one host read: placeholder counts (validation, beam expansion) and the compact length (a shape).
+    host = torch.cat([is_img.sum(-1), n_unique.max().view(1)]).tolist()
+    return _Layout(is_text, image_pos, start, n_unique, host[:-1], max(host[-1], 1))
+
+
+def _check_placeholders(layout: _Layout, images: Optional[MergedImages]) -> None:
+    """Raise unless the placeholders are the images' (``n_img * P`` in all) and
+    each sample holds whole images (no image spans two samples)."""
+    n_img, P = images.slots.shape if images is not None else (0, 0)
+    found = sum(layout.placeholders)
+    if found != n_img * P:
+        raise ValueError(
+            f"found {found} image placeholder tokens in input_ids but {n_img} image(s) x {P} patches "
+            f"= {n_img * P} image tokens; the prompt and pixel_values do not match"
+        )
+    split = [b for b, n in enumerate(layout.placeholders) if P and n % P]
+    if split:
+        raise ValueError(
+            f"sample {split[0]} has {layout.placeholders[split[0]]} image placeholder tokens, not a whole number "
+            f"of images of {P} patches; the prompt and pixel_values do not match"
+        )
+
+
+def _expand_images_for_repeated_prompts(images: MergedImages, placeholders: List[int]) -> MergedImages:
+    """generate() with beams or num_return_sequences repeats every prompt k times
+    (``repeat_interleave``) but encodes each image once; give every copy its
+    images. ``placeholders``: image placeholders per sample, read on the host
+    already. Returns ``images`` itself when the counts fit no such repetition."""
+    P, n_img, B = images.slots.shape[1], images.counts.shape[0], len(placeholders)
+    per_sample = [n // P for n in placeholders]
+    total = sum(per_sample)
+    if total == n_img or n_img == 0 or total % n_img:
+        return images
+    k = total // n_img
+    groups = [per_sample[i : i + k] for i in range(0, B, k)]
+    if B % k or any(len(set(g)) != 1 for g in groups):
+        return images
+    index, start = [], 0
+    for g in groups:
+        index += list(range(start, start + g[0])) * k
+        start += g[0]
+    idx = torch.tensor(index, device=images.counts.device)
+    return MergedImages(images.features[idx.to(images.features.device)], images.counts[idx], images.slots[idx.to(images.slots.device)])
+
+
+def _assemble(layout: _Layout, text_embeds, images: Optional[MergedImages]):
+    """The compact sequence and merge map of a checked layout (no host sync)."""
+    B, N = layout.is_text.shape
+    C, n_max, device = text_embeds.shape[-1], layout.n_max, text_embeds.device
+    # Sample b's compact slot u is row b * n_max + u of a flat buffer, so one
+    # index_copy_ places all tokens; the extra last row absorbs the copies of
+    # positions with nothing to place (fixed shapes need a destination for them).
+    dump = B * n_max
+    row0 = torch.arange(B, device=device)[:, None] * n_max
+    flat = text_embeds.new_zeros(dump + 1, C)
+    flat.index_copy_(0, torch.where(layout.is_text, row0 + layout.start, dump).reshape(-1), text_embeds.reshape(-1, C))
+    merge_map = torch.where(layout.is_text, layout.start, -1)
+    if images is not None and images.counts.shape[0]:
+        first = layout.image_pos[:, 0]
+        base = layout.start.reshape(-1)[first]  # [n_img] compact index of each image's first unique token
+        merge_map.view(-1)[layout.image_pos.reshape(-1)] = (base[:, None] + images.slots.to(device)).reshape(-1)
+        k = torch.arange(images.features.shape[1], device=device)
+        dest = torch.where(k < images.counts.to(device)[:, None], (first // N * n_max + base)[:, None] + k, dump)
+        flat.index_copy_(0, dest.reshape(-1), images.features.to(flat).reshape(-1, C))
+    return flat[:dump].view(B, n_max, C), merge_map.to(torch.int32)
+
+
+def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embeds, image_feats, image_counts,
+                           image_slots, *, repeated_prompts: bool = False):
+    """Lay out text tokens and unique image tokens, and the full -> compact map.
+
+    Args:
+        input_ids: ``[B, N]`` with ``image_token_id`` placeholders, one per patch.
+        attention_mask: ``[B, N]`` (0 = padding) or None.
+        text_embeds: ``[B, N, C]`` token embeddings of input_ids.
+        image_feats: ``[n_img, U_cap, C]`` unique image tokens (projected) per
+            image (any ``U_cap >= max(image_counts)``), or None without images.
+        image_counts: ``[n_img]`` unique tokens per image.
+        image_slots: ``[n_img, P]`` per placeholder (patch) of each image, its unique token.
+        repeated_prompts: when the placeholders are k times the images' (k > 1)
+            and every run of k samples has the same count — generate() with
+            beams or num_return_sequences repeats each prompt k times but
+            encodes its images once — give every copy of a prompt its images.
+
+    Returns:
+        ``(compact [B, N_un_max, C], merge_map [B, N] int32, n_unique [B])``;
+        images are consumed in placeholder order (batch-major), like
+        transformers does. Sample b's compact row holds, in the order of their
+        positions, its text tokens and each image's ``image_counts[i]`` unique
+        tokens (at the image's first placeholder); rows are zero-padded::
+
+            input_ids  [t0, IMG, IMG, IMG, t1]   image: counts 2, slots [0, 1, 0]
+            compact    [t0, u0, u1, t1]
+            merge_map  [0, 1, 2, 1, 3]
+
+    Host syncs: one (placeholder counts and ``N_un_max`` read together); one
+    more when ``repeated_prompts`` expands the images.
+
+    Raises:
+        ValueError when the placeholders do not match the images (total, or an
+        image split across samples).
+    """
+    images = MergedImages(image_feats, image_counts, image_slots) if image_slots is not None else None
+    layout = _plan_layout(input_ids, attention_mask, image_token_id, images)
+    if repeated_prompts and images is not None and sum(layout.placeholders) != images.slots.numel():
+        expanded = _expand_images_for_repeated_prompts(images, layout.placeholders)
+        if expanded is not images:
+            images, layout = expanded, _plan_layout(input_ids, attention_mask, image_token_id, expanded)
+    _check_placeholders(layout, images)
+    compact, merge_map = _assemble(layout, text_embeds, images)
+    return compact, merge_map, layout.n_unique
+
+
 def _patched_get_image_features(self, patch: _Patch, pixel_values, vision_feature_layer=None,
                                 vision_feature_select_strategy=None, image_sizes=None, **kwargs) -> MergedImages:
     dtype = self.multi_modal_projector.linear_1.weight.dtype if hasattr(self.multi_modal_projector, "linear_1") else pixel_values.dtype
@@ -371,18 +487,15 @@ def _patched_get_image_features(self, patch: _Patch, pixel_values, vision_featur
 
 
 def _encode_images(self, patch: _Patch, pixel_values, dtype) -> MergedImages:
+    """Merge and project ``pixel_values``; features have as many slots as the
+    tower kept (its capacity, trimmed or not), minus CLS for ``"default"``."""
     out = patch.encoder(pixel_values.to(dtype))
     if patch.select_strategy == "default":  # drop CLS (always slot 0: it never merges)
         feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
     else:
         feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
-    projected = self.multi_modal_projector(feats)
-    patch.stats = DyMUStats(
-        tokens_kept=counts.tolist(),
-        tokens_per_layer=torch.stack(out.tokens_per_layer, dim=1).tolist(),
-        num_patches=slots.shape[1],
-    )
-    return MergedImages(projected, counts, slots)
+    patch.counts = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
+    return MergedImages(self.multi_modal_projector(feats), counts, slots)
 
 
 def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
@@ -393,8 +506,8 @@ def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
     ones = hidden.new_ones(B, T, head_dim)
     zeros = hidden.new_zeros(B, T, head_dim)
     for layer in lm.layers[: lm.config.num_hidden_layers]:
-        out = layer(hidden, attention_mask=None, position_embeddings=(ones, zeros), past_key_values=cache,
-                    use_cache=use_cache, dymu_vtu=ctx)
+        out = layer(hidden, attention_mask=None, position_embeddings=(ones, zeros), use_cache=use_cache, dymu_vtu=ctx,
+                    **_cache_arg(lm, cache))
         hidden = out[0] if isinstance(out, tuple) else out
     return lm.norm(hidden)
 
@@ -403,11 +516,9 @@ def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_id
     """Prompt step: compact sequence, merge map, full positions; runs the decoder."""
     lm = self.language_model
     B, T = input_ids.shape
-    if images is not None:
-        images = _expand_images_for_repeated_prompts(images, input_ids, attention_mask, self.config.image_token_id)
     feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
     compact, merge_map, n_unique = build_compact_sequence(
-        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots
+        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots, repeated_prompts=True
     )
     positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
     cos, sin = lm.rotary_emb(compact, positions)
@@ -419,7 +530,7 @@ def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_id
         rows = torch.arange(compact.shape[1], device=compact.device)
         state.compact_mask = (rows[None, :] < n_unique[:, None]).long()
         hidden = lm(inputs_embeds=compact, attention_mask=state.compact_mask, position_ids=rows.expand(B, -1),
-                    past_key_values=cache, use_cache=use_cache).last_hidden_state
+                    use_cache=use_cache, **_cache_arg(lm, cache)).last_hidden_state
     # Back to the full positions the caller indexes (padding rows are 0).
     idx = merge_map.long().clamp_min(0)[..., None].expand(B, T, hidden.shape[-1])
     return hidden.gather(1, idx).masked_fill((merge_map < 0)[..., None], 0), state
@@ -446,18 +557,22 @@ def _decode(self, patch: _Patch, state: _CacheState, embeds, position_ids, cache
     compressed = state.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=embeds.device)
     new_state.compact_mask = torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
     hidden = lm(inputs_embeds=embeds, attention_mask=new_state.compact_mask, position_ids=compressed,
-                past_key_values=cache, use_cache=use_cache).last_hidden_state
+                use_cache=use_cache, **_cache_arg(lm, cache)).last_hidden_state
     return hidden, new_state
 
 
 def _patched_forward(
     self, patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
     past_key_values=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
-    image_sizes=None, use_cache=None, mm_encoder_outputs=None, **kwargs,
+    image_sizes=None, use_cache=None, mm_encoder_outputs=None, cache=None, **kwargs,
 ):
-    """``LlavaModel.forward`` of a patched instance (same arguments and output type)."""
+    """``LlavaModel.forward`` of a patched instance (same arguments and output
+    type); the KV cache comes as ``cache`` or ``past_key_values``, whichever
+    this transformers version uses."""
     from transformers.cache_utils import DynamicCache
     from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+    past_key_values = cache if cache is not None else past_key_values
 
     if input_ids is None:
         raise ValueError("a DyMU-patched LLaVA needs input_ids (to find the image placeholders), not inputs_embeds")
@@ -484,4 +599,4 @@ def _patched_forward(
         hidden, new_state = _decode(self, patch, state, embeds, position_ids, past_key_values, use_cache)
     if use_cache:
         past_key_values._dymu_state = new_state
-    return LlavaModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+    return LlavaModelOutputWithPast(last_hidden_state=hidden, **_cache_arg(lm, past_key_values if use_cache else None))
