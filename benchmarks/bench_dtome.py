@@ -5,8 +5,11 @@
    on the CPU.
 2. Whole CLIP ViT-L/14-336 vision tower (random weights; bf16 on GPU, fp32 on
    CPU) with DToMe merging r = 21 / 16 / 8 tokens per block (fixed-r mode, so
-   every image keeps the paper's average count; trim=True so later blocks run
-   on the shorter sequence) vs the unmodified HF encoder with SDPA: images/s.
+   every image keeps the paper's average count) vs the unmodified HF encoder
+   with SDPA: images/s. On the CPU later blocks run on the shorter sequence
+   (trim=True); on CUDA trim=True (a host sync per block) and trim=False
+   (padded, sync-free, graph-capturable) are both timed, so a GPU run decides
+   the default there.
 
 Run: ``python3 benchmarks/bench_dtome.py`` (GPU when present; ``--quick`` for
 a CPU-sized subset). Rows go to benchmarks/results/dtome_<device>.jsonl.
@@ -69,12 +72,17 @@ def encoder_rows(device: str, batches, rs):
             base = time_ms(lambda: model(pixel_values=pixels), device)
             rows.append({"op": "clip_vit_l_336", "provider": "hf-sdpa (no merging)", "shape": f"B={B}", "dtype": str(dtype)[6:],
                          **base, "images_per_s": B / base["ms"] * 1e3, "tokens_kept": 577})
+            # On CUDA both schemes are timed: one host sync per block that
+            # shrinks the capacity (trim=True) vs full capacity, sync-free and
+            # graph-capturable (trim=False); the CPU always trims.
             for r in rs:
-                enc = DToMeCLIPVisionEncoder(model, r=r, backend=backend, trim=True)
-                kept = int(enc(pixels).lengths[0])
-                t = time_ms(lambda: enc(pixels), device)
-                rows.append({"op": "clip_vit_l_336", "provider": f"dtome r={r} ({backend})", "shape": f"B={B}", "dtype": str(dtype)[6:],
-                             **t, "images_per_s": B / t["ms"] * 1e3, "tokens_kept": kept, "speedup": base["ms"] / t["ms"]})
+                for trim in (True, False) if device == "cuda" else (True,):
+                    enc = DToMeCLIPVisionEncoder(model, r=r, backend=backend, trim=trim)
+                    kept = int(enc(pixels).lengths[0])
+                    t = time_ms(lambda: enc(pixels), device)
+                    rows.append({"op": "clip_vit_l_336", "provider": f"dtome r={r} ({backend}, trim={trim})", "shape": f"B={B}",
+                                 "dtype": str(dtype)[6:], **t, "images_per_s": B / t["ms"] * 1e3, "tokens_kept": kept,
+                                 "speedup": base["ms"] / t["ms"]})
     return rows
 
 
