@@ -8,12 +8,17 @@ git commit) to a JSON-lines file under ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -39,18 +44,26 @@ def environment() -> Dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = "absent"
     return {
         "device": device,
         "torch": torch.__version__,
         "triton": triton_version,
+        "transformers": transformers_version,
         "python": platform.python_version(),
         "commit": commit or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def time_ms(fn: Callable[[], object], device: str) -> Dict[str, float]:
-    """Median and 20/80% quantiles of one call, in milliseconds."""
+def time_ms(fn: Callable[[], object], device: str, min_run_time: float = 0.5) -> Dict[str, float]:
+    """Median and 20/80% quantiles of one call, in milliseconds (for calls of
+    milliseconds; see :func:`sample_times` for calls of seconds)."""
     if device == "cuda":
         import triton.testing
 
@@ -58,16 +71,128 @@ def time_ms(fn: Callable[[], object], device: str) -> Dict[str, float]:
         return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
     from torch.utils.benchmark import Timer
 
-    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.5)
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
     q = torch.tensor(m.times, dtype=torch.float64)
     return {"ms": m.median * 1e3, "ms_p20": float(q.quantile(0.2)) * 1e3, "ms_p80": float(q.quantile(0.8)) * 1e3}
 
 
-def write_rows(name: str, rows: List[Dict[str, object]]) -> str:
-    """Append rows (each merged with the environment) to results/<name>.jsonl."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarize(values: List[float]) -> Dict[str, object]:
+    """Median, min/max and quartiles of a list of samples (kept in the row)."""
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "p25": q[0], "p75": q[2],
+            "n_samples": len(v), "samples": list(values)}
+
+
+def sample_times(fn: Callable[[], object], device: str, samples: int = 3, warmup: int = 1,
+                 tick: Optional[Callable[[], None]] = None) -> Dict[str, object]:
+    """Wall-clock seconds of ``samples`` calls after ``warmup`` untimed ones, for
+    calls that take seconds (a whole model forward or ``generate``), where
+    ``time_ms``'s auto-ranging would take too long. The device is synchronised
+    around every call; ``tick()`` runs after each call (a progress bar).
+    Returns :func:`summarize` of the samples (seconds)."""
+    for _ in range(warmup):
+        fn()
+        _sync(device)
+        if tick:
+            tick()
+    times = []
+    for _ in range(samples):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if tick:
+            tick()
+    return summarize(times)
+
+
+def _proc_status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS so RSS counts live memory only (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory used by a block of code above what was in use when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated()`` (peak reset at entry) minus the
+    allocated bytes at entry. CPU: torch's CPU allocations are invisible to
+    ``tracemalloc``, so the process's resident set is used: Linux's peak RSS
+    (``VmHWM``, reset at entry through ``/proc/self/clear_refs``) minus the RSS
+    at entry, after freed heap pages are returned to the OS. Where the peak
+    cannot be reset, ``ru_maxrss`` deltas are used, which only show a new
+    process-wide peak. ``method`` says which one was used::
+
+        with PeakMemory("cpu") as mem:
+            model(**inputs)
+        mem.peak_bytes, mem.method
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            self.method = "cuda: torch.cuda.max_memory_allocated() - allocated at start"
+            return self
+        _malloc_trim()
+        self._base = _proc_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            self._hwm = self._base is not None and _proc_status_kib("VmHWM") is not None
+        except OSError:
+            self._hwm = False
+        if self._hwm:
+            self.method = "cpu: peak RSS (VmHWM, reset at start) - RSS at start"
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.method = "cpu: ru_maxrss delta (process high-water mark; 0 unless a new peak is set)"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        elif self._hwm:
+            self.peak_bytes = max(0, (_proc_status_kib("VmHWM") - self._base) * 1024)
+        else:
+            self.peak_bytes = max(0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base) * 1024)
+
+
+def write_rows(name: str, rows: List[Dict[str, object]], results_dir: Optional[str] = None) -> str:
+    """Append rows (each merged with the environment) to <results_dir>/<name>.jsonl
+    (default ``benchmarks/results``)."""
+    results_dir = results_dir or RESULTS_DIR
+    os.makedirs(results_dir, exist_ok=True)
     env = environment()
-    path = os.path.join(RESULTS_DIR, f"{name}.jsonl")
+    path = os.path.join(results_dir, f"{name}.jsonl")
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps({**row, **env}) + "\n")
