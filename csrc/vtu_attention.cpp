@@ -28,13 +28,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace dymu {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;  // positions per task (times the heads of one KV group)
-constexpr int64_t kKeyBlock = 256;   // keys per streamed block
+constexpr int64_t kKeyBlock = 256;         // keys per streamed block (prefill)
+constexpr int64_t kDecodeKeyBlock = 2048;  // decode: few query rows, so long blocks and few GEMM calls
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -108,24 +110,37 @@ struct RopeRow {
   const float* sin;
 };
 
-// out = (R_p x) * mult, HF rotate_half convention:
-//   out[j] = x[j] cos[j] - x[j+h] sin[j],  out[j+h] = x[j+h] cos[j+h] + x[j] sin[j+h].
-template <typename scalar_t>
-inline void rotate_row(const scalar_t* __restrict x, RopeRow r, int64_t D, bool half_table, float mult,
-                       float* __restrict out) {
+// x <- (R_p x) * mult in place, HF rotate_half convention:
+//   x[j] = x[j] cos[j] - x[j+h] sin[j],  x[j+h] = x[j+h] cos[j+h] + x[j] sin[j+h].
+DYMU_MULTIVERSION
+void rotate_inplace(float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t D,
+                    bool half_table, float mult) {
   const int64_t h = D / 2;
-  const float* c2 = half_table ? r.cos : r.cos + h;
-  const float* s2 = half_table ? r.sin : r.sin + h;
+  const float* c2 = half_table ? cos : cos + h;
+  const float* s2 = half_table ? sin : sin + h;
+#pragma omp simd
   for (int64_t j = 0; j < h; ++j) {
-    const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + h]);
-    out[j] = (x1 * r.cos[j] - x2 * r.sin[j]) * mult;
-    out[j + h] = (x2 * c2[j] + x1 * s2[j]) * mult;
+    const float x1 = x[j], x2 = x[j + h];
+    x[j] = (x1 * cos[j] - x2 * sin[j]) * mult;
+    x[j + h] = (x2 * c2[j] + x1 * s2[j]) * mult;
   }
 }
 
 template <typename scalar_t>
 inline void load_row(const scalar_t* __restrict x, int64_t D, float* __restrict out) {
-  for (int64_t j = 0; j < D; ++j) out[j] = static_cast<float>(x[j]);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(out, x, sizeof(float) * D);
+  } else {
+    for (int64_t j = 0; j < D; ++j) out[j] = static_cast<float>(x[j]);
+  }
+}
+
+// out = (R_p x) * mult for a row of any float dtype.
+template <typename scalar_t>
+inline void rotate_row(const scalar_t* __restrict x, RopeRow r, int64_t D, bool half_table, float mult,
+                       float* __restrict out) {
+  load_row(x, D, out);
+  rotate_inplace(out, r.cos, r.sin, D, half_table, mult);
 }
 
 // Strided view of a [B, H, R, D] tensor whose last dim is contiguous.
@@ -155,11 +170,13 @@ struct KeySource {
 // Per-thread scratch, reused across tasks.
 struct Scratch {
   std::vector<float> q, k, v, s, o, m, l;
-  void reserve(int64_t rows, int64_t D) {
+  int64_t key_block = kKeyBlock;
+  void reserve(int64_t rows, int64_t D, int64_t keys_per_block) {
+    key_block = keys_per_block;
     q.resize(rows * D);
-    k.resize(kKeyBlock * D);
-    v.resize(kKeyBlock * D);
-    s.resize(rows * kKeyBlock);
+    k.resize(key_block * D);
+    v.resize(key_block * D);
+    s.resize(rows * key_block);
     o.resize(rows * D);
     m.resize(rows);
     l.resize(rows);
@@ -184,8 +201,8 @@ void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, cons
   std::fill(sc.l.begin(), sc.l.begin() + nq, 0.f);
   auto Q = view2d(sc.q.data(), nq, D);
   auto O = view2d(sc.o.data(), nq, D);
-  for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, key_end - s0);
+  for (int64_t s0 = 0; s0 < key_end; s0 += sc.key_block) {
+    const int64_t nk = std::min(sc.key_block, key_end - s0);
     // Gather and rotate this block's keys; padding keys become zero rows (masked below).
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t s = s0 + j;
@@ -200,10 +217,8 @@ void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, cons
       rotate_row(src.k.row(b, hk, u), RopeRow{src.cos + s * src.W, src.sin + s * src.W}, D, src.half_table, 1.f, kr);
       load_row(src.v.row(b, hk, u), D, vr);
     }
-    auto K = view2d(sc.k.data(), nk, D);
-    auto V = view2d(sc.v.data(), nk, D);
     auto S = view2d(sc.s.data(), nq, nk);
-    at::cpu::mm_out(S, Q, K.t());
+    at::cpu::mm_out(S, Q, view2d(sc.k.data(), nk, D).t());
     for (int64_t i = 0; i < nq; ++i) {
       float* srow = sc.s.data() + i * nk;
       const int64_t p = qpos[i];
@@ -227,7 +242,7 @@ void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, cons
       sc.m[i] = m_new;
       if (alpha != 1.f) scale_row(sc.o.data() + i * D, D, alpha);
     }
-    at::cpu::addmm_(O, S, V);
+    at::cpu::addmm_(O, S, view2d(sc.v.data(), nk, D));
   }
 }
 
@@ -314,7 +329,7 @@ void prefill_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch:
   // grain of 1 lets the scheduler balance them.
   at::parallel_for(0, pb.B * pb.Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch sc;
-    sc.reserve(pb.n_rep * kQueryBlock, pb.D);
+    sc.reserve(pb.n_rep * kQueryBlock, pb.D, kKeyBlock);
     std::vector<int64_t> qpos(pb.n_rep * kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % n_blocks, hk = (task / n_blocks) % pb.Hkv, b = task / (n_blocks * pb.Hkv);
@@ -348,7 +363,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::
   // one block, so every cached key is gathered and rotated once per step.
   at::parallel_for(0, pb.B * pb.Hkv, 1, [&](int64_t begin, int64_t end) {
     Scratch sc;
-    sc.reserve(pb.n_rep * T, pb.D);
+    sc.reserve(pb.n_rep * T, pb.D, std::min(kDecodeKeyBlock, pb.N));
     std::vector<int64_t> qpos(pb.n_rep * T);
     const float mult = pb.scale * kLog2e;
     for (int64_t task = begin; task < end; ++task) {
