@@ -167,7 +167,9 @@ struct KeySource {
   bool half_table;
 };
 
-// Per-thread scratch, reused across tasks.
+// Per-thread scratch, kept across calls: buffers of this size would otherwise
+// be fresh mmap'd pages (page faults) on every call, which costs more than a
+// decode step's arithmetic.
 struct Scratch {
   std::vector<float> q, k, v, s, o, m, l;
   int64_t key_block = kKeyBlock;
@@ -182,6 +184,11 @@ struct Scratch {
     l.resize(rows);
   }
 };
+
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
 
 inline torch::Tensor view2d(float* p, int64_t rows, int64_t cols) {
   return torch::from_blob(p, {rows, cols}, torch::TensorOptions().dtype(torch::kFloat32));
@@ -328,7 +335,7 @@ void prefill_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch:
   // Tasks: (sample, KV head, query block); later blocks see more keys, so a
   // grain of 1 lets the scheduler balance them.
   at::parallel_for(0, pb.B * pb.Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc;
+    Scratch& sc = thread_scratch();
     sc.reserve(pb.n_rep * kQueryBlock, pb.D, kKeyBlock);
     std::vector<int64_t> qpos(pb.n_rep * kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
@@ -362,7 +369,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::
   // One task per (sample, KV head): the heads that share it are the rows of
   // one block, so every cached key is gathered and rotated once per step.
   at::parallel_for(0, pb.B * pb.Hkv, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc;
+    Scratch& sc = thread_scratch();
     sc.reserve(pb.n_rep * T, pb.D, std::min(kDecodeKeyBlock, pb.N));
     std::vector<int64_t> qpos(pb.n_rep * T);
     const float mult = pb.scale * kLog2e;

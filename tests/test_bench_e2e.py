@@ -98,8 +98,10 @@ def test_quick_run_rows_make_sense(quick_run):
     for op in ("vtu_attention", "vtu_decode"):
         providers = {r["provider"]: r for r in att if r["op"] == op}
         floor = next(r for p, r in providers.items() if "floor" in p)
-        torch_ref = next(r for p, r in providers.items() if p.endswith(" torch"))
-        assert floor["ms"] > 0 and torch_ref["ms"] > 0 and torch_ref["vs_floor"] == pytest.approx(torch_ref["ms"] / floor["ms"])
+        reference = next(r for p, r in providers.items() if p.startswith("reference"))
+        torch_path = next(r for p, r in providers.items() if p.endswith(" torch"))
+        assert floor["ms"] > 0 and torch_path["vs_floor"] == pytest.approx(torch_path["ms"] / floor["ms"])
+        assert torch_path["speedup_vs_reference"] == pytest.approx(reference["ms"] / torch_path["ms"])
         cpp = next(r for p, r in providers.items() if p.endswith(" cpp"))
         assert cpp.get("ms", 0) > 0 or cpp["unavailable"]  # the C++ backend is optional
 
