@@ -265,9 +265,12 @@ def merge_tokens(
     # Rule (b) without CLS: the reference's own stable sort (on the device, no
     # host sync) so that equal scores give the reference's order exactly.
     order = score_order(node_max).contiguous() if not cls_token else node_idx
+    block = pow2(n_a)
+    # One program holds a whole image's A slots: more warps for long sequences
+    # keep the per-thread share in registers (BLOCK=4096 spilled with 4 warps).
     _plan_kernel[(B,)](
         merge, node_idx, order, lengths, dest, home, new_len, n_kept, N, n_a,
-        BY_SCORE=not cls_token, BLOCK=pow2(n_a),
+        BY_SCORE=not cls_token, BLOCK=block, num_warps=min(16, max(4, block // 256)),
     )
 
     # Sources grouped by destination, in slot order within a group (stable sort).
