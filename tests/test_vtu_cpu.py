@@ -74,8 +74,8 @@ def test_identity_map_equals_causal_rope_sdpa(gen):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
-def _decode_inputs(gen, dtype, T, N=300, n_pad=40):
-    """A cache of unique rows with left padding on sample 0 and T new singletons."""
+def _decode_inputs(gen, dtype, T, N=300):
+    """A cache of unique rows (left padding on sample 0, right padding on sample 1) and T new singletons."""
     q, k, v, merge_map, cos, sin = make_inputs("padding", gen, torch.float64, N=N)
     n_un = q.shape[2]
     k = torch.cat([k, randn(2, 2, T, 64, gen=gen, dtype=torch.float64)], dim=2)
@@ -167,3 +167,16 @@ def test_cpp_inner_loops_are_vectorised():
     v3 = [b for n, b in clones.items() if "x86_64_v3" in n]
     assert v4 and any("zmm" in l for l in v4[0]), "AVX-512 clone of exp2_shifted is not vectorised"
     assert v3 and any("ymm" in l for l in v3[0]), "AVX2 clone of exp2_shifted is not vectorised"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_pass_opcheck(gen, backend):
+    """Schema, fake tensors (strides included) and autograd registration of both ops."""
+    q, k, v, merge_map, cos, sin = (t.float() if t.is_floating_point() else t
+                                    for t in make_inputs("padding", gen, torch.float32, N=40, D=32))
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # HF layout
+    torch.library.opcheck(torch.ops.dymu_kernels.vtu_attention.default,
+                          (qt, k, v, merge_map, cos, sin, 32 ** -0.5, True, False, backend))
+    (q1, k1, v1), map1, (cos1, sin1) = _decode_inputs(gen, torch.float32, 2, N=40)
+    torch.library.opcheck(torch.ops.dymu_kernels.vtu_decode_attention.default,
+                          (q1.transpose(1, 2).contiguous().transpose(1, 2), k1, v1, map1, cos1, sin1, 0.1, backend))

@@ -9,7 +9,7 @@ the expanded Q/K/V to memory; the numbers are the same (the reference
 :func:`~dymu_kernels.reference.vtu_attention_expand` is the spec).
 
 Inputs are validated by the caller (:func:`dymu_kernels.vtu_attention`);
-cos/sin arrive as ``[B, N, W]`` with ``W = D`` or ``D/2``.
+cos/sin are ``[N, W]`` or ``[1|B, N, W]`` with ``W = D`` or ``D/2``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from ..reference.vtu import apply_rope
 from .segment import segment_mean
 
 
-def _full_tables(cos: torch.Tensor, sin: torch.Tensor, d: int, dtype: torch.dtype):
-    """``[B, 1, N, D]`` tables in ``dtype`` (half tables repeated for both halves)."""
+def _full_tables(cos: torch.Tensor, sin: torch.Tensor, merge_map: torch.Tensor, d: int, dtype: torch.dtype):
+    """``[B, 1, N, D]`` tables in ``dtype`` from ``[N, W]`` or ``[1|B, N, W]``
+    (half tables repeated for both halves)."""
+    B, N = merge_map.shape
+    cos, sin = cos.expand(B, N, cos.shape[-1]), sin.expand(B, N, sin.shape[-1])
     if cos.shape[-1] != d:
         cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
@@ -45,8 +48,8 @@ def _sdpa(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
 
 def vtu_attention_sdpa(q, k, v, merge_map, cos, sin, scale: float, causal: bool) -> torch.Tensor:
     """Expand -> RoPE at full positions -> SDPA -> segment mean. ``[B, H, N_un, D]``."""
-    B, N, n_un = merge_map.shape[0], merge_map.shape[1], q.shape[2]
-    cos, sin = _full_tables(cos, sin, q.shape[-1], accumulation_dtype(q.dtype))
+    N, n_un = merge_map.shape[1], q.shape[2]
+    cos, sin = _full_tables(cos, sin, merge_map, q.shape[-1], accumulation_dtype(q.dtype))
     qf = _rotate(unmerge(q, merge_map), cos, sin)
     kf = _rotate(unmerge(k, merge_map), cos, sin)
     vf = unmerge(v, merge_map)
@@ -65,7 +68,7 @@ def vtu_decode_sdpa(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
     """Decode: the T newest positions attend the expanded, rotated cache. ``[B, H, T, D]``."""
     B, H, T, D = q.shape
     N = merge_map.shape[1]
-    cos, sin = _full_tables(cos, sin, D, accumulation_dtype(q.dtype))
+    cos, sin = _full_tables(cos, sin, merge_map, D, accumulation_dtype(q.dtype))
     qr = _rotate(q, cos[:, :, N - T :], sin[:, :, N - T :])
     kf = _rotate(unmerge(k, merge_map), cos, sin)
     vf = unmerge(v, merge_map)
