@@ -22,6 +22,7 @@ if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_vtu.py --sweep 2>&1 | tee "$OUT/bench_vtu_sweep.log" || status=1
   # End to end, LLaVA-1.5-7B shape (random weights): stock vs DyMU prefill / generate / memory / FLOPs
   python3 benchmarks/bench_e2e.py --device cuda --size 7b --dtype bfloat16 --samples 5 2>&1 | tee "$OUT/bench_e2e.log" || status=1
+  python3 benchmarks/bench_decode_ab.py --device cuda 2>&1 | tee "$OUT/bench_decode_ab.log" || status=1
   cp benchmarks/results/*cuda*.jsonl benchmarks/results/e2e_cuda.png "$OUT/" 2>/dev/null
 fi
 exit $status
