@@ -27,7 +27,7 @@ def test_no_merging_equals_hf_forward(gen):
         hf = model(pixel_values=pixels, output_hidden_states=True)
         enc = DToMeCLIPVisionEncoder(model, num_layers=3, backend="torch")
         out = enc(pixels)
-        none = DToMeCLIPVisionEncoder(model, [1.5] * 3, num_layers=3, backend="torch")(pixels)  # cos score never > 1.5
+        none = DToMeCLIPVisionEncoder(model, [float("inf")] * 3, num_layers=3, backend="torch")(pixels)  # nothing merges
     torch.testing.assert_close(out.features, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
     # Merging nothing leaves the sequence unchanged (DESIGN.md §1.1 rule (a)); pos_map says where each went.
     back = none.features.gather(1, none.pos_map.long()[..., None].expand_as(out.features))
@@ -122,6 +122,12 @@ def test_encoder_errors():
         DToMeCLIPVisionEncoder(model, trim="yes")
     with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel"):
         DToMeCLIPVisionEncoder(torch.nn.Linear(2, 2))
+    for bad in (1.5, -1.01, float("-inf")):
+        with pytest.raises(ValueError, match=r"thresholds\[2\] = .* is outside \[-1, 1\]"):
+            DToMeCLIPVisionEncoder(model, [0.9, 0.9, bad, 0.9])
+    with pytest.raises(ValueError, match=r"thresholds\[0\] must be a number, got True"):
+        DToMeCLIPVisionEncoder(model, [True, 0.9, 0.9, 0.9])
+    assert DToMeCLIPVisionEncoder(model, [-1, 1, float("inf"), 0]).thresholds == [-1.0, 1.0, float("inf"), 0.0]
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")

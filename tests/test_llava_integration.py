@@ -57,7 +57,7 @@ def greedy(model, ids, pix, attention_mask=None, steps=6, use_cache=True):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, 1)
 
 
-NO_MERGE = [1.5, 1.5]  # cosine scores never exceed 1.5: nothing merges
+NO_MERGE = [float("inf")] * 2  # no score exceeds inf: nothing merges
 
 
 def test_nothing_merged_equals_unpatched_with_and_without_cache(gen):
@@ -84,7 +84,11 @@ def test_merging_backends_agree_and_remove_restores(gen):
         ref_seq, ref_scores = greedy(model, ids, pix)
         stats = dymu_stats(model)
         assert stats.tokens_kept[0] < P and len(stats.tokens_per_layer[0]) == 2
-        assert apply_dymu(model, [0.9, 0.9]) is model and model._dymu.encoder.thresholds == [0.5, 0.5]  # no-op
+        patch = model._dymu
+        assert apply_dymu(model, [0.5, 0.5], backend="torch") is model and model._dymu is patch  # same: a no-op
+        apply_dymu(model, NO_MERGE, backend="torch")  # other settings replace the old ones
+        assert model._dymu.encoder.thresholds == NO_MERGE
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=pix).logits, before, atol=1e-5, rtol=1e-5)
         remove_dymu(model)
         assert torch.equal(model(input_ids=ids, pixel_values=pix).logits, before)
         assert getattr(model, "_dymu", None) is None and "forward" not in model.model.__dict__
@@ -201,10 +205,12 @@ def test_errors(gen, tmp_path):
     model = tiny_llava()
     with pytest.raises(TypeError, match="apply_dymu supports transformers LlavaForConditionalGeneration"):
         apply_dymu(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="thresholds has 1 entries but the vision tower runs 2 blocks"):
+    with pytest.raises(ValueError, match="thresholds has 1 entries but 2 encoder blocks run"):
         apply_dymu(model, [0.9])
     with pytest.raises(ValueError, match="thresholds\\[1\\] must be a number"):
         apply_dymu(model, [0.9, "x"])
+    with pytest.raises(ValueError, match="thresholds\\[0\\] = 2.0 is outside \\[-1, 1\\]"):
+        apply_dymu(model, [2.0, 0.9])
     with pytest.raises(ValueError, match="neither a threshold file nor a preset"):
         apply_dymu(model, "no-such-file.json")
     bad = tmp_path / "bad.json"

@@ -180,3 +180,26 @@ def test_ops_pass_opcheck(gen, backend):
     (q1, k1, v1), map1, (cos1, sin1) = _decode_inputs(gen, torch.float32, 2, N=40)
     torch.library.opcheck(torch.ops.dymu_kernels.vtu_decode_attention.default,
                           (q1.transpose(1, 2).contiguous().transpose(1, 2), k1, v1, map1, cos1, sin1, 0.1, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,N,U", [(0, 8, 5), (2, 0, 5), (2, 8, 0)])
+def test_empty_batches_and_sequences(backend, B, N, U):
+    """An empty batch, no positions or no unique tokens give zeros shaped like q."""
+    q, k = torch.randn(B, 4, U, 64), torch.randn(B, 2, U, 64)
+    merge_map = torch.full((B, N), -1, dtype=torch.int32)
+    out = dymu_kernels.vtu_attention(q, k, k, merge_map, torch.ones(N, 64), torch.zeros(N, 64), backend=backend)
+    assert out.shape == q.shape and out.is_contiguous() and not out.any()
+    if U:  # decode with no new tokens
+        q0 = torch.randn(B, 4, 0, 64)
+        out = dymu_kernels.vtu_decode_attention(q0, k, k, merge_map, torch.ones(N, 64), torch.zeros(N, 64), backend=backend)
+        assert out.shape == q0.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_rejects_new_tokens_without_cache_rows(backend):
+    k = torch.randn(1, 2, 5, 64)
+    merge_map = torch.tensor([[0, 1, 2, 3, -1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"merge_map\[:, -1:\] must give the 1 new tokens their cache rows"):
+        dymu_kernels.vtu_decode_attention(torch.randn(1, 4, 1, 64), k, k, merge_map, torch.ones(5, 64),
+                                          torch.zeros(5, 64), backend=backend)

@@ -52,19 +52,34 @@ def _vision_parts(model: nn.Module):
     return inner
 
 
-def _resolve_thresholds(thresholds, num_layers: int) -> Optional[List[float]]:
+def resolve_thresholds(thresholds, num_layers: int) -> Optional[List[float]]:
+    """Per-block thresholds as floats, checked: from a list, a :class:`Thresholds`
+    or a threshold JSON path; None stays None.
+
+    A threshold compares cosine similarities, so it must lie in ``[-1, 1]``;
+    ``float("inf")`` switches merging off in that block (even a score rounded
+    to just above 1 does not exceed it). Raises ValueError naming the entry.
+    """
     if thresholds is None:
         return None
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = Thresholds.load(thresholds)
     if isinstance(thresholds, Thresholds):
         thresholds = thresholds.thresholds
-    values = [float(t) for t in thresholds]
+    values = list(thresholds)
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
+            raise ValueError(f"thresholds[{i}] must be a number, got {t!r}")
+        if not (-1.0 <= t <= 1.0 or t == float("inf")):
+            raise ValueError(
+                f"thresholds[{i}] = {t!r} is outside [-1, 1], the range of the cosine similarities it is compared "
+                "with; use float('inf') to merge nothing in a block"
+            )
     if len(values) < num_layers:
         raise ValueError(
             f"thresholds has {len(values)} entries but {num_layers} encoder blocks run; give one per block"
         )
-    return values[:num_layers]
+    return [float(t) for t in values[:num_layers]]
 
 
 class DToMeCLIPVisionEncoder(nn.Module):
@@ -123,7 +138,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
             raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
         if thresholds is not None and r is not None:
             raise ValueError("give thresholds (DyMU) or r (ToMe), not both")
-        self.thresholds = _resolve_thresholds(thresholds, self.num_layers)
+        self.thresholds = resolve_thresholds(thresholds, self.num_layers)
         if r is not None:
             r = [int(r)] * self.num_layers if isinstance(r, int) else [int(v) for v in r]
             if len(r) < self.num_layers or min(r) < 0:

@@ -38,7 +38,7 @@ import torch
 
 from ..ops.vtu import vtu_attention, vtu_decode_attention
 from ..reference.calibration import Thresholds, published_thresholds
-from .clip import DToMeCLIPVisionEncoder, _vision_parts
+from .clip import DToMeCLIPVisionEncoder, _vision_parts, resolve_thresholds
 
 ATTN_NAME = "dymu_vtu"
 SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [min, max)
@@ -123,6 +123,11 @@ class _Patch:
     select_strategy: str
     counts: Optional[_ImageCounts] = None
 
+    def settings(self):
+        """What :func:`apply_dymu` was asked for (to tell a repeat from a change)."""
+        e = self.encoder
+        return (e.thresholds, e.r, e.trim, self.vtu, self.backend)
+
 
 @dataclass
 class _CacheState:
@@ -177,6 +182,7 @@ def _llava_parts(model):
 
 
 def _resolve_thresholds(thresholds, num_layers: int):
+    """A preset ``"model:level"`` resolved, then checked like the encoder's."""
     if isinstance(thresholds, str) and not os.path.exists(thresholds):
         model, _, level = thresholds.rpartition(":")
         if not model:
@@ -185,15 +191,7 @@ def _resolve_thresholds(thresholds, num_layers: int):
                 "(e.g. 'openai/clip-vit-large-patch14-336:low')"
             )
         thresholds = published_thresholds(model, level)
-    if isinstance(thresholds, (str, os.PathLike)):
-        thresholds = Thresholds.load(thresholds)
-    values = thresholds.thresholds if isinstance(thresholds, Thresholds) else list(thresholds)
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
-            raise ValueError(f"thresholds[{i}] must be a number, got {t!r}")
-    if len(values) < num_layers:
-        raise ValueError(f"thresholds has {len(values)} entries but the vision tower runs {num_layers} blocks")
-    return [float(t) for t in values[:num_layers]]
+    return resolve_thresholds(thresholds, num_layers)
 
 
 def _vision_blocks(inner) -> int:
@@ -237,14 +235,16 @@ def apply_dymu(
             ``False`` keeps the tower capturable in a CUDA graph. Results are
             the same either way.
 
+    Applying again with the same settings is a no-op; with other settings
+    the model is re-patched with the new ones (as after :func:`remove_dymu`).
+
     Raises:
         TypeError for an unsupported model; RuntimeError for an unsupported
-        transformers version; ValueError for bad thresholds / r.
+        transformers version; ValueError for bad thresholds (not numbers, not
+        in ``[-1, 1]`` or ``inf``, too few) / r.
     """
     _check_transformers()
     inner, lm = _llava_parts(model)
-    if getattr(model, "_dymu", None) is not None:
-        return model  # already patched: a no-op
     strategy = inner.config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
@@ -254,6 +254,11 @@ def apply_dymu(
     else:
         thresholds = _resolve_thresholds(thresholds, blocks)
     encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
+    current = getattr(model, "_dymu", None)
+    if current is not None:
+        if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend):
+            return model  # the same patch again: a no-op
+        remove_dymu(model)  # other settings replace the old ones
     saved = None
     if vtu:
         _register_attention()

@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
+from .._validation import values_checkable
 from ..backends import TORCH, TRITON, Backend, select_backend
 from ..reference import vtu as ref
 from . import vtu_torch
@@ -58,6 +59,8 @@ def _vtu_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, merge_map: torch.Tensor,
     cos: torch.Tensor, sin: torch.Tensor, scale: float, causal: bool, deterministic: bool, backend: str,
 ) -> torch.Tensor:
+    if q.numel() == 0 or merge_map.numel() == 0:  # empty batch / no positions: every unique slot is unused (0)
+        return q.new_zeros(q.shape)
     if backend == "triton":
         from .vtu_triton import vtu_attention_fwd
 
@@ -97,6 +100,8 @@ def _vtu_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, merge_map: torch.Tensor,
     cos: torch.Tensor, sin: torch.Tensor, scale: float, backend: str,
 ) -> torch.Tensor:
+    if q.numel() == 0:  # empty batch or no new tokens
+        return q.new_zeros(q.shape)
     if backend == "triton":
         from .vtu_triton import vtu_decode_fwd
 
@@ -237,6 +242,12 @@ def vtu_decode_attention(
         raise ValueError(f"q has {q.shape[2]} new tokens but merge_map has only {merge_map.shape[-1]} positions")
     widened = q.new_empty(q.shape[0], q.shape[1], k.shape[2], q.shape[3]) if k.dim() == 4 else q
     cos, sin, scale = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale, full_tables=False)
+    T = q.shape[2]
+    if T and values_checkable(merge_map) and bool((merge_map[:, merge_map.shape[1] - T :] < 0).any()):
+        raise ValueError(
+            f"merge_map[:, -{T}:] must give the {T} new tokens their cache rows (>= 0); padding (-1) there has "
+            "no key to attend to"
+        )
     name = _pick_backend(backend, q)
     if name == "triton" and q.shape[-1] < 32:
         raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
