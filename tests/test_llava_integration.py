@@ -332,3 +332,38 @@ def test_build_compact_sequence_rejects_images_split_across_prompts(gen):
     feats, counts, slots = random_merged_images(gen, 2, P, 8)
     with pytest.raises(ValueError, match=f"sample 0 has {P + 1} image placeholder tokens, not a whole number"):
         build_compact_sequence(ids, mask, IMG, randn(*ids.shape, 8, gen=gen), feats, counts, slots)
+
+
+def test_text_only_calls_and_placeholder_mismatch(gen):
+    """Image-token ids without pixel values are ordinary tokens, as in the
+    unpatched model (assisted decoding's first step runs like this); a prompt
+    without placeholders but with pixel values raises the mismatch error."""
+    model = tiny_llava()
+    ids, pix = prompt(1), images(gen, 1)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        apply_dymu(model, [0.5, 0.5])
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        text = ids.masked_fill(ids == model.config.image_token_id, 5)
+        with pytest.raises(ValueError, match="found 0 image placeholder tokens in input_ids but 1 image"):
+            model(input_ids=text, pixel_values=pix)
+
+
+def test_set_attn_implementation_removes_dymu_cleanly(gen):
+    """Switching the attention implementation of a patched model removes DyMU
+    (with a warning): the model is then exactly the unpatched one. Switching
+    only the language model's is caught at the next forward."""
+    model = tiny_llava()
+    ids, pix = prompt(1), images(gen, 1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pix).logits
+        apply_dymu(model, [0.5, 0.5])
+        with pytest.warns(UserWarning, match="removes DyMU"):
+            model.set_attn_implementation("sdpa")
+        assert getattr(model, "_dymu", None) is None and "set_attn_implementation" not in model.__dict__
+        assert model.model.language_model.config._attn_implementation == "sdpa"
+        assert torch.equal(model(input_ids=ids, pixel_values=pix).logits, expected)
+        apply_dymu(model, [0.5, 0.5])
+        model.model.language_model.config._attn_implementation = "eager"
+        with pytest.raises(RuntimeError, match="attention implementation was changed to 'eager' after apply_dymu"):
+            model(input_ids=ids, pixel_values=pix)

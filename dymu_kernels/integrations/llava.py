@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -269,6 +270,7 @@ def apply_dymu(
     # This instance only: generate() encodes images through get_image_features first.
     inner.forward = functools.partial(_patched_forward, inner, patch)
     inner.get_image_features = functools.partial(_patched_get_image_features, inner, patch)
+    model.set_attn_implementation = functools.partial(_set_attn_implementation, model)
     return model
 
 
@@ -280,10 +282,24 @@ def remove_dymu(model):
     inner, lm = _llava_parts(model)
     for name in ("forward", "get_image_features"):
         inner.__dict__.pop(name, None)
+    model.__dict__.pop("set_attn_implementation", None)
     if patch.vtu:
         lm.config._attn_implementation = patch.saved_attn
     del model._dymu
     return model
+
+
+def _set_attn_implementation(model, attn_implementation, *args, **kwargs):
+    """``set_attn_implementation`` of a patched instance: VTU needs its own
+    attention function, so another implementation means no DyMU — the patch
+    is removed first (with a warning), never left half applied."""
+    warnings.warn(
+        f"set_attn_implementation({attn_implementation!r}) on a DyMU-patched model removes DyMU (VTU attention needs "
+        f"the {ATTN_NAME!r} implementation); call apply_dymu again to restore it",
+        stacklevel=2,
+    )
+    remove_dymu(model)
+    return model.set_attn_implementation(attn_implementation, *args, **kwargs)
 
 
 def dymu_stats(model) -> Optional[DyMUStats]:
@@ -357,7 +373,9 @@ def _plan_layout(input_ids, attention_mask, image_token_id, images: Optional[Mer
     B, N = input_ids.shape
     device = input_ids.device
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    is_img = (input_ids == image_token_id) & valid
+    # Without images, placeholder ids are ordinary tokens, as in the unpatched
+    # model (assisted decoding's first step runs text-only).
+    is_img = (input_ids == image_token_id) & valid if images is not None else torch.zeros_like(valid)
     is_text = valid & ~is_img
     n_img, P = images.slots.shape if images is not None else (0, 0)
     # nonzero() would sync for its data-dependent shape; the placeholders the
@@ -403,7 +421,7 @@ def _expand_images_for_repeated_prompts(images: MergedImages, placeholders: List
     P, n_img, B = images.slots.shape[1], images.counts.shape[0], len(placeholders)
     per_sample = [n // P for n in placeholders]
     total = sum(per_sample)
-    if total == n_img or n_img == 0 or total % n_img:
+    if total in (0, n_img) or n_img == 0 or total % n_img:
         return images
     k = total // n_img
     groups = [per_sample[i : i + k] for i in range(0, B, k)]
@@ -448,7 +466,9 @@ def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embed
         attention_mask: ``[B, N]`` (0 = padding) or None.
         text_embeds: ``[B, N, C]`` token embeddings of input_ids.
         image_feats: ``[n_img, U_cap, C]`` unique image tokens (projected) per
-            image (any ``U_cap >= max(image_counts)``), or None without images.
+            image (any ``U_cap >= max(image_counts)``), or None without images
+            (then placeholder ids are embedded as ordinary tokens, as the
+            unpatched model does without pixel values).
         image_counts: ``[n_img]`` unique tokens per image.
         image_slots: ``[n_img, P]`` per placeholder (patch) of each image, its unique token.
         repeated_prompts: when the placeholders are k times the images' (k > 1)
@@ -582,6 +602,11 @@ def _patched_forward(
     if input_ids is None:
         raise ValueError("a DyMU-patched LLaVA needs input_ids (to find the image placeholders), not inputs_embeds")
     lm = self.language_model
+    if patch.vtu and lm.config._attn_implementation != ATTN_NAME:
+        raise RuntimeError(
+            f"the language model's attention implementation was changed to {lm.config._attn_implementation!r} after "
+            f"apply_dymu; VTU needs {ATTN_NAME!r}. Call remove_dymu(model) (or apply_dymu again) first"
+        )
     embeds = self.get_input_embeddings()(input_ids)
     T = input_ids.shape[1]
     state: Optional[_CacheState] = getattr(past_key_values, "_dymu_state", None)
