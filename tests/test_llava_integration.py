@@ -367,3 +367,18 @@ def test_set_attn_implementation_removes_dymu_cleanly(gen):
         model.model.language_model.config._attn_implementation = "eager"
         with pytest.raises(RuntimeError, match="attention implementation was changed to 'eager' after apply_dymu"):
             model(input_ids=ids, pixel_values=pix)
+
+
+def test_direct_forward_with_too_few_images_and_4d_masks_raise(gen):
+    """Three prompts with one image's pixel values is a mismatch in a direct
+    forward (only generate() repeats prompts after encoding their images), and
+    a 4-D custom mask raises a clear error instead of failing inside."""
+    model = tiny_llava()
+    apply_dymu(model, [0.5, 0.5])
+    ids = prompt(1).repeat(3, 1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="found 48 image placeholder tokens in input_ids but 1 image"):
+            model(input_ids=ids, pixel_values=images(gen, 1))
+        mask4 = torch.ones(1, 1, ids.shape[1], ids.shape[1])
+        with pytest.raises(ValueError, match="takes a 2-D \\[batch, sequence\\] padding attention_mask"):
+            model(input_ids=ids[:1], pixel_values=images(gen, 1), attention_mask=mask4)

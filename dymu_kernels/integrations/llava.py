@@ -537,13 +537,17 @@ def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
     return lm.norm(hidden)
 
 
-def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_ids, images, cache, use_cache):
-    """Prompt step: compact sequence, merge map, full positions; runs the decoder."""
+def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_ids, images, cache, use_cache,
+             repeated_prompts: bool):
+    """Prompt step: compact sequence, merge map, full positions; runs the decoder.
+    ``repeated_prompts``: the images were encoded by generate(), which may
+    repeat prompts (beams, num_return_sequences) after encoding them."""
     lm = self.language_model
     B, T = input_ids.shape
     feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
     compact, merge_map, n_unique = build_compact_sequence(
-        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots, repeated_prompts=True
+        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots,
+        repeated_prompts=repeated_prompts,
     )
     positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
     cos, sin = lm.rotary_emb(compact, positions)
@@ -621,10 +625,17 @@ def _patched_forward(
         images = (mm_encoder_outputs or {}).get("image")
         if images is not None and not isinstance(images, MergedImages):
             raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
+        from_generate = images is not None
         if images is None and pixel_values is not None:
             images = _encode_images(self, patch, pixel_values, embeds.dtype)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"a DyMU-patched LLaVA takes a 2-D [batch, sequence] padding attention_mask, got shape "
+                f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
+            )
         mask = attention_mask[:, -T:] if attention_mask is not None else None
-        hidden, new_state = _prefill(self, patch, input_ids, embeds, mask, position_ids, images, past_key_values, use_cache)
+        hidden, new_state = _prefill(self, patch, input_ids, embeds, mask, position_ids, images, past_key_values,
+                                     use_cache, repeated_prompts=from_generate)
     else:
         hidden, new_state = _decode(self, patch, state, embeds, position_ids, past_key_values, use_cache)
     if use_cache:
