@@ -238,65 +238,16 @@ def vision_blocks(model) -> int:
     return n + 1 + layer if layer < 0 else layer
 
 
-def clip_policy_encoder(vision_tower, num_layers: int):
-    """``encoder(pixel_values, policy)`` over a HF CLIP tower, as
-    :func:`dymu_kernels.calibrate_thresholds` needs it: each block runs like
-    :class:`DToMeCLIPVisionEncoder`'s (proportional attention, merge, MLP) but
-    ``policy.select(block, node_max)`` chooses the merges.
-
-    API gap: ``DToMeCLIPVisionEncoder`` takes thresholds or r but no policy,
-    so calibrating on a CLIP tower needs this adapter (checked against the
-    encoder by :func:`check_adapter`)."""
-    from dymu_kernels.integrations.clip import _vision_parts
-    from dymu_kernels.reference.attention import proportional_attention
-    from dymu_kernels.reference.dtome import bipartite_match, init_merge_state, merge_tokens, trim_state
-
-    vision = _vision_parts(vision_tower)
-
-    def encode(pixel_values, policy):
-        state = init_merge_state(vision.pre_layrnorm(vision.embeddings(pixel_values)))
-        counts = []
-        for i, layer in enumerate(vision.encoder.layers[:num_layers]):
-            attn = layer.self_attn
-            B, N, C = state.x.shape
-            h = layer.layer_norm1(state.x)
-            q, k, v = (p(h).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            o = proportional_attention(q, k, v, state.size, scale=attn.scale)
-            state = state._replace(x=state.x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C)))
-            node_max, node_idx = bipartite_match(k, state.lengths, cls_token=True)
-            state = merge_tokens(state, node_idx, policy.select(i, node_max))
-            state = trim_state(state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x))))
-            counts.append(state.lengths)
-        return torch.stack(counts, dim=1)  # [B, blocks] tokens after each block
-
-    return encode
-
-
 def calibrate(model, photos: torch.Tensor, batch: int, progress: bool):
     """Per-block thresholds for this random tower: ``calibrate_thresholds`` on
     ``photos`` with r = 21 merges per block on average."""
+    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+
     blocks = vision_blocks(model)
-    encoder = clip_policy_encoder(model.model.vision_tower, blocks)
+    encoder = DToMeCLIPVisionEncoder(model.model.vision_tower, num_layers=blocks)  # merges as the policy says
     with torch.inference_mode():
         return dymu_kernels.calibrate_thresholds(encoder, photos.split(batch), CALIBRATION_R, num_layers=blocks,
                                                  model="random-init CLIP (bench_e2e.py)", progress=progress)
-
-
-def check_adapter(model, thresholds, pixel_values) -> Optional[str]:
-    """The calibration adapter and ``DToMeCLIPVisionEncoder`` must merge alike:
-    tokens after every block with the same thresholds. A sentence if not."""
-    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
-    from dymu_kernels.reference.dtome import ThresholdPolicy
-
-    blocks = vision_blocks(model)
-    with torch.inference_mode():
-        mine = clip_policy_encoder(model.model.vision_tower, blocks)(pixel_values, ThresholdPolicy(thresholds.thresholds))
-        enc = DToMeCLIPVisionEncoder(model.model.vision_tower, thresholds, num_layers=blocks)
-        theirs = torch.stack(enc(pixel_values).tokens_per_layer, dim=1)
-    if torch.equal(mine.cpu().long(), theirs.cpu().long()):
-        return None
-    return (f"the calibration adapter and DToMeCLIPVisionEncoder disagree (tokens per block {mine[0].tolist()} vs "
-            f"{theirs[0].tolist()}): the encoder changed; thresholds may not give r={CALIBRATION_R}")
 
 
 def apply_config(model, config: str, thresholds, backend: str, trim) -> None:
@@ -820,9 +771,6 @@ def run_e2e(args, parser):
             thresholds = calibrate(model, photos, args.calib_batch, progress=sys.stderr.isatty())
             print(f"thresholds calibrated on {thresholds.num_images} photographs for r={CALIBRATION_R}/block in "
                   f"{time.perf_counter() - t0:.0f} s: " + ", ".join(f"{t:.3f}" for t in thresholds.thresholds))
-            bad = check_adapter(model, thresholds, inputs["pixel_values"][:1])
-            if bad:
-                notes.append(bad)
             apply_config(model, "threshold", thresholds, args.backend, args.trim)
             with torch.inference_mode():
                 model.model.get_image_features(pixel_values=photos, vision_feature_layer=config.vision_feature_layer,

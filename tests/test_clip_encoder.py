@@ -159,3 +159,24 @@ def test_merged_forward_has_no_host_sync_and_captures_in_a_cuda_graph(gen):
         eager = enc(fresh)
     assert torch.equal(captured.lengths, eager.lengths) and torch.equal(captured.pos_map, eager.pos_map)
     torch.testing.assert_close(captured.features, eager.features)
+
+
+def test_calibration_on_a_clip_tower_hits_the_requested_merges(gen, tmp_path):
+    """calibrate_thresholds runs the encoder with its policy; the thresholds it
+    returns make the same encoder merge r tokens per image per block on the
+    calibration images (one batch: the same edges, so ±1 for score ties), and
+    survive a JSON round trip."""
+    from dymu_kernels import calibrate_thresholds
+
+    model = tiny_clip()
+    pixels = randn(6, 3, 56, 56, gen=gen)
+    enc = DToMeCLIPVisionEncoder(model, num_layers=4, backend="torch")
+    with torch.no_grad():
+        thr = calibrate_thresholds(enc, [pixels], r=5, num_layers=4, model="tiny-clip", progress=False)
+        path = tmp_path / "thr.json"
+        thr.save(path)
+        assert Thresholds.load(path).thresholds == thr.thresholds
+        out = DToMeCLIPVisionEncoder(model, path, num_layers=4, backend="torch")(pixels)
+    kept = torch.stack(out.tokens_per_layer, dim=1).double().mean(0)  # [blocks], 50 tokens at the start
+    expected = 50 - 5 * torch.arange(1, 5, dtype=torch.float64)
+    assert (kept - expected).abs().max() <= 1, (kept.tolist(), expected.tolist())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import randn
-from vtu_cases import EPS, check_fa_rule, make_inputs, run_case
+from vtu_cases import check_fa_rule, make_inputs, run_case
 
 import dymu_kernels
 from dymu_kernels import _ext

@@ -26,7 +26,7 @@ from torch import nn
 from ..ops.dtome import dtome_merge
 from ..reference.attention import proportional_attention
 from ..reference.calibration import Thresholds
-from ..reference.dtome import MergeState, init_merge_state, trim_state
+from ..reference.dtome import MergeState, bipartite_match, init_merge_state, merge_tokens, trim_state
 
 
 @dataclass
@@ -154,7 +154,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
         """Whether a forward on ``device`` trims the capacity after each block."""
         return device.type != "cuda" if self.trim == "auto" else self.trim
 
-    def _block(self, layer: nn.Module, state: MergeState, i: int) -> MergeState:
+    def _block(self, layer: nn.Module, state: MergeState, i: int, policy=None) -> MergeState:
         attn = layer.self_attn
         x = state.x
         B, N, C = x.shape
@@ -163,17 +163,26 @@ class DToMeCLIPVisionEncoder(nn.Module):
         o = proportional_attention(q, k, v, state.size, scale=attn.scale)
         x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
         state = state._replace(x=x)
-        if self.thresholds is not None:
+        if policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
+            node_max, node_idx = bipartite_match(k, state.lengths, cls_token=True)
+            state = merge_tokens(state, node_idx, policy.select(i, node_max), node_max, cls_token=True)
+        elif self.thresholds is not None:
             state = dtome_merge(*state, k, self.thresholds[i], backend=self.backend)
         elif self.r is not None:
             state = dtome_merge(*state, k, r=self.r[i], backend=self.backend)
         return state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x)))
 
-    def forward(self, pixel_values: torch.Tensor) -> DToMeVisionOutput:
+    def forward(self, pixel_values: torch.Tensor, policy=None) -> DToMeVisionOutput:
         """Encode ``pixel_values [B, 3, H, W]`` (as the CLIP processor makes them).
 
         ``features``/``size`` have ``N_cap`` slots: all ``N0`` without
         trimming, the longest image's length (>= 1) with it.
+
+        ``policy``: an object whose ``select(block, node_max)`` returns the
+        merge mask of each block, used instead of the thresholds / r — what
+        :func:`dymu_kernels.calibrate_thresholds` passes, so
+        ``calibrate_thresholds(DToMeCLIPVisionEncoder(tower, num_layers=23), batches, r=21, num_layers=23)``
+        calibrates a real CLIP tower.
         """
         x = self.vision.embeddings(pixel_values)
         x = self.vision.pre_layrnorm(x)
@@ -181,7 +190,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
         trim = self.trims_on(x.device)
         counts = []
         for i, layer in enumerate(self.vision.encoder.layers[: self.num_layers]):
-            state = self._block(layer, state, i)
+            state = self._block(layer, state, i, policy)
             if trim:
                 state = trim_state(state)
             counts.append(state.lengths)
