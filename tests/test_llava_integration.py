@@ -382,3 +382,15 @@ def test_direct_forward_with_too_few_images_and_4d_masks_raise(gen):
         mask4 = torch.ones(1, 1, ids.shape[1], ids.shape[1])
         with pytest.raises(ValueError, match="takes a 2-D \\[batch, sequence\\] padding attention_mask"):
             model(input_ids=ids[:1], pixel_values=images(gen, 1), attention_mask=mask4)
+
+
+def test_return_dict_false_gives_tuples(gen):
+    model = tiny_llava()
+    ids, pix = prompt(1), images(gen, 1)
+    apply_dymu(model, [0.5, 0.5])
+    with torch.no_grad():
+        as_dict = model.model(input_ids=ids, pixel_values=pix)
+        as_tuple = model.model(input_ids=ids, pixel_values=pix, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.last_hidden_state)
+        outer = model(input_ids=ids, pixel_values=pix, return_dict=False)
+        assert isinstance(outer, tuple) and torch.equal(outer[0], model(input_ids=ids, pixel_values=pix).logits)

@@ -640,4 +640,8 @@ def _patched_forward(
         hidden, new_state = _decode(self, patch, state, embeds, position_ids, past_key_values, use_cache)
     if use_cache:
         past_key_values._dymu_state = new_state
-    return LlavaModelOutputWithPast(last_hidden_state=hidden, **_cache_arg(lm, past_key_values if use_cache else None))
+    out = LlavaModelOutputWithPast(last_hidden_state=hidden, **_cache_arg(lm, past_key_values if use_cache else None))
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()  # as transformers' @can_return_tuple does
