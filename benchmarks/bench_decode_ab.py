@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import build_model, llava_config, make_inputs  # noqa: E402
-from common import _sync, environment, summarize, write_rows  # noqa: E402
+from common import environment, summarize, sync_device, write_rows  # noqa: E402
 
 
 def decode_step_ms(model, inputs, steps: int, device: str) -> float:
@@ -40,11 +40,11 @@ def decode_step_ms(model, inputs, steps: int, device: str) -> float:
         times = []
         for _ in range(steps):
             mask = torch.cat([mask, mask[:, :1]], 1)
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
                         cache_position=torch.tensor([mask.shape[1] - 1], device=device))
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
             token = out.logits[:, -1:].argmax(-1)
     return statistics.median(times) * 1e3

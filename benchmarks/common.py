@@ -76,7 +76,7 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float = 0.5) ->
     return {"ms": m.median * 1e3, "ms_p20": float(q.quantile(0.2)) * 1e3, "ms_p80": float(q.quantile(0.8)) * 1e3}
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -98,15 +98,15 @@ def sample_times(fn: Callable[[], object], device: str, samples: int = 3, warmup
     Returns :func:`summarize` of the samples (seconds)."""
     for _ in range(warmup):
         fn()
-        _sync(device)
+        sync_device(device)
         if tick:
             tick()
     times = []
     for _ in range(samples):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
         if tick:
             tick()

@@ -26,7 +26,7 @@ from torch import nn
 from ..ops.dtome import dtome_merge
 from ..reference.attention import proportional_attention
 from ..reference.calibration import Thresholds
-from ..reference.dtome import MergeState, bipartite_match, init_merge_state, merge_tokens, trim_state
+from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_state
 
 
 @dataclass
@@ -164,8 +164,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
         x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
         state = state._replace(x=x)
         if policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
-            node_max, node_idx = bipartite_match(k, state.lengths, cls_token=True)
-            state = merge_tokens(state, node_idx, policy.select(i, node_max), node_max, cls_token=True)
+            state = policy_merge(state, k, policy, i)
         elif self.thresholds is not None:
             state = dtome_merge(*state, k, self.thresholds[i], backend=self.backend)
         elif self.r is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..reference.attention import proportional_attention
-from ..reference.dtome import MergeState, bipartite_match, init_merge_state, merge_tokens, trim_state
+from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_state
 
 
 @dataclass
@@ -53,8 +53,7 @@ class _Block(nn.Module):
         x = x + self.proj(attn.transpose(1, 2).reshape(B, N, C))
         state = state._replace(x=x)
         if policy is not None:
-            node_max, node_idx = bipartite_match(k, state.lengths, cls_token=True)
-            state = merge_tokens(state, node_idx, policy.select(layer, node_max), node_max, cls_token=True)
+            state = policy_merge(state, k, policy, layer)
         return state._replace(x=state.x + self.mlp(self.ln2(state.x)))
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 import torch
 
-from ..reference.dtome import MergeState, NORM_EPS, score_order
+from ..reference.dtome import MergeState, NORM_EPS, check_order_args, score_order
 from .triton_utils import cast, fix_rne, pow2
 
 
@@ -249,8 +249,7 @@ def merge_tokens(
     included: ``node_max`` orders the unmerged A tokens without a CLS token
     (required then); identical scores give an identical order.
     """
-    if not cls_token and node_max is None:
-        raise ValueError("merge_tokens without a CLS token needs node_max: unmerged A tokens are ordered by score")
+    check_order_args(node_max, cls_token)
     x, size, lengths, pos_map = state
     B, N, C = x.shape
     n_a, n_b = (N + 1) // 2, N // 2

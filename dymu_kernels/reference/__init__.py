@@ -28,6 +28,7 @@ from .dtome import (
     fixed_r_mask,
     init_merge_state,
     merge_tokens,
+    policy_merge,
     threshold_mask,
     trim_state,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "init_merge_state",
     "merge_schedule",
     "merge_tokens",
+    "policy_merge",
     "proportional_attention",
     "proportional_attention_bias",
     "published_thresholds",

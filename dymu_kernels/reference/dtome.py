@@ -224,6 +224,13 @@ def _kept_a_slots(kept_a: torch.Tensor, node_max: Optional[torch.Tensor], cls_to
     return torch.empty_like(order).scatter_(1, order, slot_in_order)
 
 
+def check_order_args(node_max: Optional[torch.Tensor], cls_token: bool) -> None:
+    """Rule (b) needs the scores when there is no CLS token (every backend's
+    ``merge_tokens`` checks this first)."""
+    if not cls_token and node_max is None:
+        raise ValueError("merge_tokens without a CLS token needs node_max: unmerged A tokens are ordered by score")
+
+
 def merge_tokens(
     state: MergeState,
     node_idx: torch.Tensor,
@@ -244,8 +251,7 @@ def merge_tokens(
     Raises:
         ValueError: ``cls_token=False`` without ``node_max``.
     """
-    if not cls_token and node_max is None:
-        raise ValueError("merge_tokens without a CLS token needs node_max: unmerged A tokens are ordered by score")
+    check_order_args(node_max, cls_token)
     x, size, lengths, pos_map = state
     B, N, C = x.shape
     n_a, n_b = (N + 1) // 2, N // 2
@@ -287,6 +293,14 @@ def merge_tokens(
     new_pos = torch.where(pos_map >= 0, dest.gather(1, pos_map.long().clamp_min(0)), -1).to(pos_map.dtype)
     new_lengths = (lengths - merged.sum(dim=1)).to(lengths.dtype)
     return MergeState(new_x, new_size[:, :N].to(size.dtype), new_lengths, new_pos)
+
+
+def policy_merge(state: MergeState, metric: torch.Tensor, policy, layer: int, *, cls_token: bool = True) -> MergeState:
+    """One block's merge chosen by a *policy* (``policy.select(layer, node_max)``
+    returns the merge mask), as encoders run it for calibration
+    (:func:`dymu_kernels.calibrate_thresholds`)."""
+    node_max, node_idx = bipartite_match(metric, state.lengths, cls_token=cls_token)
+    return merge_tokens(state, node_idx, policy.select(layer, node_max), node_max, cls_token=cls_token)
 
 
 def dtome_merge(
