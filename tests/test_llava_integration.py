@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from dymu_kernels import reference as ref  # noqa: E402
 from dymu_kernels.integrations import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
-from dymu_kernels.integrations.llava import build_compact_sequence  # noqa: E402
+from dymu_kernels.integrations.compact import MergedImages, build_compact_sequence  # noqa: E402
 
 IMG = 99  # image placeholder id
 P = 16  # patches per image (28 px / 7 px)
@@ -221,15 +221,15 @@ def test_errors(gen, tmp_path):
     apply_dymu(model, NO_MERGE, backend="torch")
     with pytest.raises(ValueError, match="found 32 image placeholder tokens in input_ids but 1 image\\(s\\) x 16 patches"):
         model(input_ids=prompt(2), pixel_values=images(gen, 1))
-    with pytest.raises(ValueError, match="needs input_ids"):
-        model(inputs_embeds=torch.randn(1, 5, 128))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(input_ids=prompt(1), inputs_embeds=torch.randn(1, 24, 128))
 
 
 def test_transformers_version_and_feature_layer_checks(monkeypatch):
     model = tiny_llava()
     # transformers swaps its sys.modules entry for a lazy module: patch the one `import` returns.
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
-    with pytest.raises(RuntimeError, match="supports transformers >= 4.57 and < 6.0, found 4.40.0"):
+    with pytest.raises(RuntimeError, match="supports transformers >= 5.24 and < 6.0, found 4.40.0"):
         apply_dymu(model, NO_MERGE)
     monkeypatch.undo()
     model.model.config.vision_feature_layer = [-2, -1]
@@ -310,20 +310,10 @@ def test_build_compact_sequence_equals_per_image_loop(gen):
                             prompt(3, pre=2, post=3, start=5))
     feats, counts, slots = random_merged_images(gen, 6, P - 2, 8)  # U_cap < P: a trimmed tower
     embeds = randn(*ids.shape, 8, gen=gen)
-    got = build_compact_sequence(ids, mask, IMG, embeds, feats, counts, slots)
+    got = build_compact_sequence(ids == IMG, mask, embeds, MergedImages(feats, counts, slots))
     expected = loop_compact_sequence(ids, mask, embeds, feats, counts, slots)
     assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
     assert torch.equal(got[0], expected[0])
-
-    # generate() with k = 2 beams repeats each prompt, not its images: every copy gets them.
-    kept = torch.tensor([0, 1, 3, 4, 5])  # the images of prompts 0 and 3
-    feats, counts, slots = feats[kept], counts[kept], slots[kept]
-    repeat = torch.tensor([0, 1, 0, 1, 2, 3, 4, 2, 3, 4])
-    ids2, mask2, embeds2 = (t.repeat_interleave(2, 0) for t in (ids[[0, 3]], mask[[0, 3]], embeds[[0, 3]]))
-    got = build_compact_sequence(ids2, mask2, IMG, embeds2, feats, counts, slots, repeated_prompts=True)
-    expected = loop_compact_sequence(ids2, mask2, embeds2, feats[repeat], counts[repeat], slots[repeat])
-    for g, e in zip(got, expected):
-        assert torch.equal(g, e)
 
 
 def test_build_compact_sequence_rejects_images_split_across_prompts(gen):
@@ -331,7 +321,7 @@ def test_build_compact_sequence_rejects_images_split_across_prompts(gen):
     ids[0, -3], ids[1, 1] = IMG, 7  # sample 0 has P + 1 placeholders, sample 1 has P - 1
     feats, counts, slots = random_merged_images(gen, 2, P, 8)
     with pytest.raises(ValueError, match=f"sample 0 has {P + 1} image placeholder tokens, not a whole number"):
-        build_compact_sequence(ids, mask, IMG, randn(*ids.shape, 8, gen=gen), feats, counts, slots)
+        build_compact_sequence(ids == IMG, mask, randn(*ids.shape, 8, gen=gen), MergedImages(feats, counts, slots))
 
 
 def test_text_only_calls_and_placeholder_mismatch(gen):

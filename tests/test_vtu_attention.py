@@ -256,3 +256,20 @@ def test_large_shapes_on_gpu(gen, B, H, N, D):
     q, k, v, merge_map, cos, sin = make_inputs("text_image_text", gen, torch.float64, B=B, H=H, H_kv=H // 2, N=N, D=D)
     run_case(q, k, v, merge_map, cos, sin, torch.bfloat16)
     run_case(q, k, v, merge_map, cos, sin, torch.float16, deterministic=True)
+
+
+def test_auto_passes_over_triton_for_small_head_dims(gen, monkeypatch):
+    """Where "auto" would pick Triton (CUDA) but the head dim is below its
+    minimum, it runs the torch backend instead of raising after choosing."""
+    import dymu_kernels.ops.vtu as vtu_ops
+
+    picked = []
+    real = vtu_ops._vtu_attention_op
+    monkeypatch.setattr(vtu_ops, "select_backend", lambda *a, **k: "triton")
+    monkeypatch.setattr(vtu_ops, "_vtu_attention_op", lambda *a: picked.append(a[-1]) or real(*a))
+    q, k, v, merge_map, cos, sin = make_inputs("scattered", gen, torch.float32, N=40, D=16)
+    got = dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin)
+    assert picked == ["torch"]
+    torch.testing.assert_close(got, ref.vtu_attention_expand(q, k, v, merge_map, cos, sin), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="the triton backend needs head dim D >= 32, got 16"):
+        dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="triton")

@@ -16,11 +16,13 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..ops.dtome import dtome_merge
@@ -151,8 +153,12 @@ class DToMeCLIPVisionEncoder(nn.Module):
         self.trim = trim
 
     def trims_on(self, device: torch.device) -> bool:
-        """Whether a forward on ``device`` trims the capacity after each block."""
-        return device.type != "cuda" if self.trim == "auto" else self.trim
+        """Whether a forward on ``device`` trims the capacity after each block.
+        ``"auto"`` never trims under ``torch.compile`` either: each trim reads
+        a length back, which would split the compiled graph once per block."""
+        if self.trim == "auto":
+            return device.type != "cuda" and not torch.compiler.is_compiling()
+        return self.trim
 
     def _block(self, layer: nn.Module, state: MergeState, i: int, policy=None) -> MergeState:
         attn = layer.self_attn
@@ -189,7 +195,16 @@ class DToMeCLIPVisionEncoder(nn.Module):
         trim = self.trims_on(x.device)
         counts = []
         for i, layer in enumerate(self.vision.encoder.layers[: self.num_layers]):
-            state = self._block(layer, state, i, policy)
+            if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+                # transformers' gradient_checkpointing_enable() marks the CLIP layers;
+                # recompute this block (merge included: it is deterministic) in backward.
+                # The state's tensors go in as arguments (reentrant checkpointing only tracks those).
+                ckpt = getattr(layer, "_gradient_checkpointing_func", None) or functools.partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                block = lambda *t, layer=layer, i=i: tuple(self._block(layer, MergeState(*t), i, policy))  # noqa: E731
+                state = MergeState(*ckpt(block, *state))
+            else:
+                state = self._block(layer, state, i, policy)
             if trim:
                 state = trim_state(state)
             counts.append(state.lengths)

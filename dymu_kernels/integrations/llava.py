@@ -29,10 +29,9 @@ keyword argument that transformers forwards to attention implementations.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -40,9 +39,11 @@ import torch
 from ..ops.vtu import vtu_attention, vtu_decode_attention
 from ..reference.calibration import Thresholds, published_thresholds
 from .clip import DToMeCLIPVisionEncoder, _vision_parts, resolve_thresholds
+from .compact import build_compact_sequence
+from .vtu_cache import VTUCacheState, cache_state, set_cache_state
 
 ATTN_NAME = "dymu_vtu"
-SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [min, max)
+SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))  # [min, max): the versions tested
 
 
 # ----------------------------------------------------------------------------
@@ -60,6 +61,33 @@ class VTUContext:
     decode: bool
     backend: str
 
+    def to(self, device, non_blocking: bool = False) -> "VTUContext":
+        """The context on ``device``: accelerate's hooks (``device_map`` over
+        several GPUs) move arguments they do not know by calling ``.to``, so
+        the map and tables follow each layer like its other inputs."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, merge_map=move(self.merge_map), cos=move(self.cos), sin=move(self.sin))
+
+
+class DeferredMask:
+    """What transformers' mask creation returns under ``"dymu_vtu"``.
+
+    VTU needs no mask of its own, only the 2-D padding mask — which
+    ``generate()`` with a compileable (static) cache turns into a mask object
+    *before* calling the model. This keeps that padding mask for the patched
+    forward, and the arguments to build transformers' ordinary SDPA mask when
+    attention falls back to SDPA (a direct call of the language model).
+    """
+
+    def __init__(self, mask_kwargs: dict):
+        self.mask_kwargs = mask_kwargs
+        self.padding = mask_kwargs.get("attention_mask")  # [B, L] bool or None
+
+    def sdpa(self):
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**self.mask_kwargs)
+
 
 def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dymu_vtu=None, **kwargs):
     """transformers attention function: VTU attention when called from a DyMU
@@ -67,9 +95,15 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
     if dymu_vtu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if isinstance(attention_mask, DeferredMask):
+            attention_mask = attention_mask.sdpa()
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     ctx: VTUContext = dymu_vtu
     fn = vtu_decode_attention if ctx.decode else vtu_attention
+    if not ctx.decode and key.shape[2] != query.shape[2]:
+        # A static cache returns its whole buffer; a prompt (always on an empty
+        # cache) wrote rows 0..N_un-1, the ones the map points into.
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
     out = fn(query, key.to(query.dtype), value.to(query.dtype), ctx.merge_map, ctx.cos.to(query.dtype),
              ctx.sin.to(query.dtype), scale=scaling, backend=ctx.backend)
     return out.transpose(1, 2).contiguous(), None
@@ -77,14 +111,10 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, dymu_vtu_attention)
-    try:  # masks are built by DyMU itself; tell transformers to build none
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
-    except ImportError:
-        pass
+    AttentionMaskInterface.register(ATTN_NAME, lambda **kwargs: DeferredMask(kwargs))
 
 
 # ----------------------------------------------------------------------------
@@ -130,18 +160,6 @@ class _Patch:
         return (e.thresholds, e.r, e.trim, self.vtu, self.backend)
 
 
-@dataclass
-class _CacheState:
-    """VTU bookkeeping carried on the KV cache object between generate() steps."""
-
-    merge_map: torch.Tensor  # [B, N]
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor  # [B, N] full RoPE positions
-    rows: int  # cache rows used so far (compact length)
-    compact_mask: Optional[torch.Tensor] = None  # no-VTU ablation: mask over compact rows
-
-
 def _check_transformers() -> None:
     import transformers
 
@@ -152,19 +170,6 @@ def _check_transformers() -> None:
             f"dymu_kernels.apply_dymu supports transformers >= {lo[0]}.{lo[1]} and < {hi[0]}.{hi[1]}, "
             f"found {transformers.__version__}"
         )
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(layer_type: type) -> str:
-    """The KV-cache argument of a decoder layer class: newer transformers
-    (5.2x) call it ``cache``, older ones ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(layer_type.forward).parameters else "past_key_values"
-
-
-def _cache_arg(lm, cache) -> Dict[str, object]:
-    """``{name: cache}`` for the language model's layers, its forward and its
-    output classes; a stale name would be swallowed by ``**kwargs`` silently."""
-    return {_cache_kwarg(type(lm.layers[0])): cache}
 
 
 def _llava_parts(model):
@@ -271,6 +276,8 @@ def apply_dymu(
     inner.forward = functools.partial(_patched_forward, inner, patch)
     inner.get_image_features = functools.partial(_patched_get_image_features, inner, patch)
     model.set_attn_implementation = functools.partial(_set_attn_implementation, model)
+    if vtu:  # RoPE becomes the identity inside VTU forwards (see _rotary_forward)
+        lm.rotary_emb.forward = functools.partial(_rotary_forward, lm.rotary_emb)
     return model
 
 
@@ -285,6 +292,7 @@ def remove_dymu(model):
     model.__dict__.pop("set_attn_implementation", None)
     if patch.vtu:
         lm.config._attn_implementation = patch.saved_attn
+        lm.rotary_emb.__dict__.pop("forward", None)
     del model._dymu
     return model
 
@@ -319,8 +327,8 @@ def kv_cache_bytes(cache) -> Dict[str, int]:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
                 rows = t.shape[-2]
-    state: Optional[_CacheState] = getattr(cache, "_dymu_state", None)
-    full = state.merge_map.shape[1] if state is not None else rows
+    state = cache_state(cache)
+    full = state.length if state is not None else rows
     without = total if not rows else total * full // rows
     return {"bytes": total, "bytes_without_dymu": without}
 
@@ -339,179 +347,15 @@ def _full_positions(attention_mask, position_ids, B, N, device):
     return torch.arange(N, device=device).expand(B, N)
 
 
-@dataclass
-class MergedImages:
-    """Merged, projected image tokens; what the patched ``get_image_features``
-    returns (generate() encodes images with it before the first forward).
-    Deliberately has no ``pooler_output``: transformers must not treat these
-    as one feature row per placeholder."""
-
-    features: torch.Tensor  # [n_img, U_cap, C] projected unique tokens
-    counts: torch.Tensor  # [n_img] unique tokens per image
-    slots: torch.Tensor  # [n_img, P] unique token of each placeholder
-
-
-@dataclass
-class _Layout:
-    """Where each token of a prompt batch goes in the compact sequence.
-
-    Built with device ops and a single host read (``placeholders`` and
-    ``n_max`` together); positions are flat, batch-major indices into [B, N].
-    """
-
-    is_text: torch.Tensor  # [B, N] valid positions that are not image placeholders
-    image_pos: torch.Tensor  # [n_img, P] position of each image's placeholders
-    start: torch.Tensor  # [B, N] compact index of the first token a position adds
-    n_unique: torch.Tensor  # [B] compact length per sample
-    placeholders: List[int]  # host: image placeholders per sample
-    n_max: int  # host: compact capacity, max(n_unique) and at least 1
-
-
-def _plan_layout(input_ids, attention_mask, image_token_id, images: Optional[MergedImages]) -> _Layout:
-    """The :class:`_Layout` of a prompt batch; one host sync. Not yet checked
-    against the images (a mismatch gives a meaningless layout, no error)."""
-    B, N = input_ids.shape
-    device = input_ids.device
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    # Without images, placeholder ids are ordinary tokens, as in the unpatched
-    # model (assisted decoding's first step runs text-only).
-    is_img = (input_ids == image_token_id) & valid if images is not None else torch.zeros_like(valid)
-    is_text = valid & ~is_img
-    n_img, P = images.slots.shape if images is not None else (0, 0)
-    # nonzero() would sync for its data-dependent shape; the placeholders the
-    # images can fill are n_img * P, so find the j-th one as the position where
-    # the running count first reaches j + 1. (With too few placeholders the
-    # clamp keeps indices in range; the count check rejects the batch.)
-    running = is_img.reshape(-1).long().cumsum(0)
-    rank = torch.arange(1, n_img * P + 1, device=device)
-    image_pos = torch.searchsorted(running, rank).clamp_max(B * N - 1).view(n_img, P)
-    new = is_text.long()  # tokens each position adds to the compact sequence
-    if n_img:  # an image's unique tokens enter at its first placeholder
-        new.view(-1)[image_pos[:, 0]] = images.counts.to(device=device, dtype=torch.long)
-    start = new.cumsum(-1) - new
-    n_unique = new.sum(-1)
-    # The one host read: placeholder counts (validation, beam expansion) and the compact length (a shape).
-    host = torch.cat([is_img.sum(-1), n_unique.max().view(1)]).tolist()
-    return _Layout(is_text, image_pos, start, n_unique, host[:-1], max(host[-1], 1))
-
-
-def _check_placeholders(layout: _Layout, images: Optional[MergedImages]) -> None:
-    """Raise unless the placeholders are the images' (``n_img * P`` in all) and
-    each sample holds whole images (no image spans two samples)."""
-    n_img, P = images.slots.shape if images is not None else (0, 0)
-    found = sum(layout.placeholders)
-    if found != n_img * P:
-        raise ValueError(
-            f"found {found} image placeholder tokens in input_ids but {n_img} image(s) x {P} patches "
-            f"= {n_img * P} image tokens; the prompt and pixel_values do not match"
-        )
-    split = [b for b, n in enumerate(layout.placeholders) if P and n % P]
-    if split:
-        raise ValueError(
-            f"sample {split[0]} has {layout.placeholders[split[0]]} image placeholder tokens, not a whole number "
-            f"of images of {P} patches; the prompt and pixel_values do not match"
-        )
-
-
-def _expand_images_for_repeated_prompts(images: MergedImages, placeholders: List[int]) -> MergedImages:
-    """generate() with beams or num_return_sequences repeats every prompt k times
-    (``repeat_interleave``) but encodes each image once; give every copy its
-    images. ``placeholders``: image placeholders per sample, read on the host
-    already. Returns ``images`` itself when the counts fit no such repetition."""
-    P, n_img, B = images.slots.shape[1], images.counts.shape[0], len(placeholders)
-    per_sample = [n // P for n in placeholders]
-    total = sum(per_sample)
-    if total in (0, n_img) or n_img == 0 or total % n_img:
-        return images
-    k = total // n_img
-    groups = [per_sample[i : i + k] for i in range(0, B, k)]
-    if B % k or any(len(set(g)) != 1 for g in groups):
-        return images
-    index, start = [], 0
-    for g in groups:
-        index += list(range(start, start + g[0])) * k
-        start += g[0]
-    idx = torch.tensor(index, device=images.counts.device)
-    return MergedImages(images.features[idx.to(images.features.device)], images.counts[idx], images.slots[idx.to(images.slots.device)])
-
-
-def _assemble(layout: _Layout, text_embeds, images: Optional[MergedImages]):
-    """The compact sequence and merge map of a checked layout (no host sync)."""
-    B, N = layout.is_text.shape
-    C, n_max, device = text_embeds.shape[-1], layout.n_max, text_embeds.device
-    # Sample b's compact slot u is row b * n_max + u of a flat buffer, so one
-    # index_copy_ places all tokens; the extra last row absorbs the copies of
-    # positions with nothing to place (fixed shapes need a destination for them).
-    dump = B * n_max
-    row0 = torch.arange(B, device=device)[:, None] * n_max
-    flat = text_embeds.new_zeros(dump + 1, C)
-    flat.index_copy_(0, torch.where(layout.is_text, row0 + layout.start, dump).reshape(-1), text_embeds.reshape(-1, C))
-    merge_map = torch.where(layout.is_text, layout.start, -1)
-    if images is not None and images.counts.shape[0]:
-        first = layout.image_pos[:, 0]
-        base = layout.start.reshape(-1)[first]  # [n_img] compact index of each image's first unique token
-        merge_map.view(-1)[layout.image_pos.reshape(-1)] = (base[:, None] + images.slots.to(device)).reshape(-1)
-        k = torch.arange(images.features.shape[1], device=device)
-        dest = torch.where(k < images.counts.to(device)[:, None], (first // N * n_max + base)[:, None] + k, dump)
-        flat.index_copy_(0, dest.reshape(-1), images.features.to(flat).reshape(-1, C))
-    return flat[:dump].view(B, n_max, C), merge_map.to(torch.int32)
-
-
-def build_compact_sequence(input_ids, attention_mask, image_token_id, text_embeds, image_feats, image_counts,
-                           image_slots, *, repeated_prompts: bool = False):
-    """Lay out text tokens and unique image tokens, and the full -> compact map.
-
-    Args:
-        input_ids: ``[B, N]`` with ``image_token_id`` placeholders, one per patch.
-        attention_mask: ``[B, N]`` (0 = padding) or None.
-        text_embeds: ``[B, N, C]`` token embeddings of input_ids.
-        image_feats: ``[n_img, U_cap, C]`` unique image tokens (projected) per
-            image (any ``U_cap >= max(image_counts)``), or None without images
-            (then placeholder ids are embedded as ordinary tokens, as the
-            unpatched model does without pixel values).
-        image_counts: ``[n_img]`` unique tokens per image.
-        image_slots: ``[n_img, P]`` per placeholder (patch) of each image, its unique token.
-        repeated_prompts: when the placeholders are k times the images' (k > 1)
-            and every run of k samples has the same count — generate() with
-            beams or num_return_sequences repeats each prompt k times but
-            encodes its images once — give every copy of a prompt its images.
-
-    Returns:
-        ``(compact [B, N_un_max, C], merge_map [B, N] int32, n_unique [B])``;
-        images are consumed in placeholder order (batch-major), like
-        transformers does. Sample b's compact row holds, in the order of their
-        positions, its text tokens and each image's ``image_counts[i]`` unique
-        tokens (at the image's first placeholder); rows are zero-padded::
-
-            input_ids  [t0, IMG, IMG, IMG, t1]   image: counts 2, slots [0, 1, 0]
-            compact    [t0, u0, u1, t1]
-            merge_map  [0, 1, 2, 1, 3]
-
-    Host syncs: one (placeholder counts and ``N_un_max`` read together); one
-    more when ``repeated_prompts`` expands the images.
-
-    Raises:
-        ValueError when the placeholders do not match the images (total, or an
-        image split across samples).
-    """
-    images = MergedImages(image_feats, image_counts, image_slots) if image_slots is not None else None
-    layout = _plan_layout(input_ids, attention_mask, image_token_id, images)
-    if repeated_prompts and images is not None and sum(layout.placeholders) != images.slots.numel():
-        expanded = _expand_images_for_repeated_prompts(images, layout.placeholders)
-        if expanded is not images:
-            images, layout = expanded, _plan_layout(input_ids, attention_mask, image_token_id, expanded)
-    _check_placeholders(layout, images)
-    compact, merge_map = _assemble(layout, text_embeds, images)
-    return compact, merge_map, layout.n_unique
-
-
 def _patched_get_image_features(self, patch: _Patch, pixel_values, vision_feature_layer=None,
-                                vision_feature_select_strategy=None, image_sizes=None, **kwargs) -> MergedImages:
+                                vision_feature_select_strategy=None, image_sizes=None, return_dict=True,
+                                **kwargs):
     dtype = self.multi_modal_projector.linear_1.weight.dtype if hasattr(self.multi_modal_projector, "linear_1") else pixel_values.dtype
-    return _encode_images(self, patch, pixel_values, dtype)
+    out = _encode_images(self, patch, pixel_values, dtype)
+    return out if return_dict is not False else out.to_tuple()
 
 
-def _encode_images(self, patch: _Patch, pixel_values, dtype) -> MergedImages:
+def _encode_images(self, patch: _Patch, pixel_values, dtype):
     """Merge and project ``pixel_values``; features have as many slots as the
     tower kept (its capacity, trimmed or not), minus CLS for ``"default"``."""
     out = patch.encoder(pixel_values.to(dtype))
@@ -519,129 +363,167 @@ def _encode_images(self, patch: _Patch, pixel_values, dtype) -> MergedImages:
         feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
     else:
         feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
+    from .image_outputs import DyMUImageOutputs
+
     patch.counts = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
-    return MergedImages(self.multi_modal_projector(feats), counts, slots)
+    projected = self.multi_modal_projector(feats)
+    per_placeholder = projected.gather(1, slots[..., None].expand(-1, -1, projected.shape[-1]))
+    rows = tuple(per_placeholder.unbind(0))
+    return DyMUImageOutputs(pooler_output=list(rows), merged_features=projected, merged_counts=counts,
+                            merged_slots=slots, image_rows=rows)
 
 
-def _run_decoder(lm, hidden, cache, use_cache, ctx: Optional[VTUContext]):
-    """The language model's layers + final norm with RoPE as the identity (VTU
-    rotates inside attention, at the full positions)."""
-    B, T, _ = hidden.shape
-    head_dim = ctx.cos.shape[-1]
-    ones = hidden.new_ones(B, T, head_dim)
-    zeros = hidden.new_zeros(B, T, head_dim)
-    for layer in lm.layers[: lm.config.num_hidden_layers]:
-        out = layer(hidden, attention_mask=None, position_embeddings=(ones, zeros), use_cache=use_cache, dymu_vtu=ctx,
-                    **_cache_arg(lm, cache))
-        hidden = out[0] if isinstance(out, tuple) else out
-    return lm.norm(hidden)
+def _rotary_forward(rot, x, position_ids, *args, **kwargs):
+    """``forward`` of the language model's rotary module while patched: the
+    identity (cos 1, sin 0) while a VTU forward runs — VTU rotates inside
+    attention, at the full positions, and the cache keeps keys un-rotated —
+    and the original rotation otherwise (a direct call of the language model)."""
+    cos, sin = type(rot).forward(rot, x, position_ids, *args, **kwargs)
+    if getattr(rot, "_dymu_identity", False):
+        return torch.ones_like(cos), torch.zeros_like(sin)
+    return cos, sin
 
 
-def _prefill(self, patch: _Patch, input_ids, embeds, attention_mask, position_ids, images, cache, use_cache,
-             repeated_prompts: bool):
-    """Prompt step: compact sequence, merge map, full positions; runs the decoder.
-    ``repeated_prompts``: the images were encoded by generate(), which may
-    repeat prompts (beams, num_return_sequences) after encoding them."""
-    lm = self.language_model
-    B, T = input_ids.shape
-    feats, counts, slots = (images.features, images.counts, images.slots) if images is not None else (None, None, None)
-    compact, merge_map, n_unique = build_compact_sequence(
-        input_ids, attention_mask, self.config.image_token_id, embeds, feats, counts, slots,
-        repeated_prompts=repeated_prompts,
-    )
+def _placeholder_mask(self, input_ids, embeds):
+    """Image placeholders as transformers finds them: by id, or (inputs_embeds
+    only) as rows equal to the image token's embedding."""
+    if input_ids is not None:
+        return input_ids == self.config.image_token_id
+    token = torch.full((), self.config.image_token_id, dtype=torch.long, device=embeds.device)
+    return (embeds == self.get_input_embeddings()(token)).all(-1)
+
+
+def _to_full(hidden, merge_map):
+    """Compact rows -> the full positions the caller indexes (padding rows are 0)."""
+    B, N = merge_map.shape
+    idx = merge_map.long().clamp_min(0)[..., None].expand(B, N, hidden.shape[-1])
+    return hidden.gather(1, idx.to(hidden.device)).masked_fill((merge_map < 0)[..., None].to(hidden.device), 0)
+
+
+def _prefill_state(self, image_mask, embeds, attention_mask, position_ids, images):
+    """Prompt step: compact sequence, its map, full positions and RoPE tables."""
+    B, T = image_mask.shape
+    compact, merge_map, n_unique = build_compact_sequence(image_mask, attention_mask, embeds, images)
     positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
-    cos, sin = lm.rotary_emb(compact, positions)
-    state = _CacheState(merge_map, cos, sin, positions, compact.shape[1])
-    if patch.vtu:
-        ctx = VTUContext(merge_map, cos, sin, decode=False, backend=patch.backend)
-        hidden = _run_decoder(lm, compact, cache, use_cache, ctx)
-    else:  # ablation: compressed positions, ordinary attention on the compact sequence
-        rows = torch.arange(compact.shape[1], device=compact.device)
-        state.compact_mask = (rows[None, :] < n_unique[:, None]).long()
-        hidden = lm(inputs_embeds=compact, attention_mask=state.compact_mask, position_ids=rows.expand(B, -1),
-                    use_cache=use_cache, **_cache_arg(lm, cache)).last_hidden_state
-    # Back to the full positions the caller indexes (padding rows are 0).
-    idx = merge_map.long().clamp_min(0)[..., None].expand(B, T, hidden.shape[-1])
-    return hidden.gather(1, idx).masked_fill((merge_map < 0)[..., None], 0), state
+    cos, sin = self.language_model.rotary_emb(compact, positions)
+    state = VTUCacheState(merge_map, cos, sin, positions, rows=compact.shape[1])
+    return compact, state, n_unique
 
 
-def _decode(self, patch: _Patch, state: _CacheState, embeds, position_ids, cache, use_cache):
-    """Generation step: T new singleton tokens appended to the cache and the map."""
-    lm = self.language_model
+def _decode_state(self, state: VTUCacheState, embeds, position_ids):
+    """Generation step: T new singleton tokens appended to the map, one row each."""
     B, T, _ = embeds.shape
     last = state.positions[:, -1:]
     if position_ids is not None:
         new_pos = position_ids[:, -T:].to(last.device).expand(B, T).long()
     else:
         new_pos = last + 1 + torch.arange(T, device=last.device)
-    rows = state.rows + torch.arange(T, device=embeds.device, dtype=torch.int32)
-    merge_map = torch.cat([state.merge_map, rows.expand(B, T)], dim=1)
-    cos_new, sin_new = lm.rotary_emb(embeds, new_pos)
-    cos, sin = torch.cat([state.cos, cos_new], 1), torch.cat([state.sin, sin_new], 1)
-    new_state = _CacheState(merge_map, cos, sin, torch.cat([state.positions, new_pos], 1), state.rows + T)
-    if patch.vtu:
-        ctx = VTUContext(merge_map, cos, sin, decode=True, backend=patch.backend)
-        return _run_decoder(lm, embeds, cache, use_cache, ctx), new_state
-    # Ablation: compressed positions continue after this sample's real tokens so far.
-    compressed = state.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=embeds.device)
-    new_state.compact_mask = torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
-    hidden = lm(inputs_embeds=embeds, attention_mask=new_state.compact_mask, position_ids=compressed,
-                use_cache=use_cache, **_cache_arg(lm, cache)).last_hidden_state
-    return hidden, new_state
+    rows = state.rows + torch.arange(T, device=state.merge_map.device, dtype=torch.int32)
+    cos_new, sin_new = self.language_model.rotary_emb(embeds, new_pos)
+    mask = None if state.compact_mask is None else torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
+    return replace(state, merge_map=torch.cat([state.merge_map, rows.expand(B, T)], 1),
+                   cos=torch.cat([state.cos, cos_new], 1), sin=torch.cat([state.sin, sin_new], 1),
+                   positions=torch.cat([state.positions, new_pos], 1), rows=state.rows + T, compact_mask=mask)
+
+
+def _run_language_model(lm, patch: _Patch, x, old: Optional[VTUCacheState], state: VTUCacheState, n_unique, cache,
+                        use_cache, kwargs):
+    """The language model's own forward on ``x`` — the compact prompt, or the
+    new tokens of a generation step (``old`` is the cache's state before it)."""
+    B, T, _ = x.shape
+    first_row = 0 if old is None else old.rows
+    rows = (first_row + torch.arange(T, device=x.device)).expand(B, T)
+    if not patch.vtu:  # ablation: compressed positions, ordinary attention over the compact rows
+        if old is None:
+            state.compact_mask = (rows < n_unique[:, None].to(x.device)).long()
+            positions = rows
+        else:  # compressed positions continue after this sample's real tokens so far
+            positions = old.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)
+        return lm(inputs_embeds=x, attention_mask=state.compact_mask, position_ids=positions, use_cache=use_cache,
+                  cache=cache, **kwargs)
+    ctx = VTUContext(state.merge_map, state.cos, state.sin, decode=old is not None, backend=patch.backend)
+    lm.rotary_emb._dymu_identity = True
+    try:
+        return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
+                  cache=cache, **kwargs)
+    finally:
+        lm.rotary_emb._dymu_identity = False
 
 
 def _patched_forward(
     self, patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
     past_key_values=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
-    image_sizes=None, use_cache=None, mm_encoder_outputs=None, cache=None, **kwargs,
+    image_sizes=None, use_cache=None, mm_encoder_outputs=None, cache=None, return_dict=None, **kwargs,
 ):
-    """``LlavaModel.forward`` of a patched instance (same arguments and output
-    type); the KV cache comes as ``cache`` or ``past_key_values``, whichever
-    this transformers version uses."""
+    """``LlavaModel.forward`` of a patched instance: same arguments and output
+    type; the language model runs through its own forward (hidden states,
+    gradient checkpointing, device hooks as usual) on the compact sequence.
+    The KV cache comes as ``cache`` or ``past_key_values``."""
     from transformers.cache_utils import DynamicCache
     from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
-    past_key_values = cache if cache is not None else past_key_values
+    from .image_outputs import DyMUImageOutputs
 
-    if input_ids is None:
-        raise ValueError("a DyMU-patched LLaVA needs input_ids (to find the image placeholders), not inputs_embeds")
+    cache = cache if cache is not None else past_key_values
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     lm = self.language_model
     if patch.vtu and lm.config._attn_implementation != ATTN_NAME:
         raise RuntimeError(
             f"the language model's attention implementation was changed to {lm.config._attn_implementation!r} after "
             f"apply_dymu; VTU needs {ATTN_NAME!r}. Call remove_dymu(model) (or apply_dymu again) first"
         )
-    embeds = self.get_input_embeddings()(input_ids)
-    T = input_ids.shape[1]
-    state: Optional[_CacheState] = getattr(past_key_values, "_dymu_state", None)
+    image_out = (mm_encoder_outputs or {}).get("image")
+    if pixel_values is not None and image_out is not None:
+        raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+    embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
     if use_cache is None:
         use_cache = lm.config.use_cache
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config=lm.config)
-    if state is None and past_key_values is not None and past_key_values.get_seq_length() > 0:
-        raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
-
-    if state is None:
-        images = (mm_encoder_outputs or {}).get("image")
-        if images is not None and not isinstance(images, MergedImages):
+    if use_cache and cache is None:
+        cache = DynamicCache(config=lm.config)
+    if kwargs.get("output_attentions", lm.config.output_attentions) and patch.vtu:
+        warnings.warn(
+            "output_attentions: VTU attention never forms the attention matrix over the full sequence (that is what "
+            "makes it cheap), so attentions are None, as with transformers' sdpa attention; remove_dymu(model) for them",
+            stacklevel=3,
+        )
+    old = cache_state(cache)
+    if old is not None:  # a generation step, or new text on a filled cache
+        has_images = pixel_values is not None or image_out is not None
+        if has_images and bool(_placeholder_mask(self, input_ids, embeds).any()):
+            raise ValueError(
+                "new image placeholders on a DyMU KV cache that already holds a prompt: images can only enter with "
+                "the first forward on an empty cache; start a new generation (empty cache) with all images"
+            )
+        state, n_unique, x = _decode_state(self, old, embeds, position_ids), None, embeds
+    else:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
+        if image_out is None and pixel_values is not None:
+            image_out = _encode_images(self, patch, pixel_values, embeds.dtype)
+        if image_out is not None and not isinstance(image_out, DyMUImageOutputs):
             raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
-        from_generate = images is not None
-        if images is None and pixel_values is not None:
-            images = _encode_images(self, patch, pixel_values, embeds.dtype)
+        if isinstance(attention_mask, DeferredMask):  # generate() with a static cache made it
+            attention_mask = attention_mask.padding
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"a DyMU-patched LLaVA takes a 2-D [batch, sequence] padding attention_mask, got shape "
                 f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
             )
+        T = embeds.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None else None
-        hidden, new_state = _prefill(self, patch, input_ids, embeds, mask, position_ids, images, past_key_values,
-                                     use_cache, repeated_prompts=from_generate)
-    else:
-        hidden, new_state = _decode(self, patch, state, embeds, position_ids, past_key_values, use_cache)
+        images = image_out.merged_images() if image_out is not None else None
+        x, state, n_unique = _prefill_state(self, _placeholder_mask(self, input_ids, embeds), embeds, mask,
+                                            position_ids, images)
+    out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, kwargs)
     if use_cache:
-        past_key_values._dymu_state = new_state
-    out = LlavaModelOutputWithPast(last_hidden_state=hidden, **_cache_arg(lm, past_key_values if use_cache else None))
-    return_dict = kwargs.get("return_dict")
+        set_cache_state(cache, state)
+    full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
+    hidden_states = None if out.hidden_states is None else tuple(full(h) for h in out.hidden_states)
+    result = LlavaModelOutputWithPast(
+        last_hidden_state=full(out.last_hidden_state), hidden_states=hidden_states, attentions=out.attentions,
+        image_outputs=image_out, cache=cache if use_cache else None,
+    )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()  # as transformers' @can_return_tuple does
+    return result if return_dict else result.to_tuple()  # as transformers' @can_return_tuple does

@@ -15,7 +15,7 @@ features within rounding.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -25,6 +25,22 @@ from ..reference import dtome as ref
 from ..reference.dtome import MergeState
 
 BACKENDS = (TRITON, CPP, TORCH)
+
+
+@torch.library.custom_op("dymu_kernels::merge_tokens_cpp", mutates_args=())
+def _merge_tokens_cpp(
+    x: torch.Tensor, size: torch.Tensor, lengths: torch.Tensor, pos_map: torch.Tensor, node_idx: torch.Tensor,
+    mask: torch.Tensor, node_max: torch.Tensor, cls_token: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ merge step as an op torch.compile traces (no graph break)."""
+    return tuple(_ext.extension().merge_tokens(x, size, lengths, pos_map, node_idx, mask, node_max, cls_token))
+
+
+@_merge_tokens_cpp.register_fake
+def _(x, size, lengths, pos_map, node_idx, mask, node_max, cls_token):
+    # The kernel keeps the capacity: new, contiguous tensors shaped like the state.
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, size, lengths, pos_map))
+
 
 
 def dtome_merge(
@@ -42,11 +58,20 @@ def dtome_merge(
     """DToMe (threshold) or ToMe (fixed ``r``) merge of one block; see the reference.
 
     ``backend``: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else
-    torch), ``"triton"``, ``"cpp"`` or ``"torch"``; one that cannot run raises
-    ``ValueError`` listing why.
+    torch; torch whenever ``x`` needs gradients — only the reference merge
+    has a backward), ``"triton"``, ``"cpp"`` or ``"torch"``; one that cannot
+    run raises ``ValueError`` listing why.
     """
     # Argument errors first (they name the argument); backend errors after.
     threshold, r = ref.check_dtome_args(x, size, lengths, pos_map, metric, threshold, r)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # Training: only the reference merge is differentiable (the kernels have no backward).
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"dtome_merge backend {backend!r} has no backward; x requires grad: use backend='torch' or 'auto' "
+                "(which picks it when gradients are needed), or run under torch.no_grad()"
+            )
+        backend = "torch"
     name = select_backend("dtome_merge", backend, BACKENDS, x.device, x.dtype)
     state = MergeState(x, size, lengths, pos_map)
     if name == "triton":
@@ -62,4 +87,4 @@ def dtome_merge(
     mask = ref.select_merges(node_max, threshold, r)
     if name == "torch":
         return ref.merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)
-    return MergeState(*_ext.extension().merge_tokens(x, size, lengths, pos_map, node_idx, mask, node_max, cls_token))
+    return MergeState(*_merge_tokens_cpp(x, size, lengths, pos_map, node_idx, mask, node_max, bool(cls_token)))

@@ -145,7 +145,14 @@ FVCORE_HANDLES = {"dymu_kernels::vtu_attention": vtu_attention_flop_jit}
 
 
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
-    return select_backend("vtu_attention", backend, BACKENDS, q.device, q.dtype)
+    """The backend to run; ``"auto"`` passes over Triton for head dims its
+    kernels do not take (D < 32: tensor-core tiles need k >= 16 per half)."""
+    name = select_backend("vtu_attention", backend, BACKENDS, q.device, q.dtype)
+    if name == "triton" and q.shape[-1] < 32:
+        if backend != "auto":
+            raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
+        return "torch"
+    return name
 
 
 def vtu_attention(
@@ -207,8 +214,6 @@ def vtu_attention(
     """
     cos, sin, scale = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale, full_tables=False)
     name = _pick_backend(backend, q)
-    if name == "triton" and q.shape[-1] < 32:
-        raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
     return _vtu_attention_op(q, k, v, merge_map, cos, sin, scale, bool(causal), bool(deterministic), name)
 
 
@@ -249,6 +254,4 @@ def vtu_decode_attention(
             "no key to attend to"
         )
     name = _pick_backend(backend, q)
-    if name == "triton" and q.shape[-1] < 32:
-        raise ValueError(f"the triton backend needs head dim D >= 32, got {q.shape[-1]}")
     return _vtu_decode_op(q, k, v, merge_map, cos, sin, scale, name)

@@ -192,6 +192,7 @@ def calibrate_thresholds(
     schedule: str = "constant",
     model: str = "",
     progress: bool = True,
+    total: Optional[int] = None,
 ) -> Thresholds:
     """Calibrate per-layer thresholds by running ``encoder`` over ``batches``.
 
@@ -203,6 +204,7 @@ def calibrate_thresholds(
         r: merges per image per layer on average (with ``schedule`` and
             ``num_layers``) or an explicit per-layer list (schedule "custom").
         progress: show a tqdm progress bar.
+        total: number of batches, for the progress bar (when ``batches`` has no length).
 
     Returns:
         :class:`Thresholds`, the running mean over batches per layer.
@@ -218,7 +220,7 @@ def calibrate_thresholds(
     from tqdm.auto import tqdm
 
     with torch.no_grad():
-        for batch in tqdm(batches, desc="calibrating thresholds", disable=not progress):
+        for batch in tqdm(batches, desc="calibrating thresholds", total=total, unit="batch", disable=not progress):
             encoder(batch, calibrator)
     return Thresholds(
         thresholds=calibrator.thresholds,
@@ -244,6 +246,11 @@ def published_thresholds(model: str = "openai/clip-vit-large-patch14-336", level
     """Thresholds released with the paper's code (only CLIP-L/14-336 "low")."""
     key = (model, level)
     if key not in PUBLISHED:
-        raise ValueError(f"no published thresholds for {key}; available: {sorted(PUBLISHED)}")
+        missing = ""
+        if model == "openai/clip-vit-large-patch14-336" and level in ("mid", "high"):
+            missing = (f" The paper's {level!r} thresholds were not released with values this package could include; "
+                       f"calibrate them on your images: python3 -m dymu_kernels.calibrate --model MODEL --images DIR "
+                       f"--level {level} --out {level}.json, then apply_dymu(model, '{level}.json').")
+        raise ValueError(f"no published thresholds for {key}; available: {sorted(PUBLISHED)}.{missing}")
     values = PUBLISHED[key]
     return Thresholds(thresholds=list(values), r=[21] * len(values), model=model, schedule="constant")

@@ -1,0 +1,139 @@
+"""Calibrating a real (randomly initialised) CLIP tower on photographs: the API
+over a folder with the model's image processor, the threshold file, the CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+skimage_data = pytest.importorskip("skimage.data")
+Image = pytest.importorskip("PIL.Image")
+
+from dymu_kernels.calibrate import LEVELS, calibrate_tower, image_files, load_tower, main  # noqa: E402
+from dymu_kernels.integrations import DToMeCLIPVisionEncoder, apply_dymu  # noqa: E402
+from dymu_kernels.reference.calibration import Thresholds, merge_schedule, published_thresholds  # noqa: E402
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
+SIZE = 56  # 8 x 8 patches of 7 px
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=SIZE, patch_size=7)
+    return transformers.CLIPVisionModel(config).eval()
+
+
+def processor():
+    return transformers.CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """The photographs as small PNG/JPEG files in nested folders (and a non-image file)."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "more").mkdir()
+    for i, name in enumerate(PHOTOS):
+        array = np.asarray(getattr(skimage_data, name)())
+        image = Image.fromarray(array).convert("RGB").resize((96, 80))
+        image.save(root / ("more" if i % 2 else ".") / f"{name}.{'png' if i % 3 else 'jpg'}")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def merges_per_block(encoder, thresholds, pixel_values):
+    """Average tokens merged per image in each block, at inference with ``thresholds``."""
+    scored = DToMeCLIPVisionEncoder(encoder.vision, thresholds, num_layers=encoder.num_layers, backend="torch")
+    with torch.no_grad():
+        counts = torch.stack(scored(pixel_values).tokens_per_layer, 1).double()  # [n_img, blocks]
+    before = torch.cat([torch.full_like(counts[:, :1], pixel_values.shape[-1] ** 2 / 49 + 1), counts[:, :-1]], 1)
+    return (before - counts).mean(0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_calibrated_tower_merges_r_per_block_on_its_images(photo_dir, schedule):
+    """Thresholds calibrated on a folder (one batch of all its images) merge,
+    on those images, the requested average number of tokens in every block
+    (within one token)."""
+    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=3)
+    files = image_files(photo_dir)
+    assert [f.suffix for f in files].count(".txt") == 0 and len(files) == len(PHOTOS)
+    result = calibrate_tower(encoder, photo_dir, 6, processor=processor(), batch_size=8, schedule=schedule,
+                             model="tiny", progress=False)
+    assert result.r == merge_schedule(6, 3, schedule) and result.num_images == len(PHOTOS)
+    pixels = processor()(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+    got = merges_per_block(encoder, result, pixels)
+    assert torch.all((got - torch.tensor(result.r, dtype=got.dtype)).abs() <= 1), (got, result.r)
+
+
+def test_batches_are_averaged(photo_dir):
+    """Two batches of four: each block's threshold is the mean of the two
+    batches' own calibrations (batch-level calibration, running mean)."""
+    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=3)
+    files = image_files(photo_dir)
+    both = calibrate_tower(encoder, files, 6, processor=processor(), batch_size=4, progress=False)
+    halves = [calibrate_tower(encoder, part, 6, processor=processor(), batch_size=4, progress=False)
+              for part in (files[:4], files[4:])]
+    expected = [(a + b) / 2 for a, b in zip(halves[0].thresholds, halves[1].thresholds)]
+    assert both.num_images == 8 and both.thresholds == pytest.approx(expected, abs=1e-12)
+    assert halves[0].thresholds != halves[1].thresholds
+
+
+def test_threshold_file_round_trip_into_a_patched_llava(photo_dir, tmp_path):
+    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=2)
+    images = [Image.open(f).convert("RGB") for f in image_files(photo_dir)]  # an iterable of PIL images
+    result = calibrate_tower(encoder, images, [5, 3], processor=processor(), progress=False)
+    path = tmp_path / "t.json"
+    result.save(path)
+    assert Thresholds.load(path) == result and result.schedule == "custom"
+    assert DToMeCLIPVisionEncoder(encoder.vision, path, num_layers=2).thresholds == result.thresholds
+
+
+def test_cli_calibrates_a_saved_llava_end_to_end(photo_dir, tmp_path):
+    """``python3 -m dymu_kernels.calibrate`` on a saved LLaVA checkpoint (its
+    tower's blocks up to vision_feature_layer) and a folder of images; the
+    file equals the API's result and patches the model."""
+    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                    vocab_size=100)
+    config = transformers.LlavaConfig(vision_config=tiny_clip().config, text_config=text, image_token_id=99,
+                                      vision_feature_layer=-2)
+    torch.manual_seed(0)
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    model_dir = tmp_path / "llava"
+    llava.save_pretrained(model_dir)
+    processor().save_pretrained(model_dir)
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, "-m", "dymu_kernels.calibrate", "--model", str(model_dir), "--images", str(photo_dir),
+           "--r", "5", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "calibrated 2 blocks on 8 images" in run.stdout
+    from_cli = Thresholds.load(out)
+    encoder, proc = load_tower(str(model_dir))
+    assert encoder.num_layers == 2  # vision_feature_layer=-2 of 3 blocks
+    expected = calibrate_tower(encoder, photo_dir, 5, processor=proc, batch_size=8, model=str(model_dir), progress=False)
+    assert from_cli == expected
+    apply_dymu(llava, out)
+    assert llava._dymu.encoder.thresholds == from_cli.thresholds
+
+
+def test_cli_and_api_errors(tmp_path, photo_dir, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--images", str(empty), "--r", "3", "--out", str(tmp_path / "x.json")])
+    assert "no image files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--images", str(photo_dir), "--r", "3", "--level", "low", "--out", "x.json"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        calibrate_tower(encoder, photo_dir, 3, processor=processor(), batch_size=0)
+    with pytest.raises(ValueError, match="images is empty"):
+        calibrate_tower(encoder, [], 3, processor=processor())
+    assert LEVELS == {"low": 21, "mid": 16, "high": 8}
+    with pytest.raises(ValueError, match="calibrate them on your images: python3 -m dymu_kernels.calibrate .* --level mid"):
+        published_thresholds(level="mid")
