@@ -111,3 +111,22 @@ def test_cpp_merge_step_identical_to_reference_with_tied_scores(gen, cls_token):
     ref = merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)
     out = _ext.extension().merge_tokens(*state, node_idx, mask, node_max, cls_token)
     assert_same_merge(type(ref)(*out), ref, torch.float32)
+
+
+def test_cpp_merge_op_passes_opcheck_and_compiles(gen):
+    """The C++ merge step is ``torch.ops.dymu_kernels.merge_tokens_cpp``: its
+    fake matches the real outputs (shapes, dtypes, strides), so
+    torch.compile traces a merging block without a graph break."""
+    from dymu_kernels.reference.dtome import bipartite_match, select_merges
+
+    x, size, lengths, pos_map, metric = mixed_batch(gen, 77, 32, torch.float32)
+    node_max, node_idx = bipartite_match(metric, lengths, cls_token=True)
+    mask = select_merges(node_max, 0.2, None)
+    args = (x, size, lengths, pos_map, node_idx, mask, node_max, True)
+    torch.library.opcheck(torch.ops.dymu_kernels.merge_tokens_cpp.default, args)
+    expected = dymu_kernels.dtome_merge(x, size, lengths, pos_map, metric, 0.2, backend="cpp")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: dymu_kernels.dtome_merge(*a, 0.2, backend="cpp"), fullgraph=True)
+    got = compiled(x, size, lengths, pos_map, metric)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
