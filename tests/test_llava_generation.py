@@ -198,6 +198,18 @@ def test_merging_every_mode_runs(gen):
         assert torch.equal(lookup.sequences, greedy.sequences)
 
 
+def test_one_image_for_several_prompts_raises_as_unpatched(twins, gen):
+    """generate() with three prompts but one image's pixel values is a
+    mismatch in both models (never silently copied to every prompt)."""
+    base, patched = twins
+    ids, pix = prompt(1).repeat(3, 1), images(gen, 1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+            base.generate(input_ids=ids, pixel_values=pix, **BASE)
+        with pytest.raises(ValueError, match="found 48 image placeholder tokens in input_ids but 1 image"):
+            patched.generate(input_ids=ids, pixel_values=pix, **BASE)
+
+
 def test_cache_length_crop_reset_and_new_images(gen):
     """The cache reports full positions; cropping generated tokens works (and
     continues exactly), cropping into merged image tokens raises; a static
@@ -244,9 +256,13 @@ def test_torch_compile_of_the_whole_model(gen):
         got = torch.compile(model)(input_ids=ids, pixel_values=pix).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         eager = model.generate(input_ids=ids, pixel_values=pix, **BASE, do_sample=False).sequences
+        static = model.generate(input_ids=ids, pixel_values=pix, cache_implementation="static", **BASE,
+                                do_sample=False).sequences
         model.forward = torch.compile(model.forward)
         compiled = model.generate(input_ids=ids, pixel_values=pix, **BASE, do_sample=False).sequences
-    assert torch.equal(compiled, eager)
+        compiled_static = model.generate(input_ids=ids, pixel_values=pix, cache_implementation="static", **BASE,
+                                         do_sample=False).sequences
+    assert torch.equal(compiled, eager) and torch.equal(static, eager) and torch.equal(compiled_static, eager)
 
 
 @pytest.mark.parametrize("thresholds", [NO_MERGE, [0.5, 0.5]])
