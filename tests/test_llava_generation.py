@@ -320,3 +320,26 @@ def test_dtome_merge_with_gradients_uses_the_differentiable_reference(gen):
     torch.testing.assert_close(x.grad.sum((1, 2)), 8.0 * state.lengths.to(x.dtype))
     with pytest.raises(ValueError, match="backend 'cpp' has no backward"):
         dymu_kernels.dtome_merge(x, size, lengths, pos_map, x.detach(), 0.1, backend="cpp")
+
+
+def test_generate_under_accelerate_device_hooks(gen, monkeypatch):
+    """accelerate's hooks (what ``device_map`` installs on every decoder layer)
+    move each layer's arguments to its device; the VTU context goes along
+    through ``.to`` and generation is unchanged."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from dymu_kernels.integrations.llava import VTUContext
+
+    ids, pix = prompt(1), images(gen, 1, flat=(0,))
+    kwargs = dict(input_ids=ids, pixel_values=pix, **BASE, do_sample=False)
+    with torch.no_grad():
+        plain = apply_dymu(tiny_llava(), [0.5, 0.5]).generate(**kwargs).sequences
+        model = tiny_llava()
+        for layer in model.model.language_model.layers:
+            hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        apply_dymu(model, [0.5, 0.5])
+        moved = []
+        real = VTUContext.to
+        monkeypatch.setattr(VTUContext, "to", lambda self, *a, **k: moved.append(1) or real(self, *a, **k))
+        hooked = model.generate(**kwargs).sequences
+    assert torch.equal(hooked, plain)
+    assert len(moved) == 2 * 4  # every decoder layer (2), every forward (prompt + 3 steps)
