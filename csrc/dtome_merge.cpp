@@ -1,11 +1,11 @@
 // DToMe merge step on the CPU: applies chosen A -> B merges to the batched
-// merge state (DESIGN.md §2) with size-weighted averaging.
+// merge state (docs/design.md §2) with size-weighted averaging.
 //
 // The reference scatter-adds every token into its destination; here each
 // output row is *gathered* from its members in a fixed order (destination
 // first, then its sources by increasing slot), so the result is deterministic
 // and every row is read once and written once. The new order follows the two
-// order rules of DESIGN.md §1.1 (plan_image): (a) nothing merged -> unchanged;
+// order rules of docs/design.md §1.1 (plan_image): (a) nothing merged -> unchanged;
 // (b) unmerged A tokens (by position with CLS, by descending score without),
 // then all B tokens.
 #include "dymu_kernels.h"
@@ -31,7 +31,7 @@ struct MergePlan {
   int64_t new_length = 0;
 };
 
-// Rule (a) of DESIGN.md §1.1: an image that merges nothing keeps its sequence
+// Rule (a) of docs/design.md §1.1: an image that merges nothing keeps its sequence
 // unchanged, order included.
 MergePlan identity_plan(int64_t L) {
   MergePlan p;

@@ -18,7 +18,7 @@ torch::Tensor segment_mean_cpu(const torch::Tensor& src, const torch::Tensor& in
 // [B, ceil(N/2)] as produced by matching + selection, node_max [B, ceil(N/2)]
 // (float scores; they order the unmerged A tokens when cls_token is false).
 // Returns the new (x, size, lengths, pos_map) with capacity N, in the order of
-// DESIGN.md §1.1: an image merging nothing is unchanged; else unmerged A tokens
+// docs/design.md §1.1: an image merging nothing is unchanged; else unmerged A tokens
 // (position order with CLS, descending score without; ties by position), then
 // all B tokens. Size-weighted average in fp32 (fp64 for double), gathered per
 // destination in a fixed order.

@@ -1,4 +1,4 @@
-// VTU attention on the CPU (DESIGN.md §1.3): attention over the virtual full
+// VTU attention on the CPU (docs/design.md §1.3): attention over the virtual full
 // sequence of N positions, computed from N_un unique tokens.
 //
 //   o_p     = sum_s softmax_s((R_p q_m(p)) . (R_s k_m(s)) * scale + causal(p, s)) v_m(s)

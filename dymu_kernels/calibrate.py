@@ -17,7 +17,7 @@ for CLIP ViT-L/14-336, r = 21 / 16 / 8 merges per block on average (about
 89 / 195 / 394 of 576 image tokens kept). Pass the file to
 ``apply_dymu(model, "low.json")``.
 
-Calibration is batch-level (DESIGN.md §1.2): within a batch the most similar
+Calibration is batch-level (docs/design.md §1.2): within a batch the most similar
 ``r * batch_size`` edges of each block are merged, so larger batches spread
 the merges over images more faithfully; thresholds are averaged over batches.
 """
@@ -35,7 +35,7 @@ import torch
 
 from .reference.calibration import SCHEDULES, Thresholds, calibrate_thresholds
 
-LEVELS = {"low": 21, "mid": 16, "high": 8}  # merges per block, CLIP ViT-L/14-336 (DESIGN.md §1.2)
+LEVELS = {"low": 21, "mid": 16, "high": 8}  # merges per block, CLIP ViT-L/14-336 (docs/design.md §1.2)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -63,7 +63,7 @@ def assert_batch_equals_alone(args, threshold, backend):
 
 
 # ---------------------------------------------------------------------------
-# Order rules (DESIGN.md §1.1): (a) an image that merges nothing is unchanged;
+# Order rules (docs/design.md §1.1): (a) an image that merges nothing is unchanged;
 # (b) without CLS the unmerged A tokens follow in descending score order.
 # ---------------------------------------------------------------------------
 

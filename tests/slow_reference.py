@@ -1,6 +1,6 @@
 """Obviously-correct loop implementations (per image, per token), float64.
 
-They restate DESIGN.md §1 with Python loops and no vectorisation, so the
+They restate docs/design.md §1 with Python loops and no vectorisation, so the
 batched references can be checked against something a reader verifies by eye.
 """
 
@@ -16,7 +16,7 @@ def normalise(v):
 def loop_merge_one(x, size, metric, *, threshold=None, r=None, cls_token=True):
     """One image's merge on its valid tokens. Returns (x, size, slot_of_old_token).
 
-    New order (DESIGN.md §1.1): nothing merged -> unchanged; else the kept A
+    New order (docs/design.md §1.1): nothing merged -> unchanged; else the kept A
     tokens (position order with CLS, else by descending score, ties by
     position), then all B tokens."""
     L = x.shape[0]

@@ -29,7 +29,7 @@ def test_no_merging_equals_hf_forward(gen):
         out = enc(pixels)
         none = DToMeCLIPVisionEncoder(model, [float("inf")] * 3, num_layers=3, backend="torch")(pixels)  # nothing merges
     torch.testing.assert_close(out.features, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
-    # Merging nothing leaves the sequence unchanged (DESIGN.md §1.1 rule (a)); pos_map says where each went.
+    # Merging nothing leaves the sequence unchanged (docs/design.md §1.1 rule (a)); pos_map says where each went.
     back = none.features.gather(1, none.pos_map.long()[..., None].expand_as(out.features))
     torch.testing.assert_close(back, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
     assert (none.lengths == 50).all()

@@ -84,7 +84,7 @@ def test_cpp_backend_errors(gen):
         C.merge_tokens(x, size, lengths, pos_map, idx, mask, torch.full((3, 5), float("nan")), False)
 
 
-# --- Order rules (DESIGN.md §1.1) ---------------------------------------------
+# --- Order rules (docs/design.md §1.1) ---------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["threshold", "r"])

@@ -220,7 +220,7 @@ def test_merge_tokens_ignores_masks_on_padding(gen):
     assert int(out.lengths[0]) == 2 and float(out.size.sum()) == 4.0
 
 
-# --- Order rules over chains of blocks (DESIGN.md §1.1) -----------------------
+# --- Order rules over chains of blocks (docs/design.md §1.1) -----------------------
 
 
 def loop_chain(x, size, lengths, pos_map, metrics, mode, cls_token):

@@ -119,7 +119,7 @@ def test_auto_never_picks_the_interpreter(gen, monkeypatch):
         select_backend("dtome_merge", "triton", (TRITON, CPP, TORCH), torch.device("cpu"), torch.float32)
 
 
-# --- Order rules (DESIGN.md §1.1) ---------------------------------------------
+# --- Order rules (docs/design.md §1.1) ---------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["threshold", "r"])

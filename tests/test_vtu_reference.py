@@ -28,7 +28,7 @@ def hf_brute_force(q, k, v, merge_map, cos, sin, scale):
 
 
 def make_case(kind, gen, B=2, H=4, H_kv=2, D=16, N=24):
-    """Merge maps for the situations DESIGN.md names, with HF-format cos/sin."""
+    """Merge maps for the situations docs/design.md names, with HF-format cos/sin."""
     maps = []
     for b in range(B):
         if kind == "identity":

@@ -1,5 +1,5 @@
 """VTU attention test cases shared by every backend's tests: merge maps of the
-kinds DESIGN.md names, inputs, and FlashAttention's tolerance rule (error vs a
+kinds docs/design.md names, inputs, and FlashAttention's tolerance rule (error vs a
 float64 reference at most 2x the error of the reference computed in the same
 low dtype)."""
 

@@ -8,7 +8,7 @@ embedding, layer norms, projections and MLPs, and runs each encoder block as
     state = dtome_merge(state, keys=k, threshold_i)             # merge A -> B
     x = x + mlp(layer_norm2(x))
 
-on the batched merge state (DESIGN.md §2). The only host syncs are the
+on the batched merge state (docs/design.md §2). The only host syncs are the
 optional trims of the padded capacity (one per block, see ``trim``); with
 ``trim=False`` — the default on CUDA — nothing synchronises, so a GPU forward
 can be captured in a CUDA graph.

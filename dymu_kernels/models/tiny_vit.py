@@ -2,7 +2,7 @@
 
 It exists to exercise the merge state end to end on real images without
 downloading weights: the demo runs it randomly initialised, and calibration
-tests drive it. The block follows DESIGN.md §1.1: attention (proportional,
+tests drive it. The block follows docs/design.md §1.1: attention (proportional,
 ``+log size`` per key) and residual, then the merge chosen by a *policy* from
 this block's keys, then the MLP on the surviving tokens.
 

@@ -2,7 +2,7 @@
 
 Same contract as :func:`dymu_kernels.reference.dtome_merge`: every backend
 makes the same merges (same sizes, lengths and pos_map) in the same new order
-(the order rules (a) and (b) of the official release, DESIGN.md §1.1) and
+(the order rules (a) and (b) of the official release, docs/design.md §1.1) and
 features within rounding.
 
 - ``triton`` (CUDA): fused match + threshold kernel, prefix-sum compaction and

@@ -11,7 +11,7 @@ asynchronously so a whole merged ViT forward can be captured in a CUDA graph:
    (fixed-r ToMe mode ranks the [B, N/2] scores with torch.sort instead.)
 3. ``_plan_kernel``     one program per image: prefix sums over kept A tokens
                         give every old slot its new slot in the official
-                        order (DESIGN.md §1.1: an image merging nothing is
+                        order (docs/design.md §1.1: an image merging nothing is
                         unchanged; kept A tokens by position with CLS, else
                         in score order, sorted by torch beforehand), and every
                         new slot its "home" token.

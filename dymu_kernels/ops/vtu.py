@@ -180,7 +180,7 @@ def vtu_attention(
     ``k[m(s)]`` rotated at s; attention is causal on the position index; each
     unique token's output is the mean of its positions' outputs. This equals
     expanding the sequence, running ordinary RoPE attention and averaging per
-    group — nothing is approximated (DESIGN.md §1.3).
+    group — nothing is approximated (docs/design.md §1.3).
 
     Args:
         q: ``[B, H, N_un, D]`` queries of the unique tokens, *before* RoPE.

@@ -1,4 +1,4 @@
-"""Proportional attention for merged ViT blocks (DESIGN.md §1.1).
+"""Proportional attention for merged ViT blocks (docs/design.md §1.1).
 
 After merging, one token stands for ``s`` original patches. Proportional
 attention adds ``log(s_key)`` to every logit of that key, so a merged token

@@ -1,4 +1,4 @@
-"""Threshold calibration for DToMe (DESIGN.md §1.2) and the threshold file.
+"""Threshold calibration for DToMe (docs/design.md §1.2) and the threshold file.
 
 For layer i with a target of ``r_i`` merges per image, a batch of B images is
 run through the encoder; at layer i all A->B edges of the whole batch are
@@ -231,7 +231,7 @@ def calibrate_thresholds(
     )
 
 
-# Published DyMU thresholds for OpenAI CLIP ViT-L/14-336, blocks 0..23 (DESIGN.md §5).
+# Published DyMU thresholds for OpenAI CLIP ViT-L/14-336, blocks 0..23 (docs/design.md §5).
 PUBLISHED = {
     ("openai/clip-vit-large-patch14-336", "low"): [
         0.99609375, 0.97265625, 0.94140625, 0.91015625, 0.87890625, 0.87890625,

@@ -1,7 +1,7 @@
 """DToMe reference: one encoder block's bipartite threshold merge.
 
 This is the readable specification that every DToMe backend is tested
-against (DESIGN.md §1.1, §2). Everything is batched, padded and free of host
+against (docs/design.md §1.1, §2). Everything is batched, padded and free of host
 synchronisation: no ``.item()``, no shape that depends on tensor values.
 
 Merge state (one batch of images, all on one device)::
@@ -25,7 +25,7 @@ One block's merge, per image, on its ``L = lengths[b]`` valid tokens:
    ``x_B <- sum(x_t * s_t) / sum(s_t)`` and ``s_B <- sum(s_t)`` over B and all
    its sources, accumulated in fp32 (fp64 for fp64 input). Tokens that receive
    no source are moved unchanged (bit-exact).
-5. New order (the two order rules of the official release, DESIGN.md §1.1;
+5. New order (the two order rules of the official release, docs/design.md §1.1;
    they decide which tokens are A and B in the next block):
 
    (a) an image that merges **no** token keeps its sequence unchanged, order

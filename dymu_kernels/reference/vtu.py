@@ -1,4 +1,4 @@
-"""VTU attention references (DESIGN.md §1.3): two independent implementations.
+"""VTU attention references (docs/design.md §1.3): two independent implementations.
 
 The language model keeps the virtual full sequence of N positions but
 computes on N_un unique tokens. ``merge_map [B, N]`` gives the unique token at
