@@ -185,7 +185,11 @@ def vtu_attention_decomposed(
     fp64 for fp64 input), with one more requirement: cos/sin must repeat their
     first half in the second (HF format), since the decomposition pairs
     dimension ``f`` with ``f + D/2`` under one frequency. Materialises
-    ``[B, H, N, N, D/2]`` products: a reference for small shapes.
+    ``[B, H, N, N, D/2]`` products: a reference for small shapes. Its only
+    matrix products are the two unique-token products (``N_un^2 * D``
+    multiply-adds each per head) and the attention-weighted values at the full
+    positions (``N^2 * D``); expansion goes by indexing and the cos/sin combine
+    is elementwise — what fvcore counts for the paper's Table 1 (docs/design.md §1.3).
     """
     cos, sin, scale = check_vtu_inputs(q, k, v, merge_map, cos, sin, scale)
     B, H, n_un, D = q.shape
@@ -200,20 +204,31 @@ def vtu_attention_decomposed(
     vv = v.to(dt).repeat_interleave(n_rep, dim=1)
     c, s = cos[..., :half].to(dt), sin[..., :half].to(dt)
 
-    # Products of unique tokens, one per frequency pair f: [B, H, N_un, N_un, D/2].
-    dot = torch.einsum("bhuf,bhvf->bhuvf", q1, k1) + torch.einsum("bhuf,bhvf->bhuvf", q2, k2)
-    cross = torch.einsum("bhuf,bhvf->bhuvf", q1, k2) - torch.einsum("bhuf,bhvf->bhuvf", q2, k1)
-    # M: [B, N, N_un] one-hot merge matrix (zero rows for padding).
+    # Products of unique tokens, one per frequency pair f, each summing over the
+    # two halves x: dot = q1 k1 + q2 k2, cross = q1 k2 - q2 k1: [B, H, N_un, N_un, D/2]
+    # (N_un^2 * D multiply-adds per head each: what fvcore counts).
+    # Batched over f: [.., f, N_un, 2] @ [.., f, 2, N_un].
+    qx = torch.stack([q1, q2], dim=-1).transpose(2, 3)  # [B, H, D/2, N_un, 2]
+
+    def pair_products(a, b):
+        kx = torch.stack([a, b], dim=-1).permute(0, 1, 3, 4, 2)  # [B, H, D/2, 2, N_un]
+        return (qx @ kx).permute(0, 1, 3, 4, 2)  # [B, H, N_un, N_un, D/2]
+
+    dot, cross = pair_products(k1, k2), pair_products(k2, -k1)
+    # To the full positions by indexing through the map (no arithmetic): [B, H, N, N, D/2].
     valid = merge_map >= 0
-    M = torch.nn.functional.one_hot(merge_map.long().clamp_min(0), n_un).to(dt) * valid[..., None].to(dt)
-    dot_p = torch.einsum("bpu,bhuvf,bsv->bhpsf", M, dot, M)
-    cross_p = torch.einsum("bpu,bhuvf,bsv->bhpsf", M, cross, M)
-    scores = (
-        torch.einsum("bpf,bhpsf,bsf->bhps", c, dot_p, c)
-        + torch.einsum("bpf,bhpsf,bsf->bhps", s, dot_p, s)
-        + torch.einsum("bpf,bhpsf,bsf->bhps", s, cross_p, c)
-        - torch.einsum("bpf,bhpsf,bsf->bhps", c, cross_p, s)
-    ) * scale
+    idx = merge_map.long().clamp_min(0)
+    b = torch.arange(B, device=q.device)[:, None, None]
+
+    def at_positions(t):
+        return t.permute(0, 2, 3, 1, 4)[b, idx[:, :, None], idx[:, None, :]].permute(0, 3, 1, 2, 4)
+
+    dot_p, cross_p = at_positions(dot), at_positions(cross)
+    # Elementwise combine with the query's (p) and key's (s) cos/sin, summed over f:
+    # c_p c_s dot + s_p s_s dot + s_p c_s cross - c_p s_s cross.
+    cp, sp = c[:, None, :, None, :], s[:, None, :, None, :]
+    cs, ss = c[:, None, None, :, :], s[:, None, None, :, :]
+    scores = ((cp * cs + sp * ss) * dot_p + (sp * cs - cp * ss) * cross_p).sum(-1) * scale
 
     N = merge_map.shape[1]
     allowed = valid[:, None, None, :].expand(B, 1, N, N)
@@ -221,11 +236,13 @@ def vtu_attention_decomposed(
         allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     probs = torch.nan_to_num(probs) * valid[:, None, :, None].to(dt)
-    # Attention mass per unique key, then values once per unique token.
-    out = (probs @ M[:, None]) @ vv  # [B, H, N, D]
-    counts = M.sum(dim=1)  # positions per unique token, [B, N_un]
-    out_un = torch.einsum("bpu,bhpd->bhud", M, out) / counts.clamp_min(1)[:, None, :, None]
-    return out_un.to(q.dtype)
+    # Values at the full positions (indexed), one N x N x D product per head.
+    v_full = vv.permute(0, 2, 1, 3)[b[:, :, 0], idx].permute(0, 2, 1, 3)  # [B, H, N, D]
+    out = probs @ v_full
+    # Re-merge: mean over each unique token's positions (padding rows add nothing).
+    sums = out.new_zeros(B, H, n_un, D).scatter_add_(2, idx[:, None, :, None].expand(B, H, N, D), out)
+    counts = out.new_zeros(B, n_un).scatter_add_(1, idx, valid.to(dt))
+    return (sums / counts.clamp_min(1)[:, None, :, None]).to(q.dtype)
 
 
 def vtu_decode_attention_ref(
