@@ -1,0 +1,165 @@
+"""Whole-model FLOPs: stock LLaVA vs DyMU low / mid / high, per component.
+
+    python3 benchmarks/flop_tables.py            # LLaVA-1.5-7B shape and the CPU benchmark's shape
+
+Counted with ``FlopCounterMode`` on the meta device (no weights, nothing
+runs) for one image and 66 text tokens (N = 642 positions), batch 1:
+
+- **vision tower + projector.** Stock: the HF CLIP forward (all 24 blocks, as
+  transformers runs them, although LLaVA reads block 23) and the projector on
+  576 tokens. DyMU: the patch embedding, then the 23 blocks LLaVA reads, block i run at the tokens left
+  after i blocks of fixed-r merging (``577 - r·i``; the block's attention,
+  matching, merge and MLP), then the projector on the ``576 - 23·r`` image
+  tokens left. DyMU's thresholds make the count image-dependent; fixed r gives
+  the same average exactly (the paper's calibrated averages are 89 / 195 /
+  394 tokens; fixed r = 21 / 16 / 8 keeps 93 / 208 / 392).
+- **language model, prefill**: the decoder layers and final norm. Stock at
+  N = 642 tokens; DyMU at ``66 + kept`` tokens with VTU attention over the
+  642 virtual positions. Attention counts QKᵀ and AV (2 FLOPs per MAC), causal
+  halved — the same formula for SDPA and VTU (``bench_e2e.flop_mapping``).
+
+The FLOP ratio is the bound end-to-end prefill timings are compared with
+(``bench_e2e.py`` counts the same way on real runs). Writes
+``benchmarks/results/flops_model.jsonl`` and ``flops_model.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_e2e import SIZES, TEXT_AFTER, TEXT_BEFORE, flop_mapping, llava_config  # noqa: E402
+from common import RESULTS_DIR, environment, write_rows  # noqa: E402
+
+SETTINGS = {"low": 21, "mid": 16, "high": 8}  # fixed-r merges per block (docs/design.md §1.2)
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def meta_llava(size: str, lm_layers: int):
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.LlavaForConditionalGeneration._from_config(llava_config(size, lm_layers),
+                                                                        attn_implementation="sdpa").eval()
+
+
+def stock_flops(model) -> Dict[str, int]:
+    cfg = model.config.vision_config
+    pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    vision = _flops(lambda: model.model.vision_tower(pixels))
+    projector = _flops(lambda: model.model.multi_modal_projector(torch.empty(1, patches, cfg.hidden_size, device="meta")))
+    n = TEXT_BEFORE + TEXT_AFTER + patches
+    return {"vision": vision + projector, "lm": _lm_flops(model, n, torch.arange(n, dtype=torch.int32)[None]),
+            "image_tokens": patches, "lm_tokens": n}
+
+
+def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
+    """Decoder layers + norm on ``n_compact`` tokens, attention through VTU over the map's positions."""
+    from dymu_kernels.integrations.llava import ATTN_NAME, VTUContext, _register_attention
+
+    lm = model.model.language_model
+    _register_attention()
+    saved, lm.config._attn_implementation = lm.config._attn_implementation, ATTN_NAME
+    try:
+        head_dim = lm.config.hidden_size // lm.config.num_attention_heads
+        n = merge_map.shape[1]
+        ctx = VTUContext(merge_map.to("meta"), torch.empty(1, n, head_dim, device="meta"),
+                         torch.empty(1, n, head_dim, device="meta"), decode=False, backend="torch")
+        x = torch.empty(1, n_compact, lm.config.hidden_size, device="meta")
+        from transformers import DynamicCache
+
+        # With a cache transformers skips its packed-sequence check, which reads values (none on meta).
+        return _flops(lambda: lm(inputs_embeds=x, cache=DynamicCache(config=lm.config), use_cache=True, dymu_vtu=ctx))
+    finally:
+        lm.config._attn_implementation = saved
+
+
+def dymu_flops(model, r: int) -> Dict[str, int]:
+    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+    from dymu_kernels.reference.dtome import init_merge_state
+
+    cfg = model.config.vision_config
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    blocks = cfg.num_hidden_layers - 1  # vision_feature_layer = -2
+    encoder = DToMeCLIPVisionEncoder(model.model.vision_tower, r=r, num_layers=blocks, backend="torch", trim=False)
+    pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")
+    vision = _flops(lambda: encoder.vision.embeddings(pixels))  # the patch embedding (a convolution)
+    for i, layer in enumerate(encoder.vision.encoder.layers[:blocks]):
+        state = init_merge_state(torch.empty(1, patches + 1 - r * i, cfg.hidden_size, device="meta"))
+        vision += _flops(lambda: encoder._block(layer, state, i))
+    kept = patches - blocks * r
+    vision += _flops(lambda: model.model.multi_modal_projector(torch.empty(1, kept, cfg.hidden_size, device="meta")))
+    text = TEXT_BEFORE + TEXT_AFTER
+    # Merge map: text, then the image's 576 positions on `kept` unique tokens, as the compact layout has it.
+    image = torch.arange(patches) * kept // patches + TEXT_BEFORE
+    merge_map = torch.cat([torch.arange(TEXT_BEFORE), image, torch.arange(TEXT_AFTER) + TEXT_BEFORE + kept])
+    return {"vision": vision, "lm": _lm_flops(model, text + kept, merge_map.to(torch.int32)[None]),
+            "image_tokens": kept, "lm_tokens": text + kept}
+
+
+def table(size: str, lm_layers: int) -> List[Dict[str, object]]:
+    model = meta_llava(size, lm_layers)
+    stock = stock_flops(model)
+    rows = []
+    for name, counts in [("stock", stock)] + [(f"DyMU {k} (r={r})", dymu_flops(model, r)) for k, r in SETTINGS.items()]:
+        total = counts["vision"] + counts["lm"]
+        stock_total = stock["vision"] + stock["lm"]
+        rows.append({"op": "model_flops", "model": SIZES[size]["name"], "size": size, "lm_layers": lm_layers,
+                     "config": name, "image_tokens": counts["image_tokens"], "lm_tokens": counts["lm_tokens"],
+                     "vision_gflops": counts["vision"] / 1e9, "lm_gflops": counts["lm"] / 1e9,
+                     "total_gflops": total / 1e9, "vision_ratio": counts["vision"] / stock["vision"],
+                     "lm_ratio": counts["lm"] / stock["lm"], "total_ratio": total / stock_total})
+    return rows
+
+
+def markdown(rows: List[Dict[str, object]]) -> str:
+    r0 = rows[0]
+    lines = [f"### {r0['model']}, {r0['lm_layers']} LM layers: prefill of one image + 66 text tokens (GFLOPs)", "",
+             "| config | image tokens | LM tokens | vision + projector | × stock | LM prefill | × stock | total | × stock |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['image_tokens']} | {r['lm_tokens']} | {r['vision_gflops']:.1f} | "
+                     f"{r['vision_ratio']:.2f} | {r['lm_gflops']:.1f} | {r['lm_ratio']:.2f} | {r['total_gflops']:.1f} | "
+                     f"{r['total_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    parts, all_rows = [], []
+    for size in ("7b", "small"):
+        rows = table(size, SIZES[size]["lm_layers"])
+        all_rows += rows
+        parts.append(markdown(rows))
+        print(parts[-1], flush=True)
+    env = environment()
+    note = (f"Counted with FlopCounterMode on the meta device; torch {env['torch']}, transformers "
+            f"{env['transformers']}, commit {env['commit']}.\n")
+    if not args.no_save:
+        write_rows("flops_model", all_rows, args.results_dir)
+        with open(os.path.join(args.results_dir, "flops_model.md"), "w") as f:
+            f.write("\n".join(parts) + "\n" + note)
+        print(f"rows and table: {os.path.join(args.results_dir, 'flops_model')}.jsonl / .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
