@@ -61,14 +61,12 @@ def inputs(n: int, n_un: int, heads: int, head_dim: int, device: str, dtype: tor
 def providers(q, k, v, merge_map, cos, sin, device: str) -> Dict[str, object]:
     """One callable per provider (all causal)."""
     fused = "triton" if device == "cuda" else "cpp"
-    c4, s4 = cos[:, None] if cos.dim() == 2 else cos, sin[:, None] if sin.dim() == 2 else sin
     qf, kf, vf = (ref.unmerge(t, merge_map) for t in (q, k, v))
-    qf, kf = ref.apply_rope(qf, c4, s4), ref.apply_rope(kf, c4, s4)
+    qf, kf = ref.apply_rope(qf, cos, sin), ref.apply_rope(kf, cos, sin)  # [N, D] tables broadcast
 
     def decomposed():
-        for h in range(0, q.shape[1], 4):
-            sl = slice(h, h + 4)
-            ref.vtu_attention_decomposed(q[:, sl], k[:, sl], v[:, sl], merge_map, cos, sin)
+        return torch.cat([ref.vtu_attention_decomposed(q[:, h : h + 4], k[:, h : h + 4], v[:, h : h + 4], merge_map,
+                                                       cos, sin) for h in range(0, q.shape[1], 4)], dim=1)
 
     out = {
         "sdpa at N (expanded)": lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True),
