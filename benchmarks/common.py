@@ -62,8 +62,9 @@ def environment() -> Dict[str, str]:
 
 
 def time_ms(fn: Callable[[], object], device: str, min_run_time: float = 0.5) -> Dict[str, float]:
-    """Median and 20/80% quantiles of one call, in milliseconds (for calls of
-    milliseconds; see :func:`sample_times` for calls of seconds)."""
+    """Median and 20/80% quantiles of one call, in milliseconds, over at least
+    3 samples (for calls of milliseconds; see :func:`sample_times` for calls
+    of seconds)."""
     if device == "cuda":
         import triton.testing
 
@@ -71,9 +72,13 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float = 0.5) ->
         return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
     from torch.utils.benchmark import Timer
 
-    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-    q = torch.tensor(m.times, dtype=torch.float64)
-    return {"ms": m.median * 1e3, "ms_p20": float(q.quantile(0.2)) * 1e3, "ms_p80": float(q.quantile(0.8)) * 1e3}
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
+    while len(times) < 3:  # a call longer than min_run_time gives one block: take at least 3 samples
+        times += timer.timeit(1).times
+    q = torch.tensor(times, dtype=torch.float64)
+    return {"ms": float(q.median()) * 1e3, "ms_p20": float(q.quantile(0.2)) * 1e3, "ms_p80": float(q.quantile(0.8)) * 1e3,
+            "n_samples": len(times)}
 
 
 def sync_device(device: str) -> None:
