@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small subset: merge B=1,8; encoder B=1, r=21")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--results-dir", default=None, help="where rows go (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
         merge_b, enc_b, rs = (1, 8), (1,), (21,)
@@ -100,9 +101,10 @@ def main(argv=None):
         merge_b, enc_b, rs = (1, 8, 32), (1, 8, 32), (21, 16, 8)
     rows = merge_rows(args.device, merge_b)
     rows += encoder_rows(args.device, enc_b, rs)
-    print_table(rows, ["op", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "images_per_s", "tokens_kept", "speedup"])
+    print_table(rows, ["op", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "n_samples", "images_per_s", "tokens_kept",
+                       "speedup"])
     if not args.no_save:
-        print("results appended to", write_rows(f"dtome_{args.device}", rows))
+        print("results appended to", write_rows(f"dtome_{args.device}", rows, args.results_dir))
 
 
 if __name__ == "__main__":
