@@ -81,6 +81,13 @@ def vtu_prefill_inputs(gen):
     return [t.float() for t in (q, k, v)], merge_map, [t.float() for t in (cos, sin)]
 
 
+def assert_fa_close(reference, out, q, k, v, merge_map, cos, sin):
+    """fp32 ``out`` against ``reference`` by FlashAttention's rule (fp64 exact, fp32 baseline)."""
+    assert out.shape == q.shape and out.dtype == torch.float32
+    exact = reference(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
+    check_fa_rule(out, exact, reference(q, k, v, merge_map, cos, sin, upcast=False), torch.float32)
+
+
 @pytest.mark.benchmark(group=f"vtu_attention prefill H={VTU_H} H_kv={VTU_H_KV} N={VTU_N} D={VTU_D} fp32")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bench_vtu_prefill(benchmark, gen, backend):
@@ -91,10 +98,7 @@ def test_bench_vtu_prefill(benchmark, gen, backend):
 
     out = timed(benchmark, dymu_kernels.vtu_attention, q, k, v, merge_map, cos, sin, backend=backend)
 
-    assert out.shape == q.shape and out.dtype == torch.float32
-    exact = ref.vtu_attention_expand(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
-    low_ref = ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, upcast=False)
-    check_fa_rule(out, exact, low_ref, torch.float32)
+    assert_fa_close(ref.vtu_attention_expand, out, q, k, v, merge_map, cos, sin)
     assert out[:, :, :n_unique].abs().amax(-1).gt(0).all()  # every used unique token got an output
 
 
@@ -113,10 +117,7 @@ def test_bench_vtu_decode(benchmark, gen, backend):
 
     out = timed(benchmark, dymu_kernels.vtu_decode_attention, q, k, v, merge_map, cos, sin, backend=backend)
 
-    assert out.shape == q.shape and out.dtype == torch.float32
-    exact = ref.vtu_decode_attention_ref(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
-    low_ref = ref.vtu_decode_attention_ref(q, k, v, merge_map, cos, sin, upcast=False)
-    check_fa_rule(out, exact, low_ref, torch.float32)
+    assert_fa_close(ref.vtu_decode_attention_ref, out, q, k, v, merge_map, cos, sin)
 
 
 # --- Segment mean: attention outputs at full positions back to unique tokens -----
