@@ -589,6 +589,30 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     check_out_dir(parser, args.out)
 
 
+def environment(device: str) -> Dict[str, str]:
+    """What produced a run: device, versions, and the package's git commit when
+    it runs from a checkout ("+dirty" with local changes), so numbers quoted
+    from ``results.json`` can be traced."""
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    env = {"device": f"{device}: {platform.machine()} x{torch.get_num_threads()} threads" if device == "cpu"
+           else f"{device}: {torch.cuda.get_device_name()}",
+           "torch": torch.__version__, "dymu_kernels": __version__, "python": platform.python_version()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if commit:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            env["commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
 def write_results(out: str, res: Dict[str, object], rows: List[Dict[str, object]], summary: Dict[str, object],
                   table1_rows: Optional[List[Dict[str, object]]], args: argparse.Namespace) -> None:
     """``results.json`` (settings, per-image rows, summary, Table 1) and ``thresholds.json`` in ``out``."""
@@ -605,6 +629,7 @@ def write_results(out: str, res: Dict[str, object], rows: List[Dict[str, object]
         "images": rows,
         "photographs": summary,
         "table1": table1_rows,
+        "environment": environment(args.device),
     }
     with open(os.path.join(out, RESULTS_JSON), "w") as f:
         json.dump(data, f, indent=1, allow_nan=False)

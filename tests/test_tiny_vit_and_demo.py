@@ -102,6 +102,8 @@ def test_demo_results_match_the_models_forward(demo_run):
     res = _results(out)
     images = demo.load_images()
     assert [r["name"] for r in res["images"]] == list(images)
+    env = res["environment"]  # what produced the numbers
+    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu") and env["dymu_kernels"] == "0.1.0"
     thr = Thresholds.load(out / "thresholds.json")
     assert thr.num_images == len(demo.PHOTOS) and thr.r == [demo.DEFAULT_R] * 6
     # The default tower, rebuilt independently: seed 0, then TinyViT().
