@@ -120,7 +120,7 @@ def test_encoder_errors():
         DToMeCLIPVisionEncoder(model, r=[1, 2])
     with pytest.raises(ValueError, match="trim must be 'auto', True or False, got 'yes'"):
         DToMeCLIPVisionEncoder(model, trim="yes")
-    with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel"):
+    with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel or SiglipVisionModel"):
         DToMeCLIPVisionEncoder(torch.nn.Linear(2, 2))
     for bad in (1.5, -1.01, float("-inf")):
         with pytest.raises(ValueError, match=r"thresholds\[2\] = .* is outside \[-1, 1\]"):

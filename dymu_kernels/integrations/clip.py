@@ -1,14 +1,19 @@
-"""DToMe in a Hugging Face CLIP vision tower.
+"""DToMe in a Hugging Face CLIP or SigLIP vision tower.
 
 :class:`DToMeCLIPVisionEncoder` wraps an existing ``CLIPVisionModel`` (the
-vision tower of LLaVA) *without modifying it*: it reuses the model's own
-embedding, layer norms, projections and MLPs, and runs each encoder block as
+vision tower of LLaVA-1.5) or ``SiglipVisionModel`` (LLaVA-OneVision's)
+*without modifying it*: it reuses the model's own embedding, layer norms,
+projections and MLPs, and runs each encoder block as
 
     x = x + out_proj(proportional_attention(q, k, v, size))   # +log(size) per key
     state = dtome_merge(state, keys=k, threshold_i)             # merge A -> B
     x = x + mlp(layer_norm2(x))
 
-on the batched merge state (docs/design.md §2). The only host syncs are the
+on the batched merge state (docs/design.md §2). CLIP has a CLS token at slot
+0, which never merges; SigLIP has none (no pre-layernorm either), so its
+unmerged tokens follow the official order rule (b) (docs/design.md §1.1).
+Features are taken before any post-layernorm, as ``hidden_states[k]`` are.
+The only host syncs are the
 optional trims of the padded capacity (one per block, see ``trim``); with
 ``trim=False`` — the default on CUDA — nothing synchronises, so a GPU forward
 can be captured in a CUDA graph.
@@ -35,7 +40,7 @@ from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_s
 class DToMeVisionOutput:
     """Merged features and the merge state after the last block run."""
 
-    features: torch.Tensor  # [B, N_cap, C]; slots >= lengths are padding; CLS at slot 0
+    features: torch.Tensor  # [B, N_cap, C]; slots >= lengths are padding; CLS (CLIP) at slot 0
     size: torch.Tensor  # [B, N_cap] original patches per token (0 = empty)
     lengths: torch.Tensor  # [B] tokens kept per image
     pos_map: torch.Tensor  # [B, N0] original token -> slot in features
@@ -43,13 +48,14 @@ class DToMeVisionOutput:
 
 
 def _vision_parts(model: nn.Module):
-    """The embeddings / pre-norm / layers of a CLIP vision model (4.x and 5.x layouts)."""
+    """The embeddings / encoder layers (and CLIP's pre-norm) of a CLIP or SigLIP
+    vision model (with or without the ``vision_model`` wrapper)."""
     inner = getattr(model, "vision_model", model)
-    missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
+    missing = [n for n in ("embeddings", "encoder") if not hasattr(inner, n)]
     if missing or not hasattr(inner.encoder, "layers"):
         raise TypeError(
-            f"expected a transformers CLIPVisionModel (or its vision_model), got {type(model).__name__} "
-            f"without {missing or ['encoder.layers']}"
+            f"expected a transformers CLIPVisionModel or SiglipVisionModel (or its vision_model), got "
+            f"{type(model).__name__} without {missing or ['encoder.layers']}"
         )
     return inner
 
@@ -134,6 +140,8 @@ class DToMeCLIPVisionEncoder(nn.Module):
     ):
         super().__init__()
         self.vision = _vision_parts(vision_model)
+        # CLIP prepends a class token (slot 0, never merged); SigLIP has none.
+        self.cls_token = hasattr(self.vision.embeddings, "class_embedding")
         n_total = len(self.vision.encoder.layers)
         self.num_layers = n_total if num_layers is None else int(num_layers)
         if not 1 <= self.num_layers <= n_total:
@@ -169,12 +177,13 @@ class DToMeCLIPVisionEncoder(nn.Module):
         o = proportional_attention(q, k, v, state.size, scale=attn.scale)
         x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
         state = state._replace(x=x)
+        cls = self.cls_token
         if policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
-            state = policy_merge(state, k, policy, i)
+            state = policy_merge(state, k, policy, i, cls_token=cls)
         elif self.thresholds is not None:
-            state = dtome_merge(*state, k, self.thresholds[i], backend=self.backend)
+            state = dtome_merge(*state, k, self.thresholds[i], cls_token=cls, backend=self.backend)
         elif self.r is not None:
-            state = dtome_merge(*state, k, r=self.r[i], backend=self.backend)
+            state = dtome_merge(*state, k, r=self.r[i], cls_token=cls, backend=self.backend)
         return state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x)))
 
     def forward(self, pixel_values: torch.Tensor, policy=None) -> DToMeVisionOutput:
@@ -190,7 +199,8 @@ class DToMeCLIPVisionEncoder(nn.Module):
         calibrates a real CLIP tower.
         """
         x = self.vision.embeddings(pixel_values)
-        x = self.vision.pre_layrnorm(x)
+        if hasattr(self.vision, "pre_layrnorm"):  # CLIP only
+            x = self.vision.pre_layrnorm(x)
         state = init_merge_state(x)
         trim = self.trims_on(x.device)
         counts = []
