@@ -10,88 +10,128 @@ reads to see the virtual full sequence. Device ops only, one host read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 
 @dataclass
 class MergedImages:
-    """Merged, projected image tokens, in placeholder order."""
+    """Merged, projected visual items (images, or videos) in placeholder order.
 
-    features: torch.Tensor  # [n_img, U_cap, C] projected unique tokens
-    counts: torch.Tensor  # [n_img] unique tokens per image
-    slots: torch.Tensor  # [n_img, P] unique token of each placeholder
+    Items may have different placeholder counts ``P_i`` (AnyRes images,
+    videos): ``slots`` is padded with -1 beyond each item's ``P_i``.
+    """
+
+    features: torch.Tensor  # [n, U_cap, C] projected unique tokens
+    counts: torch.Tensor  # [n] unique tokens per item
+    slots: torch.Tensor  # [n, P_max] unique token of each placeholder; -1 = none (padding)
 
     def select(self, index: List[int]) -> "MergedImages":
-        """The images in the order ``index`` (repeats allowed)."""
+        """The items in the order ``index`` (repeats allowed)."""
         idx = torch.tensor(index, dtype=torch.long)
         return MergedImages(*(t[idx.to(t.device)] for t in (self.features, self.counts, self.slots)))
+
+    @staticmethod
+    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]) -> "MergedImages":
+        """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map), padded into one batch."""
+        counts = torch.tensor([f.shape[0] for f in features], device=features[0].device)
+        feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)
+        maps = torch.nn.utils.rnn.pad_sequence([m.long() for m in slots], batch_first=True, padding_value=-1)
+        return MergedImages(feats, counts, maps)
+
+
+@dataclass
+class _Items:
+    """Where one modality's placeholders are (flat, batch-major positions)."""
+
+    images: MergedImages
+    pos: torch.Tensor  # [n, P_max] position of each placeholder (clamped where there is none)
+    has: torch.Tensor  # [n, P_max] bool: placeholder j exists (j < P_i)
 
 
 @dataclass
 class _Layout:
     """Where each token of a prompt batch goes in the compact sequence.
 
-    Built with device ops and a single host read (``placeholders`` and
-    ``n_max`` together); positions are flat, batch-major indices into [B, N].
+    Built with device ops and a single host read (placeholder counts, item
+    spans and ``n_max`` together); positions are flat, batch-major indices
+    into [B, N].
     """
 
-    is_text: torch.Tensor  # [B, N] valid positions that are not image placeholders
-    image_pos: torch.Tensor  # [n_img, P] position of each image's placeholders
+    is_text: torch.Tensor  # [B, N] valid positions that are not visual placeholders
+    items: List[Optional[_Items]]  # per modality (None: no items, placeholders are text)
     start: torch.Tensor  # [B, N] compact index of the first token a position adds
     n_unique: torch.Tensor  # [B] compact length per sample
-    placeholders: List[int]  # host: image placeholders per sample
+    found: List[int]  # host: placeholders per modality in the batch
+    expected: List[int]  # host: placeholders the items of each modality fill
+    split_item: List[int]  # host: per modality, the first item whose placeholders span two samples, or -1
     n_max: int  # host: compact capacity, max(n_unique) and at least 1
 
 
-def _plan_layout(image_mask, attention_mask, images: Optional[MergedImages]) -> _Layout:
+def _plan_layout(masks, attention_mask, modalities: List[Optional[MergedImages]]) -> _Layout:
     """The :class:`_Layout` of a prompt batch; one host sync. Not yet checked
-    against the images (a mismatch gives a meaningless layout, no error)."""
-    B, N = image_mask.shape
-    device = image_mask.device
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask, dtype=torch.bool)
-    # Without images, placeholder ids are ordinary tokens, as in the unpatched
-    # model (assisted decoding's first step runs like this).
-    is_img = image_mask.bool() & valid if images is not None else torch.zeros_like(valid)
-    is_text = valid & ~is_img
-    n_img, P = images.slots.shape if images is not None else (0, 0)
-    # nonzero() would sync for its data-dependent shape; the placeholders the
-    # images can fill are n_img * P, so find the j-th one as the position where
-    # the running count first reaches j + 1. (With too few placeholders the
-    # clamp keeps indices in range; the count check rejects the batch.)
-    running = is_img.reshape(-1).long().cumsum(0)
-    rank = torch.arange(1, n_img * P + 1, device=device)
-    image_pos = torch.searchsorted(running, rank).clamp_max(B * N - 1).view(n_img, P)
+    against the items (a mismatch gives a meaningless layout, no error)."""
+    B, N = masks[0].shape
+    device = masks[0].device
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, N, dtype=torch.bool, device=device)
+    is_text = valid.clone()
+    new_at, host, items = [], [], []
+    for mask, images in zip(masks, modalities):
+        if images is None:  # placeholder ids are ordinary tokens, as in the unpatched model without pixels
+            items.append(None)
+            host += [torch.zeros((), dtype=torch.long, device=device)] * 2 + [torch.full((), -1, device=device)]
+            continue
+        is_vis = mask.bool() & valid
+        is_text &= ~is_vis
+        slots = images.slots.to(device)
+        n, P = slots.shape
+        has = slots >= 0
+        per_item = has.sum(1)
+        # nonzero() would sync for its data-dependent shape; instead find the
+        # j-th placeholder of item i as the position where the running count
+        # first reaches offset_i + j + 1 (clamped: a mismatch is caught later).
+        running = is_vis.reshape(-1).long().cumsum(0)
+        rank = (per_item.cumsum(0) - per_item)[:, None] + torch.arange(1, P + 1, device=device)
+        pos = torch.searchsorted(running, rank.reshape(-1)).clamp_max(B * N - 1).view(n, P)
+        pos = torch.where(has, pos, pos[:, :1])
+        last = pos.gather(1, (per_item - 1).clamp_min(0)[:, None])[:, 0]
+        spans = (pos[:, 0] // N != last // N) if n else torch.zeros(0, dtype=torch.bool, device=device)
+        first_split = torch.where(spans, torch.arange(n, device=device), n).min() if n else torch.tensor(0, device=device)
+        host += [is_vis.sum(), per_item.sum(), torch.where(first_split < n, first_split, -1)]
+        new_at.append((pos[:, 0], images.counts.to(device=device, dtype=torch.long)))
+        items.append(_Items(images, pos, has))
     new = is_text.long()  # tokens each position adds to the compact sequence
-    if n_img:  # an image's unique tokens enter at its first placeholder
-        new.view(-1)[image_pos[:, 0]] = images.counts.to(device=device, dtype=torch.long)
+    for first, counts in new_at:  # an item's unique tokens enter at its first placeholder
+        new.view(-1)[first] = counts
     start = new.cumsum(-1) - new
     n_unique = new.sum(-1)
-    # The one host read: placeholder counts (validation) and the compact length (a shape).
-    host = torch.cat([is_img.sum(-1), n_unique.max().view(1)]).tolist()
-    return _Layout(is_text, image_pos, start, n_unique, host[:-1], max(host[-1], 1))
+    # The one host read: placeholder counts and spans (validation) and the compact length (a shape).
+    values = torch.stack([h.reshape(()).to(torch.long) for h in host] + [n_unique.max()]).tolist()
+    k = len(masks)
+    return _Layout(is_text, items, start, n_unique, values[0:3 * k:3], values[1:3 * k:3], values[2:3 * k:3],
+                   max(values[-1], 1))
 
 
-def _check_placeholders(layout: _Layout, images: Optional[MergedImages]) -> None:
-    """Raise unless the placeholders are the images' (``n_img * P`` in all) and
-    each sample holds whole images (no image spans two samples)."""
-    n_img, P = images.slots.shape if images is not None else (0, 0)
-    found = sum(layout.placeholders)
-    if found != n_img * P:
-        raise ValueError(
-            f"found {found} image placeholder tokens in input_ids but {n_img} image(s) x {P} patches "
-            f"= {n_img * P} image tokens; the prompt and pixel_values do not match"
-        )
-    split = [b for b, n in enumerate(layout.placeholders) if P and n % P]
-    if split:
-        raise ValueError(
-            f"sample {split[0]} has {layout.placeholders[split[0]]} image placeholder tokens, not a whole number "
-            f"of images of {P} patches; the prompt and pixel_values do not match"
-        )
+def _check_placeholders(layout: _Layout, names: Sequence[str]) -> None:
+    """Raise unless each modality's placeholders are its items' and every item
+    lies within one sample."""
+    for name, items, found, expected, split in zip(names, layout.items, layout.found, layout.expected,
+                                                   layout.split_item):
+        n = 0 if items is None else items.images.counts.shape[0]
+        if found != expected:
+            raise ValueError(
+                f"found {found} {name} placeholder tokens in input_ids but {n} {name}(s) with {expected} {name} "
+                f"tokens; the prompt and the pixel values do not match"
+            )
+        if split >= 0:
+            raise ValueError(
+                f"the placeholders of {name} {split} span two samples of the batch; the prompt and the pixel "
+                "values do not match"
+            )
 
 
-def _assemble(layout: _Layout, text_embeds, images: Optional[MergedImages]):
+def _assemble(layout: _Layout, text_embeds):
     """The compact sequence and merge map of a checked layout (no host sync)."""
     B, N = layout.is_text.shape
     C, n_max, device = text_embeds.shape[-1], layout.n_max, text_embeds.device
@@ -102,46 +142,61 @@ def _assemble(layout: _Layout, text_embeds, images: Optional[MergedImages]):
     row0 = torch.arange(B, device=device)[:, None] * n_max
     flat = text_embeds.new_zeros(dump + 1, C)
     flat.index_copy_(0, torch.where(layout.is_text, row0 + layout.start, dump).reshape(-1), text_embeds.reshape(-1, C))
-    merge_map = torch.where(layout.is_text, layout.start, -1)
-    if images is not None and images.counts.shape[0]:
-        first = layout.image_pos[:, 0]
-        base = layout.start.reshape(-1)[first]  # [n_img] compact index of each image's first unique token
-        merge_map.view(-1)[layout.image_pos.reshape(-1)] = (base[:, None] + images.slots.to(device)).reshape(-1)
+    merge_map = torch.cat([torch.where(layout.is_text, layout.start, -1).reshape(-1), merge_map_dump(device)])
+    for items in layout.items:
+        if items is None or not items.images.counts.shape[0]:
+            continue
+        images, first = items.images, items.pos[:, 0]
+        base = layout.start.reshape(-1)[first]  # [n] compact index of each item's first unique token
+        target = torch.where(items.has, items.pos, B * N)  # no placeholder -> the dump entry
+        merge_map.index_copy_(0, target.reshape(-1), (base[:, None] + images.slots.to(device).clamp_min(0)).reshape(-1))
         k = torch.arange(images.features.shape[1], device=device)
         dest = torch.where(k < images.counts.to(device)[:, None], (first // N * n_max + base)[:, None] + k, dump)
         flat.index_copy_(0, dest.reshape(-1), images.features.to(flat).reshape(-1, C))
-    return flat[:dump].view(B, n_max, C), merge_map.to(torch.int32)
+    return flat[:dump].view(B, n_max, C), merge_map[: B * N].view(B, N).to(torch.int32)
 
 
-def build_compact_sequence(image_mask, attention_mask, text_embeds, images: Optional[MergedImages]):
-    """Lay out text tokens and unique image tokens, and the full -> compact map.
+def merge_map_dump(device) -> torch.Tensor:
+    """One spare entry after the flat merge map: writes for absent placeholders land there."""
+    return torch.full((1,), -1, dtype=torch.long, device=device)
+
+
+def build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items, names=("image",)):
+    """Lay out text tokens and unique visual tokens, and the full -> compact map.
 
     Args:
-        image_mask: ``[B, N]`` bool, True at image placeholders (one per patch).
+        placeholder_masks: ``[B, N]`` bool, True at one modality's placeholders
+            (one per patch / packed slot), or a list of such masks, one per
+            modality (e.g. images and videos).
         attention_mask: ``[B, N]`` (0 = padding) or None.
         text_embeds: ``[B, N, C]`` token embeddings of the prompt.
-        images: the merged images in placeholder order (batch-major, as
-            transformers consumes them), any ``U_cap >= max(counts)``; or None
-            without images — then placeholders are embedded as ordinary
-            tokens, as the unpatched model does without pixel values.
+        items: the merged items of each modality (a :class:`MergedImages`, or
+            a list matching ``placeholder_masks``), in placeholder order
+            (batch-major, as transformers consumes them); any
+            ``U_cap >= max(counts)``. None for a modality without items: its
+            placeholders are embedded as ordinary tokens, as the unpatched
+            model does without pixel values.
+        names: the modalities' names, for error messages.
 
     Returns:
         ``(compact [B, N_un_max, C], merge_map [B, N] int32, n_unique [B])``.
         Sample b's compact row holds, in the order of their positions, its
-        text tokens and each image's ``counts[i]`` unique tokens (at the
-        image's first placeholder); rows are zero-padded::
+        text tokens and each item's ``counts[i]`` unique tokens (at the item's
+        first placeholder); rows are zero-padded::
 
             placeholders [t0, IMG, IMG, IMG, t1]   image: counts 2, slots [0, 1, 0]
             compact      [t0, u0, u1, t1]
             merge_map    [0, 1, 2, 1, 3]
 
-    One host sync (placeholder counts and ``N_un_max`` read together).
+    One host sync (placeholder counts, item spans and ``N_un_max`` read together).
 
     Raises:
-        ValueError when the placeholders do not match the images (total, or an
-        image split across samples).
+        ValueError when the placeholders do not match the items (total per
+        modality, or an item split across samples).
     """
-    layout = _plan_layout(image_mask, attention_mask, images)
-    _check_placeholders(layout, images)
-    compact, merge_map = _assemble(layout, text_embeds, images)
+    if isinstance(placeholder_masks, torch.Tensor):
+        placeholder_masks, items = [placeholder_masks], [items]
+    layout = _plan_layout(list(placeholder_masks), attention_mask, list(items))
+    _check_placeholders(layout, names)
+    compact, merge_map = _assemble(layout, text_embeds)
     return compact, merge_map, layout.n_unique
