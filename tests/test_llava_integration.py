@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE, randn
+from test_compact_layout import loop_layout
 
 transformers = pytest.importorskip("transformers")
 
@@ -270,33 +271,6 @@ def test_trimmed_vision_tower_gives_the_same_logits(gen):
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
 
 
-def loop_compact_sequence(input_ids, attention_mask, text_embeds, feats, counts, slots):
-    """The compact sequence built the slow, obvious way: walk every sample's
-    positions, appending text tokens and, at each image's P placeholders, its
-    unique tokens."""
-    rows, maps, img = [], [], 0
-    for b in range(input_ids.shape[0]):
-        row, merge_map, pos = [], [], 0
-        while pos < input_ids.shape[1]:
-            if not attention_mask[b, pos]:
-                merge_map.append(-1)
-                pos += 1
-            elif input_ids[b, pos] != IMG:
-                merge_map.append(len(row))
-                row.append(text_embeds[b, pos])
-                pos += 1
-            else:
-                merge_map += [len(row) + int(s) for s in slots[img]]
-                row += list(feats[img, : int(counts[img])])
-                pos, img = pos + P, img + 1
-        rows.append(row)
-        maps.append(merge_map)
-    compact = torch.zeros(len(rows), max(len(r) for r in rows), text_embeds.shape[-1])
-    for b, row in enumerate(rows):
-        compact[b, : len(row)] = torch.stack(row)
-    return compact, torch.tensor(maps, dtype=torch.int32), torch.tensor([len(r) for r in rows])
-
-
 def random_merged_images(gen, n_img, u_cap, dim):
     """Features, unique counts (all different) and placeholder -> unique maps of n_img images."""
     counts = torch.randperm(u_cap, generator=gen)[:n_img] + 1
@@ -311,7 +285,7 @@ def test_build_compact_sequence_equals_per_image_loop(gen):
     feats, counts, slots = random_merged_images(gen, 6, P - 2, 8)  # U_cap < P: a trimmed tower
     embeds = randn(*ids.shape, 8, gen=gen)
     got = build_compact_sequence(ids == IMG, mask, embeds, MergedImages(feats, counts, slots))
-    expected = loop_compact_sequence(ids, mask, embeds, feats, counts, slots)
+    expected = loop_layout(ids, mask, embeds, {IMG: MergedImages(feats, counts, slots)})
     assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
     assert torch.equal(got[0], expected[0])
 
