@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -40,3 +40,15 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
             )
         images = MergedImages(self.merged_features, self.merged_counts, self.merged_slots)
         return images if order == list(range(len(self.image_rows))) else images.select(order)
+
+
+def image_outputs(merged: MergedImages, lengths: Optional[List[int]] = None) -> DyMUImageOutputs:
+    """The output for merged items: ``pooler_output`` holds, per item, one row
+    per placeholder (its unique token's features), as transformers expects.
+    ``lengths``: each item's placeholder count when they differ (None: all
+    items fill the whole slot map — no host read needed)."""
+    slots = merged.slots.clamp_min(0) if lengths is not None else merged.slots
+    expanded = merged.features.gather(1, slots[..., None].expand(-1, -1, merged.features.shape[-1]))
+    rows = tuple(expanded.unbind(0)) if lengths is None else tuple(expanded[i, :p] for i, p in enumerate(lengths))
+    return DyMUImageOutputs(pooler_output=list(rows), merged_features=merged.features, merged_counts=merged.counts,
+                            merged_slots=merged.slots, image_rows=rows)

@@ -32,14 +32,14 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..ops.vtu import vtu_attention, vtu_decode_attention
 from ..reference.calibration import Thresholds, published_thresholds
 from .clip import DToMeCLIPVisionEncoder, _vision_parts, resolve_thresholds
-from .compact import build_compact_sequence
+from .compact import MergedImages, build_compact_sequence
 from .vtu_cache import VTUCacheState, cache_state, set_cache_state
 
 ATTN_NAME = "dymu_vtu"
@@ -152,6 +152,7 @@ class _Patch:
     backend: str
     saved_attn: Optional[str]
     select_strategy: str
+    family: "Family"
     counts: Optional[_ImageCounts] = None
 
     def settings(self):
@@ -172,19 +173,74 @@ def _check_transformers() -> None:
         )
 
 
+@dataclass(frozen=True)
+class Modality:
+    """One kind of visual input of a model family."""
+
+    name: str  # "image" / "video": the mm_encoder_outputs key and the output field prefix
+    token_attr: str  # config attribute holding its placeholder id
+    pixels: str  # forward argument with its pixels
+    method: str  # the model's encoding method, patched to merge (generate() calls it first)
+    encode: Callable  # encode(inner, patch, pixels, dtype, vision_kwargs) -> DyMUImageOutputs
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the shared core needs to know about one model family."""
+
+    model_type: str
+    class_name: str
+    modalities: Tuple[Modality, ...]
+    output_class: Callable[[], type]  # the base model's output class (imported lazily)
+    default_thresholds: Optional[str]  # preset used when apply_dymu gets none
+
+
+# Arguments of a family's forward that only its vision side reads.
+VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "vision_feature_layer",
+                 "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
+
+
+def _families() -> Dict[str, Family]:
+    """The supported model families by ``config.model_type``."""
+    from . import onevision
+
+    def llava_output():
+        from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+        return LlavaModelOutputWithPast
+
+    def onevision_output():
+        from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModelOutputWithPast
+
+        return LlavaOnevisionModelOutputWithPast
+
+    return {
+        "llava": Family("llava", "LlavaForConditionalGeneration",
+                        (Modality("image", "image_token_id", "pixel_values", "get_image_features", _encode_images),),
+                        llava_output, "openai/clip-vit-large-patch14-336:low"),
+        "llava_onevision": Family(
+            "llava_onevision", "LlavaOnevisionForConditionalGeneration",
+            (Modality("image", "image_token_id", "pixel_values", "get_image_features", onevision.encode_images),
+             Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", onevision.encode_videos)),
+            onevision_output, None),
+    }
+
+
 def _llava_parts(model):
+    """``(family, inner model, language model)`` of a supported model."""
     inner = getattr(model, "model", None)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    families = _families()
     ok = inner is not None and all(hasattr(inner, n) for n in ("vision_tower", "language_model", "multi_modal_projector"))
-    if not ok or model_type != "llava":
+    if not ok or model_type not in families:
+        supported = ", ".join(f"{f.class_name} (model_type {t!r})" for t, f in families.items())
         raise TypeError(
-            f"apply_dymu supports transformers LlavaForConditionalGeneration models, got {type(model).__name__} "
-            f"(model_type={model_type!r})"
+            f"apply_dymu supports transformers {supported}; got {type(model).__name__} (model_type={model_type!r})"
         )
     lm = inner.language_model
     if not hasattr(lm, "rotary_emb") or not hasattr(lm, "layers"):
         raise TypeError(f"the language model {type(lm).__name__} has no rotary_emb/layers; VTU needs a RoPE decoder (Llama-like)")
-    return inner, lm
+    return families[model_type], inner, lm
 
 
 def _resolve_thresholds(thresholds, num_layers: int):
@@ -213,20 +269,23 @@ def _vision_blocks(inner) -> int:
 
 def apply_dymu(
     model,
-    thresholds: Union[None, str, os.PathLike, Sequence[float], Thresholds] = "openai/clip-vit-large-patch14-336:low",
+    thresholds: Union[None, str, os.PathLike, Sequence[float], Thresholds] = "default",
     *,
     r: Union[None, int, Sequence[int]] = None,
     vtu: bool = True,
     backend: str = "auto",
     trim: Union[str, bool] = "auto",
 ):
-    """Patch a ``LlavaForConditionalGeneration`` instance with DyMU (see module doc).
+    """Patch a ``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration``
+    instance with DyMU (see module doc).
 
     Args:
         model: the model; patched in place and returned.
-        thresholds: per-block DToMe thresholds — a preset ``"model:level"``
-            (the published ``"openai/clip-vit-large-patch14-336:low"`` by
-            default), a threshold JSON file, a :class:`Thresholds`, or a list.
+        thresholds: per-block DToMe thresholds — a preset ``"model:level"``,
+            a threshold JSON file, a :class:`Thresholds`, or a list.
+            ``"default"``: the family's published preset (LLaVA-1.5:
+            ``"openai/clip-vit-large-patch14-336:low"``); LLaVA-OneVision's
+            SigLIP has none — calibrate (``python3 -m dymu_kernels.calibrate``).
         r: instead of thresholds, merge exactly ``r`` tokens per image per
             block (the paper's fixed-r ToMe ablation).
         vtu: ``False`` is the "merging without VTU" ablation: merged tokens are
@@ -250,7 +309,7 @@ def apply_dymu(
         in ``[-1, 1]`` or ``inf``, too few) / r.
     """
     _check_transformers()
-    inner, lm = _llava_parts(model)
+    family, inner, lm = _llava_parts(model)
     strategy = inner.config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
@@ -258,6 +317,14 @@ def apply_dymu(
     if r is not None:
         thresholds = None
     else:
+        if isinstance(thresholds, str) and thresholds == "default":
+            if family.default_thresholds is None:
+                raise ValueError(
+                    f"no published thresholds for {family.class_name}'s vision tower: pass thresholds calibrated on "
+                    "your images (python3 -m dymu_kernels.calibrate --model ID --images DIR --r N --out t.json, then "
+                    "apply_dymu(model, 't.json')) or r=N"
+                )
+            thresholds = family.default_thresholds
         thresholds = _resolve_thresholds(thresholds, blocks)
     encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
     current = getattr(model, "_dymu", None)
@@ -270,11 +337,15 @@ def apply_dymu(
         _register_attention()
         saved = lm.config._attn_implementation
         lm.config._attn_implementation = ATTN_NAME
-    patch = _Patch(encoder, vtu, backend, saved, strategy)
+    if strategy == "default" and not encoder.cls_token:
+        raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
+    patch = _Patch(encoder, vtu, backend, saved, strategy, family)
     model._dymu = patch
-    # This instance only: generate() encodes images through get_image_features first.
+    # This instance only: generate() encodes images / videos through these methods first.
     inner.forward = functools.partial(_patched_forward, inner, patch)
-    inner.get_image_features = functools.partial(_patched_get_image_features, inner, patch)
+    for m in family.modalities:
+        method = _patched_image_features if m.name == "image" else _patched_video_features
+        setattr(inner, m.method, functools.partial(method, inner, patch, m))
     model.set_attn_implementation = functools.partial(_set_attn_implementation, model)
     if vtu:  # RoPE becomes the identity inside VTU forwards (see _rotary_forward)
         lm.rotary_emb.forward = functools.partial(_rotary_forward, lm.rotary_emb)
@@ -286,8 +357,8 @@ def remove_dymu(model):
     patch = getattr(model, "_dymu", None)
     if patch is None:
         return model
-    inner, lm = _llava_parts(model)
-    for name in ("forward", "get_image_features"):
+    family, inner, lm = _llava_parts(model)
+    for name in ("forward",) + tuple(m.method for m in family.modalities):
         inner.__dict__.pop(name, None)
     model.__dict__.pop("set_attn_implementation", None)
     if patch.vtu:
@@ -347,30 +418,47 @@ def _full_positions(attention_mask, position_ids, B, N, device):
     return torch.arange(N, device=device).expand(B, N)
 
 
-def _patched_get_image_features(self, patch: _Patch, pixel_values, vision_feature_layer=None,
-                                vision_feature_select_strategy=None, image_sizes=None, return_dict=True,
-                                **kwargs):
-    dtype = self.multi_modal_projector.linear_1.weight.dtype if hasattr(self.multi_modal_projector, "linear_1") else pixel_values.dtype
-    out = _encode_images(self, patch, pixel_values, dtype)
+def _patched_image_features(self, patch: _Patch, modality: "Modality", pixel_values, image_sizes=None,
+                            vision_feature_layer=None, vision_feature_select_strategy=None, vision_aspect_ratio=None,
+                            batch_num_images=None, return_dict=True, **kwargs):
+    """``get_image_features`` of a patched instance: the merged images in
+    transformers' output type. The named parameters are what ``generate()``
+    reads from the signature to decide which inputs to hand over."""
+    vision_kwargs = {"image_sizes": image_sizes, "vision_aspect_ratio": vision_aspect_ratio,
+                     "batch_num_images": batch_num_images}
+    return _features(self, patch, modality, pixel_values, vision_kwargs, return_dict)
+
+
+def _patched_video_features(self, patch: _Patch, modality: "Modality", pixel_values_videos, vision_feature_layer=None,
+                            vision_feature_select_strategy=None, return_dict=True, **kwargs):
+    """``get_video_features`` of a patched instance (see :func:`_patched_image_features`)."""
+    return _features(self, patch, modality, pixel_values_videos, {}, return_dict)
+
+
+def _features(self, patch: _Patch, modality: "Modality", pixels, vision_kwargs, return_dict):
+    proj = self.multi_modal_projector
+    dtype = proj.linear_1.weight.dtype if hasattr(proj, "linear_1") else pixels.dtype
+    out = modality.encode(self, patch, pixels, dtype, vision_kwargs)
     return out if return_dict is not False else out.to_tuple()
 
 
-def _encode_images(self, patch: _Patch, pixel_values, dtype):
-    """Merge and project ``pixel_values``; features have as many slots as the
-    tower kept (its capacity, trimmed or not), minus CLS for ``"default"``."""
+def merged_tower(self, patch: _Patch, pixel_values, dtype):
+    """The tower's merged tokens of a batch of images (crops, frames), projected:
+    ``(features [n, U_cap, C], counts [n], slots [n, P])``, minus CLS for ``"default"``."""
     out = patch.encoder(pixel_values.to(dtype))
     if patch.select_strategy == "default":  # drop CLS (always slot 0: it never merges)
         feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
     else:
         feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
-    from .image_outputs import DyMUImageOutputs
-
     patch.counts = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
-    projected = self.multi_modal_projector(feats)
-    per_placeholder = projected.gather(1, slots[..., None].expand(-1, -1, projected.shape[-1]))
-    rows = tuple(per_placeholder.unbind(0))
-    return DyMUImageOutputs(pooler_output=list(rows), merged_features=projected, merged_counts=counts,
-                            merged_slots=slots, image_rows=rows)
+    return self.multi_modal_projector(feats), counts, slots
+
+
+def _encode_images(self, patch: _Patch, pixel_values, dtype, vision_kwargs=None):
+    """LLaVA-1.5: one merged tower item per image."""
+    from .image_outputs import image_outputs
+
+    return image_outputs(MergedImages(*merged_tower(self, patch, pixel_values, dtype)))
 
 
 def _rotary_forward(rot, x, position_ids, *args, **kwargs):
@@ -384,12 +472,12 @@ def _rotary_forward(rot, x, position_ids, *args, **kwargs):
     return cos, sin
 
 
-def _placeholder_mask(self, input_ids, embeds):
-    """Image placeholders as transformers finds them: by id, or (inputs_embeds
-    only) as rows equal to the image token's embedding."""
+def _placeholder_mask(self, input_ids, embeds, token_id: int):
+    """Placeholders of ``token_id`` as transformers finds them: by id, or
+    (inputs_embeds only) as rows equal to that token's embedding."""
     if input_ids is not None:
-        return input_ids == self.config.image_token_id
-    token = torch.full((), self.config.image_token_id, dtype=torch.long, device=embeds.device)
+        return input_ids == token_id
+    token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
     return (embeds == self.get_input_embeddings()(token)).all(-1)
 
 
@@ -400,10 +488,10 @@ def _to_full(hidden, merge_map):
     return hidden.gather(1, idx.to(hidden.device)).masked_fill((merge_map < 0)[..., None].to(hidden.device), 0)
 
 
-def _prefill_state(self, image_mask, embeds, attention_mask, position_ids, images):
+def _prefill_state(self, masks, embeds, attention_mask, position_ids, items, names):
     """Prompt step: compact sequence, its map, full positions and RoPE tables."""
-    B, T = image_mask.shape
-    compact, merge_map, n_unique = build_compact_sequence(image_mask, attention_mask, embeds, images)
+    B, T = embeds.shape[:2]
+    compact, merge_map, n_unique = build_compact_sequence(masks, attention_mask, embeds, items, names=names)
     positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
     cos, sin = self.language_model.rotary_emb(compact, positions)
     state = VTUCacheState(merge_map, cos, sin, positions, rows=compact.shape[1])
@@ -451,16 +539,15 @@ def _run_language_model(lm, patch: _Patch, x, old: Optional[VTUCacheState], stat
 
 
 def _patched_forward(
-    self, patch: _Patch, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-    past_key_values=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
-    image_sizes=None, use_cache=None, mm_encoder_outputs=None, cache=None, return_dict=None, **kwargs,
+    self, patch: _Patch, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, cache=None, return_dict=None, **kwargs,
 ):
-    """``LlavaModel.forward`` of a patched instance: same arguments and output
-    type; the language model runs through its own forward (hidden states,
-    gradient checkpointing, device hooks as usual) on the compact sequence.
-    The KV cache comes as ``cache`` or ``past_key_values``."""
+    """The base model's ``forward`` of a patched instance (``LlavaModel``,
+    ``LlavaOnevisionModel``): same arguments and output type; the language
+    model runs through its own forward (hidden states, gradient checkpointing,
+    device hooks as usual) on the compact sequence. The KV cache comes as
+    ``cache`` or ``past_key_values``."""
     from transformers.cache_utils import DynamicCache
-    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
     from .image_outputs import DyMUImageOutputs
 
@@ -473,9 +560,12 @@ def _patched_forward(
             f"the language model's attention implementation was changed to {lm.config._attn_implementation!r} after "
             f"apply_dymu; VTU needs {ATTN_NAME!r}. Call remove_dymu(model) (or apply_dymu again) first"
         )
-    image_out = (mm_encoder_outputs or {}).get("image")
-    if pixel_values is not None and image_out is not None:
-        raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+    vision_kwargs = {n: kwargs.pop(n) for n in VISION_KWARGS if n in kwargs}
+    modalities = patch.family.modalities
+    encoded = {m.name: (mm_encoder_outputs or {}).get(m.name) for m in modalities}
+    for m in modalities:
+        if vision_kwargs.get(m.pixels) is not None and encoded[m.name] is not None:
+            raise ValueError(f"You cannot specify both {m.pixels} and mm_encoder_outputs at the same time")
     embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
     if use_cache is None:
         use_cache = lm.config.use_cache
@@ -487,42 +577,48 @@ def _patched_forward(
             "makes it cheap), so attentions are None, as with transformers' sdpa attention; remove_dymu(model) for them",
             stacklevel=3,
         )
+    masks = [_placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr)) for m in modalities]
     old = cache_state(cache)
     if old is not None:  # a generation step, or new text on a filled cache
-        has_images = pixel_values is not None or image_out is not None
-        if has_images and bool(_placeholder_mask(self, input_ids, embeds).any()):
-            raise ValueError(
-                "new image placeholders on a DyMU KV cache that already holds a prompt: images can only enter with "
-                "the first forward on an empty cache; start a new generation (empty cache) with all images"
-            )
+        for m, mask in zip(modalities, masks):
+            given = vision_kwargs.get(m.pixels) is not None or encoded[m.name] is not None
+            if given and bool(mask.any()):
+                raise ValueError(
+                    f"new {m.name} placeholders on a DyMU KV cache that already holds a prompt: {m.name}s can only "
+                    f"enter with the first forward on an empty cache; start a new generation (empty cache) with all "
+                    f"{m.name}s"
+                )
         state, n_unique, x = _decode_state(self, old, embeds, position_ids), None, embeds
     else:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
-        if image_out is None and pixel_values is not None:
-            image_out = _encode_images(self, patch, pixel_values, embeds.dtype)
-        if image_out is not None and not isinstance(image_out, DyMUImageOutputs):
-            raise ValueError("image features were encoded without DyMU; pass pixel_values to the patched model")
+        items = []
+        for m in modalities:
+            pixels = vision_kwargs.get(m.pixels)
+            if encoded[m.name] is None and pixels is not None:
+                encoded[m.name] = m.encode(self, patch, pixels, embeds.dtype, vision_kwargs)
+            if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
+                raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
+            items.append(encoded[m.name].merged_images() if encoded[m.name] is not None else None)
         if isinstance(attention_mask, DeferredMask):  # generate() with a static cache made it
             attention_mask = attention_mask.padding
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
-                f"a DyMU-patched LLaVA takes a 2-D [batch, sequence] padding attention_mask, got shape "
+                f"a DyMU-patched model takes a 2-D [batch, sequence] padding attention_mask, got shape "
                 f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
             )
         T = embeds.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None else None
-        images = image_out.merged_images() if image_out is not None else None
-        x, state, n_unique = _prefill_state(self, _placeholder_mask(self, input_ids, embeds), embeds, mask,
-                                            position_ids, images)
+        x, state, n_unique = _prefill_state(self, masks, embeds, mask, position_ids, items,
+                                            tuple(m.name for m in modalities))
     out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, kwargs)
     if use_cache:
         set_cache_state(cache, state)
     full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
     hidden_states = None if out.hidden_states is None else tuple(full(h) for h in out.hidden_states)
-    result = LlavaModelOutputWithPast(
+    result = patch.family.output_class()(
         last_hidden_state=full(out.last_hidden_state), hidden_states=hidden_states, attentions=out.attentions,
-        image_outputs=image_out, cache=cache if use_cache else None,
+        cache=cache if use_cache else None, **{f"{m.name}_outputs": encoded[m.name] for m in modalities},
     )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)

@@ -1,0 +1,79 @@
+"""The LLaVA-OneVision adapter: how its images and videos reach the DToMe tower
+and how their merged tokens are laid out (docs/design.md §2).
+
+Images: every crop (the base image and the AnyRes grid; one crop per image in
+multi-image prompts) is merged independently in one tower batch, projected,
+and packed on maps by :func:`~.anyres.pack_image_maps` exactly as
+``pack_image_features`` packs features. Videos: every frame is merged,
+projected and pooled on maps by :func:`~.anyres.pool_video_maps` as
+``get_video_features`` pools them. The rest — compact sequence, VTU in the
+Qwen2 language model, the KV cache — is the shared core in :mod:`.llava`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .anyres import pack_image_maps, pool_video_maps
+from .compact import MergedImages
+
+
+def _crops_per_image(inner, image_sizes, batch_num_images):
+    """Crops of each image, as ``LlavaOnevisionModel.get_image_features`` counts them."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    if batch_num_images is None:  # single-image prompts
+        need_patching = [True] * len(image_sizes)
+    else:
+        need_patching = [n == 1 for n in batch_num_images for _ in range(n)]
+    return [image_size_to_num_patches(size, inner.config.image_grid_pinpoints, inner.config.vision_config.image_size)
+            if patching else 1 for size, patching in zip(image_sizes, need_patching)]
+
+
+def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
+    """Merged AnyRes images: ``DyMUImageOutputs`` with one packed item per image."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+    from .image_outputs import image_outputs
+    from .llava import merged_tower
+
+    image_sizes = vision_kwargs.get("image_sizes")
+    if image_sizes is None:
+        raise ValueError("LLaVA-OneVision images need image_sizes (as its processor returns them)")
+    crops = _crops_per_image(inner, image_sizes, vision_kwargs.get("batch_num_images"))
+    if pixel_values.dim() == 5:  # [images, max crops, 3, H, W]: keep each image's real crops
+        pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+    feats, counts, slots = merged_tower(inner, patch, pixel_values, dtype)
+    aspect = vision_kwargs.get("vision_aspect_ratio") or inner.config.vision_aspect_ratio
+    max_num_patches = int(aspect.rsplit("_", 1)[-1])
+    config = inner.config
+    uniques, maps, start = [], [], 0
+    for size, n in zip(image_sizes, crops):
+        size = [int(v) for v in (size.tolist() if isinstance(size, torch.Tensor) else size)]
+        grid = (get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                if n > 1 else (1, 1))
+        sl = slice(start, start + n)
+        unique, slot_map = pack_image_maps(feats[sl], counts[sl], slots[sl], grid, size, inner.image_newline,
+                                           max_num_patches)
+        uniques.append(unique)
+        maps.append(slot_map)
+        start += n
+    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps])
+
+
+def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
+    """Merged videos: every frame merged, pooled on maps, one newline per video."""
+    from .image_outputs import image_outputs
+    from .llava import merged_tower
+
+    B, frames = pixel_values_videos.shape[:2]
+    feats, counts, slots = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype)
+    uniques, maps = [], []
+    for v in range(B):
+        sl = slice(v * frames, (v + 1) * frames)
+        unique, slot_map = pool_video_maps(feats[sl], counts[sl], slots[sl], inner.image_newline)
+        uniques.append(unique)
+        maps.append(slot_map)
+    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps])
