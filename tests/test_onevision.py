@@ -1,0 +1,106 @@
+"""DyMU in a tiny random LLaVA-OneVision (SigLIP + AnyRes + Qwen2): equal to
+the unpatched model when nothing merges, consistent across batches when it does."""
+
+import pytest
+import torch
+
+from conftest import randn
+
+transformers = pytest.importorskip("transformers")
+
+from dymu_kernels.integrations import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
+from test_anyres_maps import CROP, tiny_onevision  # noqa: E402
+
+IMG, VID = 98, 97
+NO_MERGE = [float("inf")] * 2
+
+
+def image_inputs(model, gen, sizes):
+    """pixel_values [n, max_crops, 3, 42, 42], image_sizes, and each image's
+    placeholder count (the unpatched model's packed length)."""
+    num = transformers.models.llava_onevision.modeling_llava_onevision
+    crops = [num.image_size_to_num_patches(s, model.config.image_grid_pinpoints, CROP) for s in sizes]
+    pix = randn(len(sizes), max(crops), 3, CROP, CROP, gen=gen)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        packed = model.model.get_image_features(pixel_values=pix, image_sizes=image_sizes).pooler_output
+    return pix, image_sizes, [p.shape[0] for p in packed]
+
+
+def prompt(counts, pre=(1, 2), post=(3, 4), video=0):
+    ids = list(pre)
+    for c in counts:
+        ids += [IMG] * c + [5]
+    ids += [VID] * video + list(post)
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])
+def test_nothing_merged_equals_unpatched(gen, aspect):
+    """Tall and wide AnyRes images (and the downscale branch with anyres_max_1):
+    logits and greedy generate() equal the unpatched model's."""
+    model = tiny_onevision(aspect)
+    for sizes in ([(50, 120)], [(130, 60)]):
+        pix, image_sizes, counts = image_inputs(model, gen, sizes)
+        ids = prompt(counts)
+        kwargs = dict(input_ids=ids, pixel_values=pix, image_sizes=image_sizes)
+        gen_kwargs = dict(kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VID], pad_token_id=0)
+        with torch.no_grad():
+            logits = model(**kwargs).logits
+            seq = model.generate(**gen_kwargs)
+            apply_dymu(model, NO_MERGE, backend="torch")
+            torch.testing.assert_close(model(**kwargs).logits, logits, atol=2e-5, rtol=2e-5)
+            assert torch.equal(model.generate(**gen_kwargs), seq)
+            remove_dymu(model)
+            assert torch.equal(model(**kwargs).logits, logits)
+
+
+def test_video_and_image_in_one_prompt_equal_unpatched(gen):
+    model = tiny_onevision()
+    pix, image_sizes, counts = image_inputs(model, gen, [(90, 90)])
+    video = randn(1, 3, 3, CROP, CROP, gen=gen)  # 3 frames
+    frames_tokens = 3 * 9 + 1  # 6 x 6 patches pooled to 3 x 3 per frame, one newline
+    ids = prompt(counts, video=frames_tokens)
+    kwargs = dict(input_ids=ids, pixel_values=pix, image_sizes=image_sizes, pixel_values_videos=video)
+    with torch.no_grad():
+        logits = model(**kwargs).logits
+        apply_dymu(model, NO_MERGE, backend="torch")
+        torch.testing.assert_close(model(**kwargs).logits, logits, atol=2e-5, rtol=2e-5)
+
+
+def test_merging_batch_equals_single_and_cpp_equals_torch(gen):
+    """With merging: a left-padded batch of two prompts (images of different
+    sizes, so different placeholder counts) gives each its single-prompt
+    tokens; the C++ backend gives the reference backend's."""
+    model = tiny_onevision()
+    pix_a, sizes_a, counts_a = image_inputs(model, gen, [(50, 120)])
+    pix_b, sizes_b, counts_b = image_inputs(model, gen, [(90, 90)])
+    pix_b[0, :] = 0.25  # a flat image: merges a lot
+    a, b = prompt(counts_a), prompt(counts_b, pre=(6,))
+    n = max(a.shape[1], b.shape[1])
+    ids = torch.cat([torch.cat([torch.zeros(1, n - t.shape[1], dtype=torch.long), t], 1) for t in (a, b)])
+    mask = torch.stack([torch.arange(n) >= n - t.shape[1] for t in (a, b)]).long()
+    crops = max(pix_a.shape[1], pix_b.shape[1])
+    pix = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1])) for p in (pix_a, pix_b)])
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VID], pad_token_id=0)
+    with torch.no_grad():
+        apply_dymu(model, [0.3, 0.3], backend="torch")
+        batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix,
+                               image_sizes=torch.cat([sizes_a, sizes_b]), **kw)[:, -4:]
+        kept = dymu_stats(model).tokens_kept
+        alone_a = model.generate(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a, **kw)[:, -4:]
+        alone_b = model.generate(input_ids=b, pixel_values=pix_b, image_sizes=sizes_b, **kw)[:, -4:]
+        remove_dymu(model)
+        apply_dymu(model, [0.3, 0.3], backend="cpp")
+        cpp = model.generate(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a, **kw)[:, -4:]
+    assert torch.equal(batch[0], alone_a[0]) and torch.equal(batch[1], alone_b[0]) and torch.equal(cpp, alone_a)
+    assert min(kept) < 36  # crops merged
+
+
+def test_onevision_needs_thresholds_it_has(gen):
+    model = tiny_onevision()
+    with pytest.raises(ValueError, match="no published thresholds for LlavaOnevisionForConditionalGeneration"):
+        apply_dymu(model)
+    with pytest.raises(TypeError, match="apply_dymu supports transformers LlavaForConditionalGeneration .*"
+                                        "LlavaOnevisionForConditionalGeneration"):
+        apply_dymu(torch.nn.Linear(2, 2))
