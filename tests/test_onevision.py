@@ -104,3 +104,27 @@ def test_onevision_needs_thresholds_it_has(gen):
     with pytest.raises(TypeError, match="apply_dymu supports transformers LlavaForConditionalGeneration .*"
                                         "LlavaOnevisionForConditionalGeneration"):
         apply_dymu(torch.nn.Linear(2, 2))
+
+
+def test_multi_image_prompt_and_merged_video(gen):
+    """Two images in one prompt (one crop each: 36 + 1 placeholders), equal to
+    the unpatched model with nothing merged; a video merges and generates."""
+    model = tiny_onevision()
+    pix = randn(2, 1, 3, CROP, CROP, gen=gen)
+    sizes = torch.tensor([[60, 90], [90, 60]])
+    ids = prompt([37, 37])
+    kwargs = dict(input_ids=ids, pixel_values=pix, image_sizes=sizes, batch_num_images=torch.tensor([2]))
+    video = randn(1, 4, 3, CROP, CROP, gen=gen)
+    video[0, 1:] = video[0, :1]  # a static scene: frames repeat
+    vid_ids = prompt([], video=4 * 9 + 1)
+    with torch.no_grad():
+        logits = model(**kwargs).logits
+        apply_dymu(model, NO_MERGE, backend="torch")
+        torch.testing.assert_close(model(**kwargs).logits, logits, atol=2e-5, rtol=2e-5)
+        remove_dymu(model)
+        apply_dymu(model, [0.2, 0.2], backend="torch")
+        out = model.generate(input_ids=vid_ids, pixel_values_videos=video, max_new_tokens=3, do_sample=False,
+                             suppress_tokens=[IMG, VID], pad_token_id=0, return_dict_in_generate=True)
+        kept = dymu_stats(model).tokens_kept
+    assert out.sequences.shape[1] == vid_ids.shape[1] + 3
+    assert len(kept) == 4 and max(kept) < 36  # every frame merged
