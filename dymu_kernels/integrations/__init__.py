@@ -3,7 +3,8 @@
 - :class:`~.clip.DToMeCLIPVisionEncoder` — a CLIP vision tower that merges
   tokens in every block (DToMe) with proportional attention.
 - :func:`~.llava.apply_dymu` / :func:`~.llava.remove_dymu` — patch a
-  ``LlavaForConditionalGeneration`` instance with DToMe + VTU.
+  ``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration``
+  instance with DToMe + VTU.
 """
 
 from .clip import DToMeCLIPVisionEncoder, DToMeVisionOutput

@@ -1,4 +1,11 @@
-"""DyMU for Hugging Face ``LlavaForConditionalGeneration``: one call patches a model.
+"""DyMU for Hugging Face LLaVA models: one call patches a model.
+
+The shared core for every supported family (``LlavaForConditionalGeneration``;
+``LlavaOnevisionForConditionalGeneration`` through the adapter in
+:mod:`.onevision`): :func:`apply_dymu` looks the family up by
+``config.model_type`` (:func:`_families`); a family says which visual
+modalities it has, which method encodes each and how its merged items are laid
+out. Everything below is the same for all families.
 
 ``apply_dymu(model, thresholds)`` patches *this instance* (no class is
 modified) so that
