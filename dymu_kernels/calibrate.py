@@ -10,9 +10,10 @@ CLI::
     python3 -m dymu_kernels.calibrate --model llava-hf/llava-1.5-7b-hf --images DIR --level low --out low.json
     python3 -m dymu_kernels.calibrate --model ID_OR_PATH --images DIR --r 12 --schedule linear --out t.json
 
-``--model`` is a LLaVA checkpoint (its CLIP tower is calibrated for the blocks
-LLaVA reads, ``vision_feature_layer``) or a CLIP vision / CLIP checkpoint (all
-blocks, or ``--num-layers``). ``--level low|mid|high`` are the paper's settings
+``--model`` is a LLaVA or LLaVA-OneVision checkpoint (its CLIP / SigLIP tower is
+calibrated for the blocks the model reads, ``vision_feature_layer``; every
+AnyRes crop counts as one calibration image, as every crop merges) or a CLIP /
+SigLIP checkpoint (all blocks, or ``--num-layers``). ``--level low|mid|high`` are the paper's settings
 for CLIP ViT-L/14-336, r = 21 / 16 / 8 merges per block on average (about
 89 / 195 / 394 of 576 image tokens kept). Pass the file to
 ``apply_dymu(model, "low.json")``.
@@ -60,16 +61,28 @@ def _open(item):
     return item
 
 
+def _tower_batch(processor, images) -> torch.Tensor:
+    """``[n, 3, H, W]`` tower inputs of ``images``. AnyRes processors
+    (LLaVA-OneVision) give ``[images, crops, 3, H, W]`` padded with all-zero
+    crops: every real crop is calibrated (as the model merges every crop), the
+    padding is dropped."""
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if pixels.dim() == 5:
+        pixels = pixels.flatten(0, 1)
+        pixels = pixels[pixels.flatten(1).abs().amax(1) > 0]
+    return pixels
+
+
 def pixel_batches(images: Iterable, processor, batch_size: int) -> Iterator[torch.Tensor]:
-    """``pixel_values`` batches of up to ``batch_size`` images, made by ``processor``."""
+    """Tower batches of up to ``batch_size`` images (all their crops), made by ``processor``."""
     batch = []
     for item in images:
         batch.append(_open(item))
         if len(batch) == batch_size:
-            yield processor(images=batch, return_tensors="pt")["pixel_values"]
+            yield _tower_batch(processor, batch)
             batch = []
     if batch:
-        yield processor(images=batch, return_tensors="pt")["pixel_values"]
+        yield _tower_batch(processor, batch)
 
 
 def calibrate_tower(
@@ -131,23 +144,28 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
 
     config = transformers.AutoConfig.from_pretrained(model_id)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    if config.model_type == "llava":
+    vlms = {"llava": transformers.LlavaForConditionalGeneration,
+            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}
+    towers = {"clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
+              "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel}
+    if config.model_type in vlms:
         from .integrations.llava import _vision_blocks
 
-        llava = transformers.LlavaForConditionalGeneration.from_pretrained(model_id, **kwargs)
-        tower = llava.model.vision_tower
-        num_layers = num_layers or _vision_blocks(llava.model)
-    elif config.model_type in ("clip", "clip_vision_model"):
-        tower = transformers.CLIPVisionModel.from_pretrained(model_id, **kwargs)
+        vlm = vlms[config.model_type].from_pretrained(model_id, **kwargs)
+        tower = vlm.model.vision_tower
+        num_layers = num_layers or _vision_blocks(vlm.model)
+    elif config.model_type in towers:
+        tower = towers[config.model_type].from_pretrained(model_id, **kwargs)
     else:
-        raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected a LLaVA or CLIP one")
+        raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected a LLaVA, "
+                         f"LLaVA-OneVision, CLIP or SigLIP one")
     processor = transformers.AutoImageProcessor.from_pretrained(model_id)
     return DToMeCLIPVisionEncoder(tower.eval(), num_layers=num_layers), processor
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m dymu_kernels.calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="LLaVA or CLIP checkpoint: hub id or local path")
+    parser.add_argument("--model", required=True, help="LLaVA, LLaVA-OneVision, CLIP or SigLIP checkpoint: hub id or path")
     parser.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--level", choices=sorted(LEVELS), help="paper setting: low/mid/high = r 21/16/8")

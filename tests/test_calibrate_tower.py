@@ -137,3 +137,29 @@ def test_cli_and_api_errors(tmp_path, photo_dir, capsys):
     assert LEVELS == {"low": 21, "mid": 16, "high": 8}
     with pytest.raises(ValueError, match="calibrate them on your images: python3 -m dymu_kernels.calibrate .* --level mid"):
         published_thresholds(level="mid")
+
+
+def test_onevision_checkpoint_calibrates_every_crop(photo_dir, tmp_path):
+    """A saved LLaVA-OneVision checkpoint: its SigLIP tower is loaded, the
+    AnyRes processor's crops (padding crops dropped) are the calibration
+    batch, and the thresholds merge r per block on those crops."""
+    from test_anyres_maps import PINPOINTS, tiny_onevision
+
+    model = tiny_onevision()
+    model_dir = tmp_path / "onevision"
+    model.save_pretrained(model_dir)
+    proc = transformers.LlavaOnevisionImageProcessor(size={"height": 42, "width": 42}, image_grid_pinpoints=PINPOINTS)
+    proc.save_pretrained(model_dir)
+    encoder, loaded = load_tower(str(model_dir))
+    assert encoder.num_layers == 2 and not encoder.cls_token
+    files = image_files(photo_dir)
+    result = calibrate_tower(encoder, files, 5, processor=loaded, batch_size=len(files), progress=False)
+    pixels = loaded(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+    crops = pixels.flatten(0, 1)
+    crops = crops[crops.flatten(1).abs().amax(1) > 0]
+    assert result.num_images == crops.shape[0] > len(files)  # several crops per photograph
+    scored = DToMeCLIPVisionEncoder(encoder.vision, result, num_layers=2, backend="torch")
+    with torch.no_grad():
+        counts = torch.stack(scored(crops).tokens_per_layer, 1).double()
+    before = torch.cat([torch.full_like(counts[:, :1], 36), counts[:, :-1]], 1)
+    assert torch.all(((before - counts).mean(0) - 5).abs() <= 1)
