@@ -87,7 +87,7 @@ def test_merging_batch_equals_single_and_cpp_equals_torch(gen):
         apply_dymu(model, [0.3, 0.3], backend="torch")
         batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix,
                                image_sizes=torch.cat([sizes_a, sizes_b]), **kw)[:, -4:]
-        kept = dymu_stats(model).tokens_kept
+        kept = dymu_stats(model).tokens_kept  # per crop: image a's 1 + 3 crops, then image b's
         alone_a = model.generate(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a, **kw)[:, -4:]
         alone_b = model.generate(input_ids=b, pixel_values=pix_b, image_sizes=sizes_b, **kw)[:, -4:]
         remove_dymu(model)
@@ -125,6 +125,6 @@ def test_multi_image_prompt_and_merged_video(gen):
         apply_dymu(model, [0.2, 0.2], backend="torch")
         out = model.generate(input_ids=vid_ids, pixel_values_videos=video, max_new_tokens=3, do_sample=False,
                              suppress_tokens=[IMG, VID], pad_token_id=0, return_dict_in_generate=True)
-        kept = dymu_stats(model).tokens_kept
-    assert out.sequences.shape[1] == vid_ids.shape[1] + 3
+        kept = dymu_stats(model, "video").tokens_kept
+    assert out.sequences.shape[1] == vid_ids.shape[1] + 3 and dymu_stats(model, "image") is None
     assert len(kept) == 4 and max(kept) < 36  # every frame merged

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -160,7 +160,7 @@ class _Patch:
     saved_attn: Optional[str]
     select_strategy: str
     family: "Family"
-    counts: Optional[_ImageCounts] = None
+    counts: Dict[str, _ImageCounts] = field(default_factory=dict)  # per modality, of its last tower batch
 
     def settings(self):
         """What :func:`apply_dymu` was asked for (to tell a repeat from a change)."""
@@ -388,12 +388,15 @@ def _set_attn_implementation(model, attn_implementation, *args, **kwargs):
     return model.set_attn_implementation(attn_implementation, *args, **kwargs)
 
 
-def dymu_stats(model) -> Optional[DyMUStats]:
-    """Tokens kept per image (and per vision block) in the last forward with
-    images; None before one (or for a model not patched). Reads the counts
-    back from the device (a host sync) — forwards themselves never do."""
+def dymu_stats(model, modality: str = "image") -> Optional[DyMUStats]:
+    """Tokens kept per tower item — image (LLaVA-1.5), crop (LLaVA-OneVision
+    AnyRes: base image first, then the grid), or video frame
+    (``modality="video"``) — and per vision block, in the last forward that
+    encoded that modality; None before one (or for a model not patched).
+    Reads the counts back from the device (a host sync) — forwards never do."""
     patch = getattr(model, "_dymu", None)
-    return None if patch is None or patch.counts is None else patch.counts.stats()
+    counts = None if patch is None else patch.counts.get(modality)
+    return None if counts is None else counts.stats()
 
 
 def kv_cache_bytes(cache) -> Dict[str, int]:
@@ -449,15 +452,16 @@ def _features(self, patch: _Patch, modality: "Modality", pixels, vision_kwargs, 
     return out if return_dict is not False else out.to_tuple()
 
 
-def merged_tower(self, patch: _Patch, pixel_values, dtype):
+def merged_tower(self, patch: _Patch, pixel_values, dtype, modality: str = "image"):
     """The tower's merged tokens of a batch of images (crops, frames), projected:
-    ``(features [n, U_cap, C], counts [n], slots [n, P])``, minus CLS for ``"default"``."""
+    ``(features [n, U_cap, C], counts [n], slots [n, P])``, minus CLS for
+    ``"default"``; their counts become ``dymu_stats(model, modality)``."""
     out = patch.encoder(pixel_values.to(dtype))
     if patch.select_strategy == "default":  # drop CLS (always slot 0: it never merges)
         feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
     else:
         feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
-    patch.counts = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
+    patch.counts[modality] = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
     return self.multi_modal_projector(feats), counts, slots
 
 

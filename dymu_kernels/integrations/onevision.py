@@ -69,7 +69,7 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
     from .llava import merged_tower
 
     B, frames = pixel_values_videos.shape[:2]
-    feats, counts, slots = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype)
+    feats, counts, slots = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype, "video")
     uniques, maps = [], []
     for v in range(B):
         sl = slice(v * frames, (v + 1) * frames)
