@@ -73,27 +73,18 @@ def test_merging_batch_equals_single_and_cpp_equals_torch(gen):
     sizes, so different placeholder counts) gives each its single-prompt
     tokens; the C++ backend gives the reference backend's."""
     model = tiny_onevision()
-    pix_a, sizes_a, counts_a = image_inputs(model, gen, [(50, 120)])
-    pix_b, sizes_b, counts_b = image_inputs(model, gen, [(90, 90)])
-    pix_b[0, :] = 0.25  # a flat image: merges a lot
-    a, b = prompt(counts_a), prompt(counts_b, pre=(6,))
-    n = max(a.shape[1], b.shape[1])
-    ids = torch.cat([torch.cat([torch.zeros(1, n - t.shape[1], dtype=torch.long), t], 1) for t in (a, b)])
-    mask = torch.stack([torch.arange(n) >= n - t.shape[1] for t in (a, b)]).long()
-    crops = max(pix_a.shape[1], pix_b.shape[1])
-    pix = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1])) for p in (pix_a, pix_b)])
+    batch, single_a, single_b = batch_of_two(model, gen, flat_b=True)
     kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VID], pad_token_id=0)
     with torch.no_grad():
         apply_dymu(model, [0.3, 0.3], backend="torch")
-        batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix,
-                               image_sizes=torch.cat([sizes_a, sizes_b]), **kw)[:, -4:]
+        out = model.generate(**batch, **kw)[:, -4:]
         kept = dymu_stats(model).tokens_kept  # per crop: image a's 1 + 3 crops, then image b's
-        alone_a = model.generate(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a, **kw)[:, -4:]
-        alone_b = model.generate(input_ids=b, pixel_values=pix_b, image_sizes=sizes_b, **kw)[:, -4:]
+        alone_a = model.generate(**single_a, **kw)[:, -4:]
+        alone_b = model.generate(**single_b, **kw)[:, -4:]
         remove_dymu(model)
         apply_dymu(model, [0.3, 0.3], backend="cpp")
-        cpp = model.generate(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a, **kw)[:, -4:]
-    assert torch.equal(batch[0], alone_a[0]) and torch.equal(batch[1], alone_b[0]) and torch.equal(cpp, alone_a)
+        cpp = model.generate(**single_a, **kw)[:, -4:]
+    assert torch.equal(out[0], alone_a[0]) and torch.equal(out[1], alone_b[0]) and torch.equal(cpp, alone_a)
     assert min(kept) < 36  # crops merged
 
 
@@ -128,3 +119,54 @@ def test_multi_image_prompt_and_merged_video(gen):
         kept = dymu_stats(model, "video").tokens_kept
     assert out.sequences.shape[1] == vid_ids.shape[1] + 3 and dymu_stats(model, "image") is None
     assert len(kept) == 4 and max(kept) < 36  # every frame merged
+
+
+def batch_of_two(model, gen, flat_b=False):
+    """Two left-padded prompts with images of different sizes (different crop
+    and placeholder counts) as one generate() batch, and each prompt alone.
+    ``flat_b``: prompt b's image is flat (its crops merge a lot)."""
+    pix_a, sizes_a, counts_a = image_inputs(model, gen, [(50, 120)])
+    pix_b, sizes_b, counts_b = image_inputs(model, gen, [(90, 90)])
+    if flat_b:
+        pix_b[0, :] = 0.25
+    a, b = prompt(counts_a), prompt(counts_b, pre=(6,))
+    n = max(a.shape[1], b.shape[1])
+    ids = torch.cat([torch.cat([torch.zeros(1, n - t.shape[1], dtype=torch.long), t], 1) for t in (a, b)])
+    mask = torch.stack([torch.arange(n) >= n - t.shape[1] for t in (a, b)]).long()
+    crops = max(pix_a.shape[1], pix_b.shape[1])
+    pix = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1])) for p in (pix_a, pix_b)])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=torch.cat([sizes_a, sizes_b]))
+    return (batch, dict(input_ids=a, pixel_values=pix_a, image_sizes=sizes_a),
+            dict(input_ids=b, pixel_values=pix_b, image_sizes=sizes_b))
+
+
+@pytest.mark.parametrize("mode", [dict(num_beams=3, num_return_sequences=2, do_sample=False), dict(do_sample=True),
+                                  dict(cache_implementation="static", do_sample=False),
+                                  dict(do_sample=False, output_hidden_states=True)])
+def test_generate_modes_equal_unpatched(gen, mode):
+    """Beam search over list-valued items of different lengths, sampling, the
+    static cache (Qwen2's per-layer-type masks) and hidden states, on a
+    left-padded batch; assisted and prompt-lookup decoding on one prompt."""
+    base, patched = tiny_onevision(), tiny_onevision()
+    apply_dymu(patched, NO_MERGE, backend="torch")
+    batch, single, _ = batch_of_two(base, gen)
+    kw = dict(max_new_tokens=4, suppress_tokens=[IMG, VID], pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = base.generate(**batch, **kw, **mode).sequences
+        torch.manual_seed(3)
+        assert torch.equal(patched.generate(**batch, **kw, **mode).sequences, expected)
+        if mode.get("num_beams"):
+            for extra in (dict(prompt_lookup_num_tokens=2), dict(assistant_model="self")):
+                a = {k: (base if v == "self" else v) for k, v in extra.items()}
+                b = {k: (patched if v == "self" else v) for k, v in extra.items()}
+                assert torch.equal(patched.generate(**single, **kw, do_sample=False, **b).sequences,
+                                   base.generate(**single, **kw, do_sample=False, **a).sequences)
+
+
+def test_sliding_window_language_models_are_refused():
+    model = tiny_onevision()
+    model.model.language_model.config.layer_types = ["sliding_attention"]
+    with pytest.raises(ValueError, match="\\['sliding_attention'\\] layers; VTU attention covers full"):
+        apply_dymu(model, NO_MERGE)
+    assert getattr(model, "_dymu", None) is None and model.model.language_model.config._attn_implementation != "dymu_vtu"

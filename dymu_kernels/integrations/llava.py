@@ -334,6 +334,14 @@ def apply_dymu(
             thresholds = family.default_thresholds
         thresholds = _resolve_thresholds(thresholds, blocks)
     encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
+    layer_types = getattr(lm.config, "layer_types", None) or []
+    if vtu and any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"the language model has {sorted(set(layer_types) - {'full_attention'})} layers; VTU attention covers "
+            "full (causal) attention only"
+        )
+    if strategy == "default" and not encoder.cls_token:
+        raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
     current = getattr(model, "_dymu", None)
     if current is not None:
         if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend):
@@ -344,8 +352,6 @@ def apply_dymu(
         _register_attention()
         saved = lm.config._attn_implementation
         lm.config._attn_implementation = ATTN_NAME
-    if strategy == "default" and not encoder.cls_token:
-        raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
     patch = _Patch(encoder, vtu, backend, saved, strategy, family)
     model._dymu = patch
     # This instance only: generate() encodes images / videos through these methods first.
@@ -611,6 +617,8 @@ def _patched_forward(
             if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
                 raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
             items.append(encoded[m.name].merged_images() if encoded[m.name] is not None else None)
+        if isinstance(attention_mask, dict):  # one mask per layer type (Qwen2): the same padding in each
+            attention_mask = next(iter(attention_mask.values()))
         if isinstance(attention_mask, DeferredMask):  # generate() with a static cache made it
             attention_mask = attention_mask.padding
         if attention_mask is not None and attention_mask.dim() != 2:
