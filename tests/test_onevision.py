@@ -170,3 +170,26 @@ def test_sliding_window_language_models_are_refused():
     with pytest.raises(ValueError, match="\\['sliding_attention'\\] layers; VTU attention covers full"):
         apply_dymu(model, NO_MERGE)
     assert getattr(model, "_dymu", None) is None and model.model.language_model.config._attn_implementation != "dymu_vtu"
+
+
+def test_bench_onevision_quick_rows(tmp_path):
+    """benchmarks/bench_onevision.py --quick: rows for both prompts and configs;
+    with merging the image runs fewer language-model tokens than positions."""
+    import importlib.util
+    import json
+    import os
+
+    pytest.importorskip("skimage")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_onevision", os.path.join(root, "benchmarks", "bench_onevision.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "onevision_quick.jsonl")]
+    assert [(r["config"], r["prompt"]) for r in rows] == [("stock", "image"), ("stock", "video"),
+                                                          ("r=100", "image"), ("r=100", "video")]
+    stock, merged = rows[0], rows[2]
+    assert stock["lm_tokens"] == stock["positions"] == merged["positions"] > merged["lm_tokens"]
+    assert merged["kv_mib"] < stock["kv_mib"] and merged["gflops"] < stock["gflops"]
+    assert all(r["n_samples"] == 3 and r["prefill_min"] <= r["prefill_s"] <= r["prefill_max"] for r in rows)
+    assert rows[1]["positions"] == 20 + 8 * 196 + 1 and "commit" in rows[0]
