@@ -114,3 +114,25 @@ def test_downscale_keeps_ids_of_cells_inside_one_merged_token(gen):
                                                 vision_aspect_ratio="anyres_max_1")
     torch.testing.assert_close(unique[slot_map], expected[0], atol=1e-6, rtol=1e-6)
     assert slot_map.shape[0] == 36 + 6 * (6 + 1) and unique.shape[0] == 5 * 9 + 6
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])
+@pytest.mark.parametrize("image_size", [(50, 120), (130, 60), (90, 90), (126, 84), (47, 47)])
+def test_packed_length_equals_the_processors_placeholder_count(gen, aspect, image_size):
+    """The processor inserts as many placeholders as the packed map has slots
+    (its own count, ``LlavaOnevisionProcessor._get_number_of_features``, run
+    with this model's settings; building a processor needs torchvision)."""
+    import functools
+    import types
+
+    Processor = transformers.LlavaOnevisionProcessor
+    fake = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_grid_pinpoints=PINPOINTS),
+                                 num_image_tokens=SIDE * SIDE, vision_aspect_ratio=aspect)
+    fake._get_unpadded_features = functools.partial(Processor._get_unpadded_features, fake)
+    expected = Processor._get_number_of_features(fake, *image_size, CROP, CROP)
+    num = transformers.models.llava_onevision.modeling_llava_onevision
+    n_crops = num.image_size_to_num_patches(image_size, PINPOINTS, CROP)
+    grid = num.get_anyres_image_grid_shape(image_size, PINPOINTS, CROP)
+    feats, counts, slots = merged_crops(gen, n_crops)
+    _, slot_map = pack_image_maps(feats, counts, slots, grid, image_size, randn(64, gen=gen), int(aspect.rsplit("_", 1)[1]))
+    assert slot_map.shape[0] == expected
