@@ -66,6 +66,13 @@ def test_video_and_image_in_one_prompt_equal_unpatched(gen):
         logits = model(**kwargs).logits
         apply_dymu(model, NO_MERGE, backend="torch")
         torch.testing.assert_close(model(**kwargs).logits, logits, atol=2e-5, rtol=2e-5)
+        # With merging: image and video tokens both shrink; the C++ backend equals the reference.
+        apply_dymu(model, [0.2, 0.2], backend="torch")
+        merged = model(**kwargs, use_cache=True)
+        rows = merged.past_key_values.layers[0].get_seq_length()
+        apply_dymu(model, [0.2, 0.2], backend="cpp")
+        torch.testing.assert_close(model(**kwargs).logits, merged.logits, atol=1e-4, rtol=1e-4)
+    assert rows < ids.shape[1] and max(dymu_stats(model, "video").tokens_kept) < 36
 
 
 def test_merging_batch_equals_single_and_cpp_equals_torch(gen):
