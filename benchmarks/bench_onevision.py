@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import count_flops, load_photos  # noqa: E402
-from common import RESULTS_DIR, print_table, sample_times, write_rows  # noqa: E402
+from common import add_run_args, check_run_args, print_table, sample_times, write_rows  # noqa: E402
 
 IMG, VID = 151646, 151647
 PINPOINTS = [[384, 384], [384, 768], [768, 384], [768, 768], [384, 1152], [1152, 384], [768, 1152], [1152, 768],
@@ -108,14 +108,11 @@ def main(argv=None) -> int:
     p.add_argument("--vision-layers", type=int, default=8)
     p.add_argument("--lm-layers", type=int, default=8)
     p.add_argument("--r", type=int, nargs="+", default=[76, 40], help="merges per block and crop/frame")
-    p.add_argument("--samples", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny widths, 2 + 2 layers")
-    p.add_argument("--results-dir", default=RESULTS_DIR)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p, samples=3)
     args = p.parse_args(argv)
-    if args.samples < 3:
-        p.error(f"--samples must be >= 3, got {args.samples}")
+    check_run_args(p, args)
     if args.quick:
         args.vision_layers, args.lm_layers, args.r = 2, 2, [100]
     from dymu_kernels.integrations import apply_dymu, remove_dymu

@@ -218,3 +218,16 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def add_run_args(parser, samples: int) -> None:
+    """``--samples`` (timed runs, >= 3 so rows carry a median and a spread),
+    ``--results-dir`` and ``--no-save``; check them with :func:`check_run_args`."""
+    parser.add_argument("--samples", type=int, default=samples, help="timed runs per measurement (>= 3)")
+    parser.add_argument("--results-dir", default=RESULTS_DIR)
+    parser.add_argument("--no-save", action="store_true")
+
+
+def check_run_args(parser, args) -> None:
+    if args.samples < 3:
+        parser.error(f"--samples must be >= 3 (median and spread), got {args.samples}")

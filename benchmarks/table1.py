@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dymu_kernels  # noqa: E402
-from common import RESULTS_DIR, environment, sample_times, write_rows  # noqa: E402
+from common import add_run_args, check_run_args, environment, sample_times, write_rows  # noqa: E402
 from dymu_kernels import flops  # noqa: E402
 from dymu_kernels import reference as ref  # noqa: E402
 
@@ -158,13 +158,10 @@ def chart(count_rows, lat_rows, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--samples", type=int, default=5, help="timed calls per provider (>= 3)")
     p.add_argument("--counts-only", action="store_true", help="fvcore / FlopCounterMode counts only")
-    p.add_argument("--results-dir", default=RESULTS_DIR)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p, samples=5)
     args = p.parse_args(argv)
-    if args.samples < 3:
-        p.error(f"--samples must be >= 3 (median and spread), got {args.samples}")
+    check_run_args(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     args.n, args.heads, args.head_dim = flops.PAPER_SHAPE["n"], flops.PAPER_SHAPE["heads"], flops.PAPER_SHAPE["head_dim"]
