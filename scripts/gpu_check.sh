@@ -23,6 +23,8 @@ if [[ "$what" == "all" ]]; then
   # End to end, LLaVA-1.5-7B shape (random weights): stock vs DyMU prefill / generate / memory / FLOPs
   python3 benchmarks/bench_e2e.py --device cuda --size 7b --dtype bfloat16 --samples 5 2>&1 | tee "$OUT/bench_e2e.log" || status=1
   python3 benchmarks/bench_decode_ab.py --device cuda 2>&1 | tee "$OUT/bench_decode_ab.log" || status=1
-  cp benchmarks/results/*cuda*.jsonl benchmarks/results/e2e_cuda.png "$OUT/" 2>/dev/null
+  # The paper's Table 1 with every provider's latency on this GPU (bf16, causal)
+  python3 benchmarks/table1.py --device cuda 2>&1 | tee "$OUT/table1.log" || status=1
+  cp benchmarks/results/*cuda*.jsonl benchmarks/results/*cuda*.md benchmarks/results/*cuda*.png "$OUT/" 2>/dev/null
 fi
 exit $status
