@@ -132,7 +132,7 @@ def calibrate_tower(
     device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     dtype = dtype or (param.dtype if param is not None else torch.float32)
     batches = (b.to(device=device, dtype=dtype) for b in pixel_batches(images, processor, batch_size))
-    return calibrate_thresholds(lambda x, policy: encoder(x, policy), batches, r, num_layers=encoder.num_layers,
+    return calibrate_thresholds(encoder, batches, r, num_layers=encoder.num_layers,
                                 schedule=schedule, model=model, progress=progress, total=total)
 
 

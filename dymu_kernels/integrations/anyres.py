@@ -108,7 +108,7 @@ def pack_image_maps(features: torch.Tensor, counts: torch.Tensor, slots: torch.T
     """
     n_crops, _, C = features.shape
     side = math.isqrt(slots.shape[1])
-    counts_l = [int(c) for c in counts]
+    counts_l = counts.tolist()  # one host read for all crops
     offsets = torch.tensor([0] + counts_l[:-1], device=slots.device).cumsum(0)
     ids = slots.long() + offsets[:, None]  # image-level unique ids per crop
     rows = [torch.cat([features[c, : counts_l[c]] for c in range(n_crops)])]
@@ -150,12 +150,11 @@ def pool_video_maps(features: torch.Tensor, counts: torch.Tensor, slots: torch.T
 
     Args / returns as :func:`pack_image_maps`, with frames for crops.
     """
-    n_frames, _, C = features.shape
     side = math.isqrt(slots.shape[1])
     out = math.ceil(side / 2)
     rows, maps, n_rows = [], [], 0
-    for f in range(n_frames):
-        unique = features[f, : int(counts[f])]
+    for f, count in enumerate(counts.tolist()):  # one host read for all frames
+        unique = features[f, :count]
         ids, mixed = resize_ids(slots[f].long().view(side, side), unique, out, out)
         rows += [unique, mixed]
         maps.append(ids.reshape(-1) + n_rows)

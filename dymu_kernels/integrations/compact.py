@@ -142,7 +142,9 @@ def _assemble(layout: _Layout, text_embeds):
     row0 = torch.arange(B, device=device)[:, None] * n_max
     flat = text_embeds.new_zeros(dump + 1, C)
     flat.index_copy_(0, torch.where(layout.is_text, row0 + layout.start, dump).reshape(-1), text_embeds.reshape(-1, C))
-    merge_map = torch.cat([torch.where(layout.is_text, layout.start, -1).reshape(-1), merge_map_dump(device)])
+    # The flat map has one spare entry after its B * N: writes for absent placeholders land there.
+    text_map = torch.where(layout.is_text, layout.start, -1).reshape(-1)
+    merge_map = torch.cat([text_map, text_map.new_full((1,), -1)])
     for items in layout.items:
         if items is None or not items.images.counts.shape[0]:
             continue
@@ -154,11 +156,6 @@ def _assemble(layout: _Layout, text_embeds):
         dest = torch.where(k < images.counts.to(device)[:, None], (first // N * n_max + base)[:, None] + k, dump)
         flat.index_copy_(0, dest.reshape(-1), images.features.to(flat).reshape(-1, C))
     return flat[:dump].view(B, n_max, C), merge_map[: B * N].view(B, N).to(torch.int32)
-
-
-def merge_map_dump(device) -> torch.Tensor:
-    """One spare entry after the flat merge map: writes for absent placeholders land there."""
-    return torch.full((1,), -1, dtype=torch.long, device=device)
 
 
 def build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items, names=("image",)):

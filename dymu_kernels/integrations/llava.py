@@ -90,7 +90,9 @@ class DeferredMask:
         self.mask_kwargs = mask_kwargs
         self.padding = mask_kwargs.get("attention_mask")  # [B, L] bool or None
 
+    @functools.cached_property
     def sdpa(self):
+        """transformers' SDPA mask for these arguments, built once for all layers."""
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**self.mask_kwargs)
@@ -103,7 +105,7 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if isinstance(attention_mask, DeferredMask):
-            attention_mask = attention_mask.sdpa()
+            attention_mask = attention_mask.sdpa
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     ctx: VTUContext = dymu_vtu
     fn = vtu_decode_attention if ctx.decode else vtu_attention
@@ -189,6 +191,7 @@ class Modality:
     pixels: str  # forward argument with its pixels
     method: str  # the model's encoding method, patched to merge (generate() calls it first)
     encode: Callable  # encode(inner, patch, pixels, dtype, vision_kwargs) -> DyMUImageOutputs
+    patched: Callable  # what replaces ``method``: the same parameter names, merged output
 
 
 @dataclass(frozen=True)
@@ -223,12 +226,15 @@ def _families() -> Dict[str, Family]:
 
     return {
         "llava": Family("llava", "LlavaForConditionalGeneration",
-                        (Modality("image", "image_token_id", "pixel_values", "get_image_features", _encode_images),),
+                        (Modality("image", "image_token_id", "pixel_values", "get_image_features", _encode_images,
+                                  _patched_image_features),),
                         llava_output, "openai/clip-vit-large-patch14-336:low"),
         "llava_onevision": Family(
             "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-            (Modality("image", "image_token_id", "pixel_values", "get_image_features", onevision.encode_images),
-             Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", onevision.encode_videos)),
+            (Modality("image", "image_token_id", "pixel_values", "get_image_features", onevision.encode_images,
+                      _patched_image_features),
+             Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", onevision.encode_videos,
+                      _patched_video_features)),
             onevision_output, None),
     }
 
@@ -357,8 +363,7 @@ def apply_dymu(
     # This instance only: generate() encodes images / videos through these methods first.
     inner.forward = functools.partial(_patched_forward, inner, patch)
     for m in family.modalities:
-        method = _patched_image_features if m.name == "image" else _patched_video_features
-        setattr(inner, m.method, functools.partial(method, inner, patch, m))
+        setattr(inner, m.method, functools.partial(m.patched, inner, patch, m))
     model.set_attn_implementation = functools.partial(_set_attn_implementation, model)
     if vtu:  # RoPE becomes the identity inside VTU forwards (see _rotary_forward)
         lm.rotary_emb.forward = functools.partial(_rotary_forward, lm.rotary_emb)
@@ -482,11 +487,17 @@ def _rotary_forward(rot, x, position_ids, *args, **kwargs):
     """``forward`` of the language model's rotary module while patched: the
     identity (cos 1, sin 0) while a VTU forward runs — VTU rotates inside
     attention, at the full positions, and the cache keeps keys un-rotated —
-    and the original rotation otherwise (a direct call of the language model)."""
-    cos, sin = type(rot).forward(rot, x, position_ids, *args, **kwargs)
-    if getattr(rot, "_dymu_identity", False):
-        return torch.ones_like(cos), torch.zeros_like(sin)
-    return cos, sin
+    and the original rotation otherwise (a direct call of the language model).
+    The identity tables are made directly, shaped like the module's
+    (``[*position_ids.shape, 2 * len(inv_freq)]`` in ``x``'s dtype)."""
+    inv_freq = getattr(rot, "inv_freq", None)
+    if not getattr(rot, "_dymu_identity", False) or inv_freq is None:
+        cos, sin = type(rot).forward(rot, x, position_ids, *args, **kwargs)
+        if getattr(rot, "_dymu_identity", False):
+            return torch.ones_like(cos), torch.zeros_like(sin)
+        return cos, sin
+    shape = (*position_ids.shape, 2 * inv_freq.numel())
+    return x.new_ones(shape), x.new_zeros(shape)
 
 
 def _placeholder_mask(self, input_ids, embeds, token_id: int):
@@ -594,12 +605,14 @@ def _patched_forward(
             "makes it cheap), so attentions are None, as with transformers' sdpa attention; remove_dymu(model) for them",
             stacklevel=3,
         )
-    masks = [_placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr)) for m in modalities]
+    def placeholders(m):
+        return _placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr))
+
     old = cache_state(cache)
     if old is not None:  # a generation step, or new text on a filled cache
-        for m, mask in zip(modalities, masks):
+        for m in modalities:
             given = vision_kwargs.get(m.pixels) is not None or encoded[m.name] is not None
-            if given and bool(mask.any()):
+            if given and bool(placeholders(m).any()):
                 raise ValueError(
                     f"new {m.name} placeholders on a DyMU KV cache that already holds a prompt: {m.name}s can only "
                     f"enter with the first forward on an empty cache; start a new generation (empty cache) with all "
@@ -628,8 +641,8 @@ def _patched_forward(
             )
         T = embeds.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None else None
-        x, state, n_unique = _prefill_state(self, masks, embeds, mask, position_ids, items,
-                                            tuple(m.name for m in modalities))
+        x, state, n_unique = _prefill_state(self, [placeholders(m) for m in modalities], embeds, mask, position_ids,
+                                            items, tuple(m.name for m in modalities))
     out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, kwargs)
     if use_cache:
         set_cache_state(cache, state)
