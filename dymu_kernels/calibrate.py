@@ -153,7 +153,7 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
 
         vlm = vlms[config.model_type].from_pretrained(model_id, **kwargs)
         tower = vlm.model.vision_tower
-        num_layers = num_layers or _vision_blocks(vlm.model)
+        num_layers = num_layers or _vision_blocks(vlm.model.config, tower)
     elif config.model_type in towers:
         tower = towers[config.model_type].from_pretrained(model_id, **kwargs)
     else:

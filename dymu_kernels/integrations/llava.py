@@ -269,15 +269,44 @@ def _resolve_thresholds(thresholds, num_layers: int):
     return resolve_thresholds(thresholds, num_layers)
 
 
-def _vision_blocks(inner) -> int:
-    layer = inner.config.vision_feature_layer
+def _vision_blocks(config, tower) -> int:
+    layer = config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"DyMU needs a single vision_feature_layer, got {layer!r}: merged tokens differ between layers")
-    n = len(_vision_parts(inner.vision_tower).encoder.layers)
+    n = len(_vision_parts(tower).encoder.layers)
     blocks = n + 1 + layer if layer < 0 else layer
     if not 1 <= blocks <= n:
         raise ValueError(f"vision_feature_layer={layer} selects no encoder block of {n}")
     return blocks
+
+
+def tower_encoder(family: "Family", config, tower, thresholds="default", r=None, backend: str = "auto",
+                  trim: Union[str, bool] = "auto") -> DToMeCLIPVisionEncoder:
+    """The DToMe encoder over a model's transformers vision ``tower``, with
+    ``thresholds`` resolved as :func:`apply_dymu` documents (``"default"``:
+    the family's preset) for the blocks ``config.vision_feature_layer``
+    reads; checks the feature-select strategy. What :func:`apply_dymu` and
+    the vLLM plugin (:mod:`dymu_kernels.vllm`) both build."""
+    strategy = config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
+    blocks = _vision_blocks(config, tower)
+    if r is not None:
+        thresholds = None
+    else:
+        if isinstance(thresholds, str) and thresholds == "default":
+            if family.default_thresholds is None:
+                raise ValueError(
+                    f"no published thresholds for {family.class_name}'s vision tower: pass thresholds calibrated on "
+                    "your images (python3 -m dymu_kernels.calibrate --model ID --images DIR --r N --out t.json, then "
+                    "apply_dymu(model, 't.json')) or r=N"
+                )
+            thresholds = family.default_thresholds
+        thresholds = _resolve_thresholds(thresholds, blocks)
+    encoder = DToMeCLIPVisionEncoder(tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
+    if strategy == "default" and not encoder.cls_token:
+        raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
+    return encoder
 
 
 def apply_dymu(
@@ -323,31 +352,14 @@ def apply_dymu(
     """
     _check_transformers()
     family, inner, lm = _llava_parts(model)
+    encoder = tower_encoder(family, inner.config, inner.vision_tower, thresholds, r, backend, trim)
     strategy = inner.config.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
-        raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
-    blocks = _vision_blocks(inner)
-    if r is not None:
-        thresholds = None
-    else:
-        if isinstance(thresholds, str) and thresholds == "default":
-            if family.default_thresholds is None:
-                raise ValueError(
-                    f"no published thresholds for {family.class_name}'s vision tower: pass thresholds calibrated on "
-                    "your images (python3 -m dymu_kernels.calibrate --model ID --images DIR --r N --out t.json, then "
-                    "apply_dymu(model, 't.json')) or r=N"
-                )
-            thresholds = family.default_thresholds
-        thresholds = _resolve_thresholds(thresholds, blocks)
-    encoder = DToMeCLIPVisionEncoder(inner.vision_tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
     layer_types = getattr(lm.config, "layer_types", None) or []
     if vtu and any(t != "full_attention" for t in layer_types):
         raise ValueError(
             f"the language model has {sorted(set(layer_types) - {'full_attention'})} layers; VTU attention covers "
             "full (causal) attention only"
         )
-    if strategy == "default" and not encoder.cls_token:
-        raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
     current = getattr(model, "_dymu", None)
     if current is not None:
         if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend):
@@ -467,13 +479,19 @@ def merged_tower(self, patch: _Patch, pixel_values, dtype, modality: str = "imag
     """The tower's merged tokens of a batch of images (crops, frames), projected:
     ``(features [n, U_cap, C], counts [n], slots [n, P])``, minus CLS for
     ``"default"``; their counts become ``dymu_stats(model, modality)``."""
-    out = patch.encoder(pixel_values.to(dtype))
-    if patch.select_strategy == "default":  # drop CLS (always slot 0: it never merges)
-        feats, counts, slots = out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
-    else:
-        feats, counts, slots = out.features, out.lengths.long(), out.pos_map.long()
-    patch.counts[modality] = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
+    feats, counts, slots, per_layer = tower_tokens(patch.encoder, patch.select_strategy, pixel_values.to(dtype))
+    patch.counts[modality] = _ImageCounts(counts, per_layer, slots.shape[1])
     return self.multi_modal_projector(feats), counts, slots
+
+
+def tower_tokens(encoder: DToMeCLIPVisionEncoder, select_strategy: str, pixel_values):
+    """The merged tower tokens the projector reads: ``(features [n, U_cap, C_vis],
+    counts [n], slots [n, P], tokens per block)`` — minus CLS for ``"default"``;
+    ``slots`` maps each of the ``P`` placeholders to its unique token."""
+    out = encoder(pixel_values)
+    if select_strategy == "default":  # drop CLS (always slot 0: it never merges)
+        return out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1, out.tokens_per_layer
+    return out.features, out.lengths.long(), out.pos_map.long(), out.tokens_per_layer
 
 
 def _encode_images(self, patch: _Patch, pixel_values, dtype, vision_kwargs=None):

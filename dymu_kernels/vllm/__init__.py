@@ -1,0 +1,59 @@
+"""DyMU in vLLM: an out-of-tree plugin (``pip install dymu_kernels[vllm]``).
+
+vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
+in every process it starts. It puts :class:`~.llava.DyMULlavaForConditionalGeneration`
+in place of vLLM's ``LlavaForConditionalGeneration`` — vLLM's own class,
+unchanged unless the model's config has a ``dymu`` entry — and a config hook
+that refuses, at load time, engine settings DyMU cannot serve exactly
+(:mod:`.engine_checks`). Serve with::
+
+    from vllm import LLM
+    from dymu_kernels.vllm import engine_kwargs
+    llm = LLM("llava-hf/llava-1.5-7b-hf", **engine_kwargs(thresholds="default"))
+
+What it saves (vLLM fixes the placeholder count before the vision tower
+runs): the vision tower runs DToMe; in the language model the norms,
+projections and MLP run on unique tokens only; attention and the KV cache
+stay at full length. ``model.dymu_stats`` counts both (see
+:class:`~.llava.ServingStats`).
+"""
+
+from __future__ import annotations
+
+from .settings import DyMUSettings, engine_kwargs, settings_from_config
+
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaForConditionalGeneration",
+}
+
+__all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "settings_from_config"]
+
+
+def _config_hook():
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    from .engine_checks import check_engine
+
+    class DyMUEngineCheck(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            check_engine(vllm_config)
+
+    return DyMUEngineCheck
+
+
+def register() -> None:
+    """vLLM's plugin entry point: idempotent (vLLM may call it more than once per process)."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    hook = None
+    for arch, path in ARCHITECTURES.items():
+        if getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
+            continue
+        if arch in MODELS_CONFIG_MAP:
+            raise RuntimeError(f"vLLM already has a config hook for {arch}; the DyMU plugin would replace it")
+        hook = hook or _config_hook()
+        hook._dymu = True
+        MODELS_CONFIG_MAP[arch] = hook
+        ModelRegistry.register_model(arch, path)

@@ -1,0 +1,156 @@
+"""Which positions of one vLLM step share a unique token.
+
+vLLM fixes the number of image placeholders before the vision tower runs, so
+a merged image still fills all ``P`` of them: placeholder ``p`` holds a copy of
+its unique token ``slots[p]``. The language model computes on the unique rows
+only (see :mod:`dymu_kernels.vllm.layers`), so every step needs the map from
+its scheduled tokens to unique rows — and it must come from vLLM's own
+per-step data, never from comparing embeddings (two requests, or two groups
+of one image, can hold equal rows).
+
+The map travels with the encoder output: :func:`tag_item` appends
+``TAG_COLUMNS`` columns holding each placeholder's unique-token index and the
+item's placeholder count, exactly (base-256 digits are exact in fp32, fp16 and
+bf16). vLLM caches and slices that output per its placeholder ranges and hands
+the model's ``embed_input_ids`` the pieces scheduled in this step, in
+placeholder order, with the ``is_multimodal`` mask; :func:`untag_pieces`
+strips the columns and :func:`step_groups` turns (piece, unique index) into
+groups — text tokens are groups of one. A piece shorter than its item (an
+image split across steps, which prefix caching or chunked multimodal input
+would do) raises: a merged group's attention output averages over all its
+positions, so its rows depend on the whole image at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..ops.segment import segment_mean
+
+TAG_COLUMNS = 4  # unique index (2 base-256 digits), item placeholder count (2 digits)
+_BASE = 256
+_LIMIT = _BASE * _BASE
+
+
+def _digits(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([values % _BASE, values // _BASE], dim=-1).to(dtype)
+
+
+def tag_item(unique_rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One merged item as vLLM's encoder output: ``[P, C + TAG_COLUMNS]``.
+
+    Args:
+        unique_rows: ``[U, C]`` the item's unique (projected) tokens.
+        slots: ``[P]`` the unique token of each placeholder, in ``[0, U)``.
+    """
+    P = slots.shape[0]
+    if P >= _LIMIT:
+        raise ValueError(f"an item has {P} placeholders; tags hold at most {_LIMIT - 1}")
+    slots = slots.long()
+    tags = torch.cat([_digits(slots, unique_rows.dtype),
+                      _digits(torch.full_like(slots, P), unique_rows.dtype)], dim=-1)
+    return torch.cat([unique_rows[slots.to(unique_rows.device)], tags.to(unique_rows.device)], dim=-1)
+
+
+def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The scheduled pieces of tagged items -> ``(embeddings [n_k, C], unique index [n_k])``.
+
+    Raises RuntimeError when a piece is not a whole item (see module doc).
+    """
+    embeds, ids = [], []
+    for k, piece in enumerate(pieces):
+        tags = piece[:, -TAG_COLUMNS:].double().round().long()
+        local = tags[:, 0] + _BASE * tags[:, 1]
+        total = tags[:, 2] + _BASE * tags[:, 3]
+        n = piece.shape[0]
+        if n == 0 or bool((total != n).any()):
+            full = int(total[0]) if n else 0
+            raise RuntimeError(
+                f"a merged image reached the language model in part ({n} of {full} placeholders in one step). DyMU "
+                "needs each image in one step: serve with enable_prefix_caching=False and "
+                "disable_chunked_mm_input=True (dymu_kernels.vllm.engine_kwargs() sets both)"
+            )
+        embeds.append(piece[:, :-TAG_COLUMNS])
+        ids.append(local)
+    return embeds, ids
+
+
+@dataclass
+class StepGroups:
+    """The unique rows of a step's ``N`` tokens.
+
+    ``inverse[t]``: the row of token ``t``; ``first[u]``: the first token of
+    row ``u`` (rows are in order of first position); ``counts[u]``: its tokens.
+    """
+
+    inverse: torch.Tensor  # [N] int64
+    first: torch.Tensor  # [U] int64
+    counts: torch.Tensor  # [U] int64
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inverse.shape[0]
+
+    @property
+    def num_unique(self) -> int:
+        return self.first.shape[0]
+
+    def pad_to(self, num_tokens: int) -> "StepGroups":
+        """Extra trailing tokens (vLLM pads a batch for graphs) as rows of their own."""
+        extra = num_tokens - self.num_tokens
+        if extra < 0:
+            raise ValueError(f"the step has {self.num_tokens} tokens; cannot shrink to {num_tokens}")
+        if extra == 0:
+            return self
+        dev = self.inverse.device
+        new_rows = torch.arange(self.num_unique, self.num_unique + extra, device=dev)
+        return StepGroups(torch.cat([self.inverse, new_rows]),
+                          torch.cat([self.first, torch.arange(self.num_tokens, num_tokens, device=dev)]),
+                          torch.cat([self.counts, torch.ones(extra, dtype=self.counts.dtype, device=dev)]))
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]`` rows whose group members are equal -> ``[U, ...]``."""
+        return x.index_select(0, self.first)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """``[U, ...]`` -> ``[N, ...]``: each token gets its row."""
+        return x.index_select(0, self.inverse)
+
+    def average(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, F]`` -> ``[U, F]``: each row the mean of its tokens (fp32 accumulation)."""
+        return segment_mean(x[None], self.inverse[None], self.num_unique)[0]
+
+
+def step_groups(is_multimodal: torch.Tensor, piece_ids: Sequence[torch.Tensor]) -> StepGroups:
+    """Groups of a step from vLLM's ``is_multimodal`` mask ``[N]`` and each
+    scheduled piece's unique indices (:func:`untag_pieces`): the masked
+    positions, in order, are the pieces' rows, concatenated (how vLLM places
+    them). Two pieces never share a group, even with equal indices."""
+    device = is_multimodal.device
+    mask = is_multimodal.bool()
+    N = mask.shape[0]
+    n_mm = int(mask.sum())
+    lengths = [int(p.shape[0]) for p in piece_ids]
+    if n_mm != sum(lengths):
+        raise RuntimeError(f"{n_mm} multimodal positions but the pieces hold {sum(lengths)} rows")
+    key = torch.arange(N, device=device)  # text tokens: a key of their own
+    if n_mm:
+        width = max(int(p.max()) + 1 for p in piece_ids)
+        piece = torch.repeat_interleave(torch.arange(len(piece_ids), device=device),
+                                        torch.tensor(lengths, device=device))
+        local = torch.cat([p.to(device) for p in piece_ids])
+        key[mask] = N + piece * width + local
+    _, inverse = torch.unique(key, return_inverse=True)
+    U = int(inverse.max()) + 1 if N else 0
+    first = torch.full((U,), N, dtype=torch.long, device=device).scatter_reduce(
+        0, inverse, torch.arange(N, device=device), "amin")
+    # Rows in order of first position (the order the tokens come in).
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(U, device=device)
+    inverse = rank[inverse]
+    counts = torch.bincount(inverse, minlength=U)
+    return StepGroups(inverse, first[order], counts)

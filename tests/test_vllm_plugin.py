@@ -1,0 +1,360 @@
+"""The vLLM plugin (dymu_kernels.vllm).
+
+Unit checks of its pieces run here. The serving checks run vLLM's CPU build
+in its own environment (``scripts/setup_vllm.sh``: vLLM pins a transformers
+older than the package's), through ``tests/vllm_worker.py``: a tiny random
+LLaVA is saved as a vLLM folder, every engine configuration is started once
+(starting one costs seconds), and what vLLM generated is compared here with
+transformers' ``generate()`` — unpatched, and patched by ``apply_dymu``, whose
+VTU is the official release's expand -> attention -> average.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dymu_kernels.vllm.engine_checks import check_engine, unsupported_settings
+from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces
+from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
+
+# --------------------------------------------------------------------------
+# Groups: the step's map from vLLM's own data
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tags_round_trip_exactly(dtype, gen):
+    """Unique indices up to 1000 survive every float dtype vLLM serves in."""
+    U, P, C = 700, 1000, 8
+    rows = torch.randn(U, C, generator=gen).to(dtype)
+    slots = torch.cat([torch.arange(U), torch.randint(0, U, (P - U,), generator=gen)])[torch.randperm(P, generator=gen)]
+    tagged = tag_item(rows, slots)
+    assert tagged.shape == (P, C + TAG_COLUMNS) and tagged.dtype == dtype
+    embeds, ids = untag_pieces([tagged])
+    assert torch.equal(ids[0], slots) and torch.equal(embeds[0], rows[slots])
+
+
+def test_split_image_raises():
+    """A piece that is not a whole item (an image split across steps) is refused, never averaged in part."""
+    tagged = tag_item(torch.randn(3, 4), torch.tensor([0, 1, 1, 2, 2, 2]))
+    with pytest.raises(RuntimeError, match="in part .*4 of 6.*enable_prefix_caching=False"):
+        untag_pieces([tagged[:4]])
+
+
+def _reference_groups(is_mm, ids):
+    """Plain-Python grouping: (piece, unique index) for image tokens, position for text."""
+    keys, k, pieces = [], 0, [list(map(int, p)) for p in ids]
+    flat = [(j, v) for j, p in enumerate(pieces) for v in p]
+    for t, m in enumerate(is_mm.tolist()):
+        keys.append(("img",) + flat[k] if m else ("txt", t))
+        k += m
+    order = {}
+    for key in keys:
+        order.setdefault(key, len(order))
+    return [order[key] for key in keys]
+
+
+def test_step_groups_follow_pieces_not_values(gen):
+    """Two requests' images with equal unique indices stay separate groups;
+    text tokens are their own; rows are in order of first position."""
+    is_mm = torch.tensor([0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    ids = [torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0])]  # same indices, different images
+    g = step_groups(is_mm, ids)
+    assert g.inverse.tolist() == _reference_groups(is_mm, ids)
+    assert g.num_unique == 8 and g.counts.tolist() == [1, 2, 2, 1, 1, 2, 1, 1]
+    assert g.first.tolist() == [0, 1, 2, 5, 6, 7, 8, 10]
+    # Adjacent pieces (two images back to back) are told apart by piece, too.
+    g2 = step_groups(torch.ones(4, dtype=torch.bool), [torch.tensor([0, 0]), torch.tensor([0, 0])])
+    assert g2.inverse.tolist() == [0, 0, 1, 1]
+
+
+def test_step_groups_random(gen):
+    for _ in range(5):
+        N = int(torch.randint(5, 60, (1,), generator=gen))
+        is_mm = torch.rand(N, generator=gen) < 0.6
+        n_mm = int(is_mm.sum())
+        cuts = sorted(torch.randint(0, n_mm + 1, (2,), generator=gen).tolist())
+        sizes = [s for s in (cuts[0], cuts[1] - cuts[0], n_mm - cuts[1]) if s]
+        ids = [torch.randint(0, max(1, s // 2), (s,), generator=gen) for s in sizes]
+        g = step_groups(is_mm, ids)
+        assert g.inverse.tolist() == _reference_groups(is_mm, ids)
+        x = torch.randn(g.num_unique, 3, generator=gen)
+        assert torch.equal(g.compact(g.expand(x)), x)
+        y = torch.randn(N, 3, generator=gen, dtype=torch.float64)
+        want = torch.stack([y[g.inverse == u].mean(0) for u in range(g.num_unique)])
+        torch.testing.assert_close(g.average(y), want)
+
+
+def test_step_groups_checks_and_padding():
+    with pytest.raises(RuntimeError, match="3 multimodal positions but the pieces hold 2"):
+        step_groups(torch.tensor([1, 1, 1], dtype=torch.bool), [torch.tensor([0, 0])])
+    g = step_groups(torch.tensor([0, 1, 1], dtype=torch.bool), [torch.tensor([0, 0])]).pad_to(5)
+    assert isinstance(g, StepGroups) and g.inverse.tolist() == [0, 1, 1, 2, 3] and g.counts.tolist() == [1, 2, 1, 1]
+    assert g.first.tolist() == [0, 1, 3, 4]
+
+
+# --------------------------------------------------------------------------
+# Settings and load-time refusals
+# --------------------------------------------------------------------------
+
+
+def _cfg(entry):
+    return types.SimpleNamespace(dymu=entry) if entry is not None else types.SimpleNamespace()
+
+
+def test_settings_parse_and_errors():
+    assert settings_from_config(_cfg(None)) is None
+    assert settings_from_config(_cfg({"enabled": False, "r": 3})) is None
+    s = settings_from_config(_cfg({}))
+    assert s.thresholds == "default" and s.r is None and s.backend == "auto"
+    assert settings_from_config(_cfg({"r": [1, 2]})).r == [1, 2]
+    bad = [({"rr": 1}, "unknown keys \\['rr'\\]"), ({"r": -1}, "dymu.r"), ({"r": 1, "thresholds": [0.9]}, "both"),
+           ({"backend": "cuda"}, "dymu.backend"), ({"enabled": "yes"}, "dymu.enabled"),
+           ({"thresholds": 0.9}, "dymu.thresholds")]
+    for entry, match in bad:
+        with pytest.raises(ValueError, match=match):
+            settings_from_config(_cfg(entry))
+    with pytest.raises(ValueError, match="must be a dict"):
+        settings_from_config(_cfg([1]))
+    with pytest.raises(ValueError, match="dymu.r"):
+        engine_kwargs(r="8")
+
+
+def test_engine_kwargs():
+    kw = engine_kwargs("t.json", hf_overrides={"foo": 1}, max_num_seqs=4)
+    assert kw["hf_overrides"] == {"foo": 1, "dymu": {"enabled": True, "backend": "auto", "thresholds": "t.json"}}
+    assert kw["enforce_eager"] is True and kw["enable_prefix_caching"] is False and kw["disable_chunked_mm_input"]
+    assert kw["max_num_seqs"] == 4
+
+
+def _engine(**over):
+    ns = types.SimpleNamespace
+    cfg = ns(model_config=ns(enforce_eager=True, hf_config=_cfg({"r": 2})),
+             cache_config=ns(enable_prefix_caching=False),
+             scheduler_config=ns(enable_chunked_prefill=True, disable_chunked_mm_input=True),
+             speculative_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1))
+    for path, value in over.items():
+        obj = cfg
+        *head, last = path.split(".")
+        for h in head:
+            obj = getattr(obj, h)
+        setattr(obj, last, value)
+    return cfg
+
+
+def test_engine_refusals():
+    assert unsupported_settings(_engine()) == []
+    check_engine(_engine())
+    cases = {"model_config.enforce_eager": (False, "enforce_eager=True"),
+             "cache_config.enable_prefix_caching": (True, "enable_prefix_caching=False"),
+             "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
+             "speculative_config": (object(), "speculative"),
+             "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1"),
+             "parallel_config.tensor_parallel_size": (2, "tensor_parallel_size=1")}
+    for path, (value, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            check_engine(_engine(**{path: value}))
+    # Without chunked prefill an image is never split: no need for the flag.
+    assert unsupported_settings(_engine(**{"scheduler_config.enable_chunked_prefill": False,
+                                           "scheduler_config.disable_chunked_mm_input": False})) == []
+    # DyMU off: nothing is refused (vLLM's own LLaVA).
+    check_engine(_engine(**{"model_config.hf_config": _cfg(None), "model_config.enforce_eager": False}))
+
+
+# --------------------------------------------------------------------------
+# Serving: vLLM's CPU build on a tiny random LLaVA
+# --------------------------------------------------------------------------
+
+NEW_TOKENS = 6
+WORDS = " ".join(f"w{i}" for i in range(100, 140))
+PROMPTS = {
+    "A": ("<s> w11 w12 <image> w13 w14 w15", [0]),
+    "B": ("<s> w21 <image> w22", [1]),
+    "C": ("<s> w31 w32 w33 w34", []),  # text only
+    "D": ("<s> w41 w42 w43 <image> w44", [2]),
+    "multi": ("<s> w51 <image> w52 <image> w53", [0, 3]),
+    "long0": (f"<s> {WORDS} <image> {WORDS}", [3]),  # 145 tokens: chunked under a 96-token budget
+    "long1": (f"<s> {WORDS} w7 <image> w8 {WORDS}", [1]),
+}
+BATCHES = {"single": ["A"], "batch": ["A", "B", "C", "D", "multi"], "long": ["long0", "C", "long1"]}
+R = 8  # tokens merged per block and image: 64 patches -> 48 kept after 2 blocks
+# Engines of the plugin process: (name, dymu engine_kwargs or None, LLM kwargs, batches).
+CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 96}
+ENGINES = [
+    ("r0", {"r": 0}, {}, ["single", "batch"]),
+    ("r8", {"r": R}, {}, ["single", "batch", "long"]),
+    ("r8_chunked", {"r": R}, CHUNKED, ["batch", "long"]),
+    ("thresholds", {"thresholds": "default"}, {}, ["batch"]),
+    ("off", {"r": R, "enabled": False}, {"enforce_eager": False}, ["single"]),
+    # Refused at load time:
+    ("refuse_compile", {"r": R}, {"enforce_eager": False}, []),
+    ("refuse_prefix_cache", {"r": R}, {"enable_prefix_caching": True}, []),
+    ("refuse_chunked_mm", {"r": R}, {"enable_chunked_prefill": True, "disable_chunked_mm_input": False}, []),
+    ("bad_thresholds", {"thresholds": [0.5, 1.5]}, {}, []),
+]
+
+
+def _tiny_llava():
+    transformers = pytest.importorskip("transformers")
+    text = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2,  # head dim 64:
+                                    num_key_value_heads=1, num_hidden_layers=2, vocab_size=1064,  # vLLM's CPU minimum
+                                    max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=64, patch_size=8, hidden_act="quick_gelu")
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=1000,
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _images(folder):
+    """Three noise images and a smooth one (which merges more under thresholds), as PNG files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    ramp = np.linspace(0, 255, 64, dtype=np.float64)
+    arrays.append(np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 0 * ramp), 255 - np.add.outer(0 * ramp, ramp)],
+                           -1).astype(np.uint8))
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(os.path.join(folder, f"img{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    return paths
+
+
+def _hf_generate(model, processor, prompt, images):
+    from PIL import Image
+
+    pics = [Image.open(p).convert("RGB") for p in images] or None
+    inputs = processor(text=prompt, images=pics, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def _run_worker(job, folder, name, plugins=None):
+    job_path, out_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.out.json")
+    json.dump(job, open(job_path, "w"))
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_worker.py"), job_path, out_path],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM worker failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.load(open(out_path))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """What vLLM (without the plugin, and with it in every configuration) and
+    transformers generated for every prompt."""
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from vllm_folder import save_llava_folder
+
+    from dymu_kernels.integrations import apply_dymu, remove_dymu
+
+    folder = str(tmp_path_factory.mktemp("vllm"))
+    model = _tiny_llava()
+    model_dir = os.path.join(folder, "model")
+    processor = save_llava_folder(model, model_dir)
+    paths = _images(folder)
+    requests = {k: {"prompt": p, "images": [paths[i] for i in idx]} for k, (p, idx) in PROMPTS.items()}
+
+    def batches(names):
+        return {b: [requests[k] for k in BATCHES[b]] for b in names}
+
+    hf = {}
+    for name, patch in (("stock", None), ("r8", dict(r=R)), ("thresholds", dict(thresholds="default"))):
+        if patch is not None:
+            apply_dymu(model, **patch)
+        hf[name] = {k: _hf_generate(model, processor, r["prompt"], r["images"]) for k, r in requests.items()}
+        if patch is not None:
+            remove_dymu(model)
+    stock_job = {"model": model_dir, "engines": [
+        {"name": "stock", "engine": {"enforce_eager": True}, "batches": batches(["single", "batch"]),
+         "max_tokens": NEW_TOKENS}]}
+    plugin_job = {"model": model_dir, "engines": [
+        {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS} for n, d, e, b in ENGINES]}
+    vllm = _run_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
+    vllm.update(_run_worker(plugin_job, folder, "plugin"))
+    return {"hf": hf, "vllm": vllm}
+
+
+def _assert_same(got, want, what):
+    assert got["tokens"] == want["tokens"], what
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=2e-4, err_msg=what)
+
+
+@pytest.mark.slow
+def test_unmerged_equals_stock_vllm_and_transformers(served):
+    """With nothing merged the plugin gives vLLM's and transformers' greedy outputs."""
+    hf, vllm = served["hf"]["stock"], served["vllm"]
+    for batch in ("single", "batch"):
+        for key, got, stock in zip(BATCHES[batch], vllm["r0"][batch], vllm["stock"][batch]):
+            _assert_same(stock, hf[key], f"stock vLLM vs transformers, {key}")
+            _assert_same(got, stock, f"plugin (nothing merged) vs stock vLLM, {key}")
+    assert vllm["r0"]["stats"]["vision_tokens_kept"] == vllm["r0"]["stats"]["vision_tokens"]
+    # enabled: false is vLLM's LLaVA as it is (compiled, too).
+    _assert_same(vllm["off"]["single"][0], vllm["stock"]["single"][0], "dymu disabled vs stock")
+    assert vllm["off"]["stats"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,batch", [("r8", "single"), ("r8", "batch"), ("r8", "long"),
+                                          ("r8_chunked", "batch"), ("r8_chunked", "long"), ("thresholds", "batch")])
+def test_merged_equals_patched_transformers(served, engine, batch):
+    """With merging, every request — alone, batched with others (text-only
+    among them), with two images, prefilled in chunks — gives what the
+    package's patched transformers model gives for it alone."""
+    ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
+    for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
+        _assert_same(got, ref[key], f"{engine}/{batch}/{key}")
+
+
+@pytest.mark.slow
+def test_merging_saves_what_it_reports(served):
+    """Stats: 64 placeholders per image, 48 kept at r=8; the language model's
+    token-wise rows shrink, its positions (attention, KV cache) do not; the
+    chunked engine never ran more than its budget in one step."""
+    st = served["vllm"]["r8"]["stats"]
+    # vLLM encodes each distinct image once (its encoder cache), and every prompt holding it reuses it.
+    encoded = {i for b in ("single", "batch", "long") for k in BATCHES[b] for i in PROMPTS[k][1]}
+    assert st["images_encoded"] == len(encoded) and st["vision_tokens"] == 64 * len(encoded)
+    assert st["vision_tokens_kept"] == 48 * len(encoded)
+    occurrences = sum(len(PROMPTS[k][1]) for b in ("single", "batch", "long") for k in BATCHES[b])
+    assert st["llm_rows"] == st["llm_positions"] - 16 * occurrences
+    assert st["llm_tokenwise_fraction"] == st["llm_rows"] / st["llm_positions"]
+    chunked = served["vllm"]["r8_chunked"]["stats"]
+    assert chunked["max_step_positions"] <= CHUNKED["max_num_batched_tokens"]
+    assert served["vllm"]["thresholds"]["stats"]["vision_tokens_kept"] < served["vllm"]["thresholds"]["stats"]["vision_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,message", [("refuse_compile", "enforce_eager=True"),
+                                            ("refuse_prefix_cache", "enable_prefix_caching=False"),
+                                            ("refuse_chunked_mm", "disable_chunked_mm_input=True"),
+                                            ("bad_thresholds", r"thresholds\[1\] = 1.5 is outside \[-1, 1\]")])
+def test_refused_at_load_time(served, engine, message):
+    import re
+
+    err = served["vllm"][engine].get("error")
+    assert err is not None and re.search(message, err), err
