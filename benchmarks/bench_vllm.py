@@ -1,0 +1,191 @@
+"""Offline throughput of vLLM with and without the DyMU plugin, side by side.
+
+    python3 benchmarks/bench_vllm.py                 # CPU: the small LLaVA of bench_e2e.py
+    python3 benchmarks/bench_vllm.py --size quick    # a tiny model, seconds
+
+Builds bench_e2e.py's random LLaVA (CLIP ViT-L/14-336 + an 8-layer 1B-class
+Llama at ``small``), saves it as a vLLM folder (benchmarks/vllm_folder.py),
+calibrates DyMU thresholds for its tower on the photographs (r = 21 merges
+per block on average, the paper's "low"), then starts one engine per
+configuration in the vLLM environment (scripts/setup_vllm.sh) and times
+``LLM.generate`` of ``--requests`` image prompts (66 text tokens around the
+image, ``--new-tokens`` generated, EOS ignored) over ``--samples`` runs:
+
+- ``stock``: vLLM without the plugin (``VLLM_PLUGINS=none``), eager, as the
+  plugin runs — the like-for-like baseline the ratios use;
+- ``stock-compiled``: vLLM's defaults (torch.compile; CUDA graphs on a GPU);
+- ``r=21``: DyMU merging 21 tokens per block; ``threshold``: DyMU with the
+  calibrated thresholds.
+
+Rows (``vllm_<device>.jsonl/.md`` under benchmarks/results/) carry requests/s
+and tokens/s (median and spread), the time ratio to ``stock``, and what DyMU
+saved and kept at full length: vision tokens kept, the language model's
+token-wise work (rows / positions), while attention and the KV cache run at
+every position (vLLM fixes the placeholder count before the tower runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_e2e  # noqa: E402
+from common import add_run_args, check_run_args, environment, print_table, summarize, write_rows  # noqa: E402
+from vllm_folder import save_llava_folder  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VLLM_PYTHON = os.path.join(ROOT, "build", "vllm-env", "bin", "python")
+CONFIGS = ("stock", "stock-compiled", "r=21", "threshold")
+
+
+def engine_spec(config: str, thresholds_path: str):
+    """(plugins env value or None, dymu engine_kwargs or None, LLM kwargs) of a configuration."""
+    if config == "stock":
+        return "none", None, {"enforce_eager": True, "enable_prefix_caching": False}
+    if config == "stock-compiled":
+        return "none", None, {}
+    if config.startswith("r="):
+        return None, {"r": int(config[2:])}, {}
+    if config == "threshold":
+        return None, {"thresholds": thresholds_path}, {}
+    raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS} or r=N")
+
+
+def prompt_text(config) -> str:
+    """BOS, text, one ``<image>`` (the processor expands it), text: 66 text tokens as in bench_e2e.py."""
+    words = [f"w{3 + (7 * i) % (config.image_token_id - 3)}" for i in range(bench_e2e.TEXT_BEFORE + bench_e2e.TEXT_AFTER - 1)]
+    before, after = words[: bench_e2e.TEXT_BEFORE - 1], words[bench_e2e.TEXT_BEFORE - 1:]
+    return " ".join(["<s>", *before, "<image>", *after])
+
+
+def save_photos(folder: str, size: int):
+    """bench_e2e.py's photographs, square at the tower's size, as PNG files."""
+    import skimage.data
+    from PIL import Image
+
+    paths = []
+    for name in bench_e2e.PHOTOS:
+        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((size, size), Image.BICUBIC)
+        paths.append(os.path.join(folder, f"{name}.png"))
+        img.save(paths[-1])
+    return paths
+
+
+def run_engine(vllm_python: str, job: dict, plugins, folder: str, name: str) -> dict:
+    job_path, out_path = os.path.join(folder, f"{name}.job.json"), os.path.join(folder, f"{name}.out.json")
+    json.dump(job, open(job_path, "w"))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    proc = subprocess.run([vllm_python, os.path.join(ROOT, "benchmarks", "vllm_throughput.py"), job_path, out_path],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[bench_vllm] {name} failed:\n{proc.stderr[-4000:]}")
+    return json.load(open(out_path))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("small", "quick"), default="small")
+    parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
+    parser.add_argument("--configs", default="stock,r=21,threshold", help=f"comma list of {CONFIGS} or r=N")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
+    parser.add_argument("--vllm-python", default=os.environ.get("DYMU_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
+    parser.add_argument("--work-dir", default=None, help="where the model folder goes (default: a temporary one)")
+    add_run_args(parser, samples=3)
+    args = parser.parse_args(argv)
+    check_run_args(parser, args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        engine_spec(c, "")
+    if "stock" not in configs:
+        parser.error("--configs must include 'stock' (the baseline of the ratios)")
+    if not os.path.exists(args.vllm_python):
+        parser.error(f"no vLLM environment at {args.vllm_python}: run bash scripts/setup_vllm.sh")
+    cuda = torch.cuda.is_available()
+    dtype = args.dtype or ("auto" if cuda else "float32")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.work_dir or tmp
+        os.makedirs(folder, exist_ok=True)
+        spec = bench_e2e.SIZES[args.size]
+        lm_layers = args.lm_layers or spec["lm_layers"]
+        config = bench_e2e.llava_config(args.size, lm_layers)
+        model = bench_e2e.build_model(config, "cpu", torch.float32, seed=0)
+        size = config.vision_config.image_size
+        photos = save_photos(folder, size)
+        print(f"[bench_vllm] calibrating thresholds for the random tower ({spec['name']})", flush=True)
+        thresholds = bench_e2e.calibrate(model, bench_e2e.load_photos(bench_e2e.PHOTOS, size), batch=4, progress=False)
+        thresholds_path = os.path.join(folder, "thresholds.json")
+        thresholds.save(thresholds_path)
+        model_dir = os.path.join(folder, "model")
+        save_llava_folder(model, model_dir)
+        del model
+        rows, stock_median = [], None
+        for c in configs:
+            plugins, dymu, engine = engine_spec(c, thresholds_path)
+            job = {"model": model_dir, "images": photos, "prompt": prompt_text(config), "requests": args.requests,
+                   "new_tokens": args.new_tokens, "samples": args.samples, "dymu": dymu,
+                   "engine": {"dtype": dtype, **engine}}
+            print(f"[bench_vllm] {c}: starting an engine", flush=True)
+            out = run_engine(args.vllm_python, job, plugins, folder, c.replace("=", ""))
+            s = summarize(out["seconds"])
+            stats = out.get("stats") or {}
+            row = {"bench": "vllm_offline", "size": args.size, "lm_layers": lm_layers, "config": c,
+                   "requests": args.requests, "new_tokens": args.new_tokens, "prompt_tokens": out["prompt_tokens"],
+                   "output_tokens": out["output_tokens"], "seconds": s,
+                   "requests_per_s": args.requests / s["median"], "output_tokens_per_s": out["output_tokens"] / s["median"],
+                   "total_tokens_per_s": (out["prompt_tokens"] + out["output_tokens"]) / s["median"],
+                   "startup_s": out["startup_s"], "worker_threads": out["threads"], "vllm": out["vllm"],
+                   "vllm_transformers": out["vllm_transformers"], "vllm_dtype": dtype,
+                   "vision_kept_fraction": stats.get("vision_kept_fraction", 1.0),
+                   "llm_tokenwise_fraction": stats.get("llm_tokenwise_fraction", 1.0),
+                   "attention_kv_fraction": 1.0}  # every placeholder keeps its position and KV entry
+            if c == "stock":
+                stock_median = s["median"]
+            rows.append(row)
+        for row in rows:
+            row["time_ratio_vs_stock"] = row["seconds"]["median"] / stock_median
+            row["speedup_vs_stock"] = stock_median / row["seconds"]["median"]
+    columns = ["config", "requests_per_s", "output_tokens_per_s", "time_ratio_vs_stock", "speedup_vs_stock",
+               "vision_kept_fraction", "llm_tokenwise_fraction", "startup_s"]
+    print_table(rows, columns)
+    if not args.no_save:
+        env = environment()
+        name = f"vllm_{'cuda' if cuda else 'cpu'}"
+        path = write_rows(name, rows, args.results_dir)
+        with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
+            f.write(markdown(rows, env))
+        print(f"[bench_vllm] rows appended to {path}")
+    return 0
+
+
+def markdown(rows, env) -> str:
+    r0 = rows[0]
+    lines = [f"# vLLM offline throughput, {r0['size']} LLaVA ({r0['lm_layers']} LM layers), with and without DyMU", "",
+             f"{env['device']}; vLLM {r0['vllm']} (transformers {r0['vllm_transformers']}), torch {env['torch']}, "
+             f"commit {env['commit']}, {env['date']}. {r0['requests']} requests of {r0['prompt_tokens'] // r0['requests']} "
+             f"prompt tokens (one image each), {r0['new_tokens']} new tokens each; median (min-max) of "
+             f"{r0['seconds']['n_samples']} runs.", "",
+             "| config | s per run | requests/s | output tok/s | time vs stock | vision tokens kept | LLM token-wise work | attention + KV positions |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(f"| {r['config']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['requests_per_s']:.3f} | "
+                     f"{r['output_tokens_per_s']:.2f} | {r['time_ratio_vs_stock']:.2f}x | {r['vision_kept_fraction']:.1%} | "
+                     f"{r['llm_tokenwise_fraction']:.1%} | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

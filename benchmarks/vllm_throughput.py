@@ -1,0 +1,73 @@
+"""One engine's offline throughput (run by benchmarks/bench_vllm.py in the vLLM environment).
+
+``python vllm_throughput.py JOB.json OUT.json``. JOB: ``{"model", "images": [PNG],
+"prompt", "requests", "new_tokens", "samples", "dymu": engine_kwargs | null, "engine": {LLM kwargs}}``.
+Starts one ``LLM``, runs one untimed ``generate`` of all requests, then
+``samples`` timed ones. Every request of every run gets an image of its own
+(one pixel changed), so neither vLLM's encoder cache nor its processor cache
+serves a repeat. OUT: seconds per run, tokens, startup seconds, the model's
+DyMU statistics and the worker's thread count and versions.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: stats readable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: enough for the batch, leaves the machine its memory
+
+
+def _probe(model):
+    import torch
+
+    stats = getattr(model, "dymu_stats", None)
+    on = stats is not None and getattr(model, "dymu", None) is not None
+    return {"threads": torch.get_num_threads(), "stats": stats.as_dict() if on else None}
+
+
+def main(job_path: str, out_path: str) -> None:
+    import numpy as np
+    import transformers
+    import vllm
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    job = json.load(open(job_path))
+    kwargs = dict(model=job["model"], seed=0, max_model_len=2048, **job.get("engine", {}))
+    if job.get("dymu") is not None:
+        from dymu_kernels.vllm import engine_kwargs
+
+        kwargs.update(engine_kwargs(**job["dymu"]))
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup = time.perf_counter() - t0
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in job["images"]]
+    params = SamplingParams(temperature=0, max_tokens=job["new_tokens"], ignore_eos=True)
+
+    def requests(run: int):
+        out = []
+        for i in range(job["requests"]):
+            pixels = photos[i % len(photos)].copy()
+            pixels[0, 0, 0] = (int(pixels[0, 0, 0]) + run + 1) % 256  # a new image for the caches
+            out.append({"prompt": job["prompt"], "multi_modal_data": {"image": Image.fromarray(pixels)}})
+        return out
+
+    times, prompt_tokens, output_tokens = [], 0, 0
+    for run in range(job["samples"] + 1):
+        batch = requests(run)
+        t = time.perf_counter()
+        gens = llm.generate(batch, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        if run:  # run 0 warms up
+            times.append(elapsed)
+        prompt_tokens = sum(len(g.prompt_token_ids) for g in gens)
+        output_tokens = sum(len(g.outputs[0].token_ids) for g in gens)
+    probe = llm.apply_model(_probe)[0]
+    json.dump({"seconds": times, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+               "startup_s": startup, "vllm": vllm.__version__, "vllm_transformers": transformers.__version__,
+               **probe}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
