@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                    "total_tokens_per_s": (out["prompt_tokens"] + out["output_tokens"]) / s["median"],
                    "startup_s": out["startup_s"], "worker_threads": out["threads"], "vllm": out["vllm"],
                    "vllm_transformers": out["vllm_transformers"], "vllm_dtype": dtype,
-                   "vision_kept_fraction": stats.get("vision_kept_fraction", 1.0),
+                   "vision_kept_fraction": stats.get("tower_kept_fraction", 1.0),
                    "llm_tokenwise_fraction": stats.get("llm_tokenwise_fraction", 1.0),
                    "attention_kv_fraction": 1.0}  # every placeholder keeps its position and KV entry
             if c == "stock":

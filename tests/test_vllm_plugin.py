@@ -312,7 +312,7 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
         for key, got, stock in zip(BATCHES[batch], vllm["r0"][batch], vllm["stock"][batch]):
             _assert_same(stock, hf[key], f"stock vLLM vs transformers, {key}")
             _assert_same(got, stock, f"plugin (nothing merged) vs stock vLLM, {key}")
-    assert vllm["r0"]["stats"]["vision_tokens_kept"] == vllm["r0"]["stats"]["vision_tokens"]
+    assert vllm["r0"]["stats"]["tower_tokens_kept"] == vllm["r0"]["stats"]["tower_tokens"] > 0
     # enabled: false is vLLM's LLaVA as it is (compiled, too).
     _assert_same(vllm["off"]["single"][0], vllm["stock"]["single"][0], "dymu disabled vs stock")
     assert vllm["off"]["stats"] is None
@@ -338,14 +338,16 @@ def test_merging_saves_what_it_reports(served):
     st = served["vllm"]["r8"]["stats"]
     # vLLM encodes each distinct image once (its encoder cache), and every prompt holding it reuses it.
     encoded = {i for b in ("single", "batch", "long") for k in BATCHES[b] for i in PROMPTS[k][1]}
-    assert st["images_encoded"] == len(encoded) and st["vision_tokens"] == 64 * len(encoded)
-    assert st["vision_tokens_kept"] == 48 * len(encoded)
+    assert st["items_encoded"] == len(encoded) and st["tower_tokens"] == st["placeholders"] == 64 * len(encoded)
+    assert st["tower_tokens_kept"] == st["unique_rows"] == 48 * len(encoded)
+    assert st["tower_kept_fraction"] == 0.75 and st["tokens_per_block"][0] == [65 - R, 65 - 2 * R]  # CLS included
     occurrences = sum(len(PROMPTS[k][1]) for b in ("single", "batch", "long") for k in BATCHES[b])
     assert st["llm_rows"] == st["llm_positions"] - 16 * occurrences
     assert st["llm_tokenwise_fraction"] == st["llm_rows"] / st["llm_positions"]
     chunked = served["vllm"]["r8_chunked"]["stats"]
     assert chunked["max_step_positions"] <= CHUNKED["max_num_batched_tokens"]
-    assert served["vllm"]["thresholds"]["stats"]["vision_tokens_kept"] < served["vllm"]["thresholds"]["stats"]["vision_tokens"]
+    th = served["vllm"]["thresholds"]["stats"]
+    assert 0 < th["tower_tokens_kept"] < th["tower_tokens"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """DyMU in vLLM: an out-of-tree plugin (``pip install dymu_kernels[vllm]``).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
-in every process it starts. It puts :class:`~.llava.DyMULlavaForConditionalGeneration`
-in place of vLLM's ``LlavaForConditionalGeneration`` — vLLM's own class,
-unchanged unless the model's config has a ``dymu`` entry — and a config hook
+in every process it starts. It puts the classes of :mod:`.llava` in place of
+vLLM's ``LlavaForConditionalGeneration`` and
+``LlavaOnevisionForConditionalGeneration`` — vLLM's own classes, unchanged
+unless the model's config has a ``dymu`` entry — and a config hook
 that refuses, at load time, engine settings DyMU cannot serve exactly
 (:mod:`.engine_checks`). Serve with::
 
@@ -15,7 +16,7 @@ What it saves (vLLM fixes the placeholder count before the vision tower
 runs): the vision tower runs DToMe; in the language model the norms,
 projections and MLP run on unique tokens only; attention and the KV cache
 stay at full length. ``model.dymu_stats`` counts both (see
-:class:`~.llava.ServingStats`).
+:class:`~.model.ServingStats`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .settings import DyMUSettings, engine_kwargs, settings_from_config
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaOnevisionForConditionalGeneration",
 }
 
 __all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "settings_from_config"]

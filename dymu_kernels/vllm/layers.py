@@ -11,14 +11,16 @@ attention and the KV cache stay at full length (vLLM fixed the placeholder
 count before the vision tower ran).
 
 The layers are vLLM's own instances with their class swapped for a subclass
-whose ``forward`` takes the step's groups as ``dymu_step`` (vLLM's model
-forwards pass extra keyword arguments on to every layer); without it the
-layer runs vLLM's forward unchanged.
+whose ``forward`` reads the step's groups from a :class:`StepHolder` the
+model fills around its language-model call (vLLM's Qwen2 model passes no
+extra arguments to its layers); with none held the layer runs vLLM's forward
+unchanged (warm-up runs, steps where nothing merged).
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from contextlib import contextmanager
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -40,14 +42,32 @@ def vtu_self_attention(attn: nn.Module, positions: torch.Tensor, hidden: torch.T
     return out
 
 
+class StepHolder:
+    """The groups of the step the language model is running, shared by its layers."""
+
+    def __init__(self):
+        self.step: Optional[StepGroups] = None
+
+    @contextmanager
+    def running(self, step: StepGroups):
+        self.step = step
+        try:
+            yield
+        finally:
+            self.step = None
+
+
 class VTUDecoderLayer:
     """Mixin placed before a vLLM decoder layer class (see module doc)."""
 
-    def forward(self, positions, hidden_states, residual, dymu_step: StepGroups = None, **kwargs):
+    _dymu_holder: StepHolder
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        dymu_step = self._dymu_holder.step
         if dymu_step is None:
             return super().forward(positions, hidden_states, residual, **kwargs)
         if kwargs:
-            raise TypeError(f"VTU decoder layers take no extra arguments besides dymu_step, got {sorted(kwargs)}")
+            raise TypeError(f"VTU decoder layers take no extra arguments, got {sorted(kwargs)}")
         # vLLM's pre-norm residual convention, on the unique rows.
         if residual is None:
             residual = hidden_states
@@ -62,14 +82,15 @@ class VTUDecoderLayer:
 _CLASSES: Dict[type, type] = {}
 
 
-def install_vtu_layers(layers) -> None:
-    """Swap every layer of ``layers`` to its VTU subclass (idempotent).
+def install_vtu_layers(layers, holder: StepHolder) -> None:
+    """Swap every layer of ``layers`` to its VTU subclass reading ``holder``.
 
     Raises TypeError for a layer without the parts VTU runs (a layer kind
     the plugin does not know: it refuses rather than guess).
     """
     for i, layer in enumerate(layers):
         if isinstance(layer, VTUDecoderLayer):
+            layer._dymu_holder = holder
             continue
         missing = [n for n in _LAYER_PARTS if not hasattr(layer, n)]
         missing += [f"self_attn.{n}" for n in _ATTN_PARTS if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
@@ -80,3 +101,4 @@ def install_vtu_layers(layers) -> None:
         if base not in _CLASSES:
             _CLASSES[base] = type(f"VTU{base.__name__}", (VTUDecoderLayer, base), {"__module__": __name__})
         layer.__class__ = _CLASSES[base]
+        layer._dymu_holder = holder

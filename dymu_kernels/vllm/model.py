@@ -1,0 +1,147 @@
+"""What every DyMU model class of the plugin adds to vLLM's own class.
+
+:class:`DyMUServing` is mixed in before a vLLM multimodal class (LLaVA,
+LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
+
+- the vision tower becomes transformers' own tower class over the
+  checkpoint's tower weights, run by the package's DToMe encoder — the same
+  encoder, per-family encoding (:func:`dymu_kernels.integrations.llava._families`)
+  and map packing that :func:`~dymu_kernels.integrations.apply_dymu` uses;
+- ``embed_multimodal`` returns each item's unique tokens copied to its
+  placeholders and tagged with the merge map (:mod:`.groups`);
+- ``embed_input_ids`` strips the tags of the pieces vLLM scheduled in the step
+  and keeps the step's groups; ``forward`` runs the language model on the
+  unique rows with VTU decoder layers (:mod:`.layers`) and hands vLLM one row
+  per position.
+
+Without it every method is vLLM's. :class:`ServingStats` counts what was saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ..integrations.llava import _families, _Patch, tower_encoder
+from .engine_checks import unsupported_settings
+from .groups import StepGroups, step_groups, tag_item, untag_pieces
+from .layers import StepHolder, install_vtu_layers
+from .settings import settings_from_config
+
+
+@dataclass
+class ServingStats:
+    """What DyMU saved since the engine started (per worker process)."""
+
+    items_encoded: int = 0  # images / videos through the tower (vLLM encodes an item once while its cache holds it)
+    tower_tokens: int = 0  # patch tokens entering the tower's merging blocks (crops, frames included)
+    tower_tokens_kept: int = 0  # tokens leaving them after DToMe
+    placeholders: int = 0  # placeholders of the items encoded: the language model's positions for them
+    unique_rows: int = 0  # the unique rows among those placeholders
+    llm_positions: int = 0  # positions run through the language model (attention + KV cache: all of them)
+    llm_rows: int = 0  # rows its token-wise work (norms, projections, MLP) ran on
+    steps: int = 0  # language-model forwards
+    max_step_positions: int = 0  # the most positions one forward ran (chunked prefill keeps it <= its budget)
+    tokens_per_block: List[List[int]] = field(default_factory=list)  # last tower batch: per crop, after each block
+
+    def as_dict(self) -> Dict[str, object]:
+        d = dict(self.__dict__)
+        d["tower_kept_fraction"] = self.tower_tokens_kept / self.tower_tokens if self.tower_tokens else 1.0
+        d["llm_tokenwise_fraction"] = self.llm_rows / self.llm_positions if self.llm_positions else 1.0
+        return d
+
+
+_UNMERGED = object()  # a counted step whose tokens are all distinct rows
+
+
+class DyMUServing:
+    """Mixin before a vLLM LLaVA-family class (see module doc)."""
+
+    dymu_family: str  # the key of :func:`_families`
+    dymu_tower: str  # transformers' tower class for the checkpoint's vision config
+
+    def _dymu_setup(self, vllm_config) -> None:
+        self.dymu = settings_from_config(self.config)
+        self.dymu_stats = ServingStats()
+        self._dymu_holder = StepHolder()
+        self._dymu_counted = None
+        if self.dymu is None:
+            return
+        reasons = unsupported_settings(vllm_config)  # the config hook refuses first; this guards direct builds
+        if reasons:
+            raise ValueError("DyMU cannot serve with these engine settings; pass " + "; ".join(reasons))
+        import transformers
+
+        family = _families()[self.dymu_family]
+        text = self.config.text_config
+        kinds = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention"})
+        if kinds or getattr(text, "use_sliding_window", False):
+            raise ValueError(f"the language model has {kinds or ['sliding_window']} layers; VTU covers full (causal) "
+                             "attention only")
+        tower_cls = getattr(transformers, self.dymu_tower)
+        vision_config = self.config.vision_config
+        if not isinstance(vision_config, tower_cls.config_class):
+            raise ValueError(f"DyMU serves {family.class_name} with a {tower_cls.config_class.__name__} tower; "
+                             f"this checkpoint's is {type(vision_config).__name__}")
+        tower = tower_cls(vision_config).eval()
+        # Checkpoints name the tower's weights vision_tower.vision_model.*; transformers 5
+        # keeps the blocks at the model's top level, so hold it under that name.
+        self.vision_tower = torch.nn.Module()
+        self.vision_tower.vision_model = getattr(tower, "vision_model", tower)
+        s = self.dymu
+        encoder = tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend)
+        # Not a submodule (the tower is registered once, under vision_tower).
+        object.__setattr__(self, "_dymu_patch", _Patch(encoder, True, s.backend, None,
+                                                       self.config.vision_feature_select_strategy, family))
+        install_vtu_layers(self.language_model.model.layers, self._dymu_holder)
+
+    def _dymu_encode(self, modality: str, pixels: torch.Tensor, vision_kwargs: Dict) -> List[torch.Tensor]:
+        """Items of one modality -> tagged encoder outputs, one ``[P_i, C + tags]`` per item."""
+        patch = self._dymu_patch
+        mod = {m.name: m for m in patch.family.modalities}[modality]
+        dtype = next(self.multi_modal_projector.parameters()).dtype
+        merged = mod.encode(self, patch, pixels, dtype, vision_kwargs).merged_images()
+        counts = merged.counts.tolist()
+        lengths = (merged.slots >= 0).sum(1).tolist()
+        tower = patch.counts[modality]
+        st = self.dymu_stats
+        st.items_encoded += len(counts)
+        st.tower_tokens += tower.num_patches * tower.kept.shape[0]
+        st.tower_tokens_kept += int(tower.kept.sum())
+        st.placeholders += sum(lengths)
+        st.unique_rows += sum(counts)
+        st.tokens_per_block = torch.stack(tower.per_layer, dim=1).tolist()
+        return [tag_item(merged.features[i, :c], merged.slots[i, :p]) for i, (c, p) in enumerate(zip(counts, lengths))]
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        if self.dymu is None:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        self._dymu_counted = _UNMERGED  # a real step (vLLM's warm-up forwards embed nothing): counted
+        if not multimodal_embeddings:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        embeds, ids = untag_pieces(multimodal_embeddings)
+        step = step_groups(is_multimodal.to(input_ids.device), ids)
+        if step.num_unique < step.num_tokens:
+            self._dymu_counted = step
+        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        step: Optional[StepGroups] = self._dymu_counted
+        self._dymu_counted = None  # one step's groups serve one forward
+        if step is None or inputs_embeds is None or intermediate_tensors is not None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        n = inputs_embeds.shape[0]
+        st = self.dymu_stats
+        st.steps += 1
+        st.llm_positions += n
+        st.max_step_positions = max(st.max_step_positions, n)
+        if step is _UNMERGED:
+            st.llm_rows += n
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        step = step.pad_to(n)
+        st.llm_rows += step.num_unique
+        with self._dymu_holder.running(step):
+            hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds))
+        return step.expand(hidden)
