@@ -24,6 +24,20 @@ def _stats(model):
     return None if stats is None or getattr(model, "dymu", None) is None else stats.as_dict()
 
 
+def _onevision_refusal():
+    """LLaVA-OneVision with a dymu entry: the error its class raises at load time."""
+    import types
+
+    from dymu_kernels.vllm.llava import DyMULlavaOnevisionForConditionalGeneration
+
+    cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(dymu={"r": 2})))
+    try:
+        DyMULlavaOnevisionForConditionalGeneration(vllm_config=cfg)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(job_path: str, out_path: str) -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -59,6 +73,8 @@ def main(job_path: str, out_path: str) -> None:
         results[spec["name"]] = out
         del llm
         gc.collect()
+    if job.get("onevision_refusal"):
+        results["onevision_refusal"] = _onevision_refusal()
     json.dump(results, open(out_path, "w"))
 
 

@@ -1,9 +1,10 @@
-"""vLLM's LLaVA-1.5 and LLaVA-OneVision classes with DyMU (see :mod:`.model`).
+"""vLLM's LLaVA classes with DyMU (see :mod:`.model`).
 
-Each class is vLLM's own (its processor, weight names, language model) with
-:class:`~.model.DyMUServing` mixed in; only ``embed_multimodal`` is
+LLaVA-1.5 is vLLM's own class (its processor, weight names, language model)
+with :class:`~.model.DyMUServing` mixed in; only ``embed_multimodal`` is
 family-specific: it reads vLLM's parsed inputs and hands the pixels to the
 family's encoding in the package (:mod:`dymu_kernels.integrations`).
+LLaVA-OneVision refuses DyMU for now (see its class).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
 from .model import DyMUServing
+from .settings import settings_from_config
 
 
 def _pixels(inputs, key: str):
@@ -44,37 +46,15 @@ class DyMULlavaForConditionalGeneration(DyMUServing, LlavaForConditionalGenerati
         return self._dymu_encode("image", pixels, {})
 
 
-class DyMULlavaOnevisionForConditionalGeneration(DyMUServing, LlavaOnevisionForConditionalGeneration):
-    """vLLM's LLaVA-OneVision (SigLIP tower, AnyRes images, pooled video frames,
-    Qwen2) with DyMU when ``config.dymu`` asks for it. Every image is packed
-    with AnyRes, as vLLM's processor counts its placeholders (transformers
-    skips AnyRes in multi-image prompts; vLLM does not)."""
-
-    dymu_family = "llava_onevision"
-    dymu_tower = "SiglipVisionModel"
+class DyMULlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """vLLM's LLaVA-OneVision, which refuses a ``dymu`` config entry at load
+    time instead of serving without DyMU: its serving path is not verified
+    yet (vLLM builds OneVision's processor with transformers' video processor,
+    which needs torchvision, absent from the CPU environment the plugin is
+    tested in). Without the entry it is vLLM's class unchanged."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        if settings_from_config(vllm_config.model_config.hf_config) is not None:
+            raise ValueError("DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers "
+                             "model with dymu_kernels.integrations.apply_dymu, or serve without the 'dymu' entry")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._dymu_setup(vllm_config)
-
-    def embed_multimodal(self, **kwargs):
-        if self.dymu is None:
-            return super().embed_multimodal(**kwargs)
-        items = ()
-        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if modality == "image":
-                pixels = _pixels(inputs, "pixel_values")
-                if isinstance(pixels, (list, tuple)):  # [crops_i, 3, H, W] per image
-                    pixels = torch.cat(list(pixels))
-                sizes = inputs.get("image_sizes")
-                if sizes is None:
-                    raise ValueError("LLaVA-OneVision images need image_sizes (vLLM's processor sends them)")
-                items += tuple(self._dymu_encode("image", pixels, {"image_sizes": sizes}))
-            elif modality == "video":
-                videos = _pixels(inputs, "pixel_values_videos")
-                if isinstance(videos, torch.Tensor):
-                    items += tuple(self._dymu_encode("video", videos, {}))
-                else:  # videos of different lengths: one at a time
-                    for v in videos:
-                        items += tuple(self._dymu_encode("video", v[None], {}))
-        return items
