@@ -25,6 +25,11 @@ if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_decode_ab.py --device cuda 2>&1 | tee "$OUT/bench_decode_ab.log" || status=1
   # The paper's Table 1 with every provider's latency on this GPU (bf16, causal)
   python3 benchmarks/table1.py --device cuda 2>&1 | tee "$OUT/table1.log" || status=1
+  # vLLM offline throughput with and without the plugin, when a vLLM GPU environment is given
+  # (DYMU_VLLM_PYTHON: its python, with vllm and this package installed): bf16, small LLaVA
+  if [[ -n "${DYMU_VLLM_PYTHON:-}" ]]; then
+    python3 benchmarks/bench_vllm.py --configs stock,stock-compiled,r=21,threshold 2>&1 | tee "$OUT/bench_vllm.log" || status=1
+  fi
   cp benchmarks/results/*cuda*.jsonl benchmarks/results/*cuda*.md benchmarks/results/*cuda*.png "$OUT/" 2>/dev/null
 fi
 exit $status
