@@ -141,7 +141,7 @@ def _engine(**over):
     cfg = ns(model_config=ns(enforce_eager=True, hf_config=_cfg({"r": 2})),
              cache_config=ns(enable_prefix_caching=False),
              scheduler_config=ns(enable_chunked_prefill=True, disable_chunked_mm_input=True),
-             speculative_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1))
+             speculative_config=None, lora_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1))
     for path, value in over.items():
         obj = cfg
         *head, last = path.split(".")
@@ -158,6 +158,7 @@ def test_engine_refusals():
              "cache_config.enable_prefix_caching": (True, "enable_prefix_caching=False"),
              "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
              "speculative_config": (object(), "speculative"),
+             "lora_config": (object(), "LoRA"),
              "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1"),
              "parallel_config.tensor_parallel_size": (2, "tensor_parallel_size=1")}
     for path, (value, match) in cases.items():
@@ -166,6 +167,9 @@ def test_engine_refusals():
     # Without chunked prefill an image is never split: no need for the flag.
     assert unsupported_settings(_engine(**{"scheduler_config.enable_chunked_prefill": False,
                                            "scheduler_config.disable_chunked_mm_input": False})) == []
+    # An architecture the plugin registers but does not serve with DyMU yet: refused whatever the settings.
+    with pytest.raises(ValueError, match="does not serve LLaVA-OneVision in vLLM yet"):
+        check_engine(_engine(**{"model_config.architecture": "LlavaOnevisionForConditionalGeneration"}))
     # DyMU off: nothing is refused (vLLM's own LLaVA).
     check_engine(_engine(**{"model_config.hf_config": _cfg(None), "model_config.enforce_eager": False}))
 

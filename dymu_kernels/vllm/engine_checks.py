@@ -6,6 +6,13 @@ from typing import List
 
 from .settings import settings_from_config
 
+# Architectures the plugin registers but does not serve with DyMU yet, and why.
+UNVERIFIED = {
+    "LlavaOnevisionForConditionalGeneration": (
+        "DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers model with "
+        "dymu_kernels.integrations.apply_dymu, or serve without the 'dymu' entry"),
+}
+
 
 def unsupported_settings(vllm_config) -> List[str]:
     """What must change in ``vllm_config`` for DyMU to serve exactly (empty: fine)."""
@@ -21,6 +28,8 @@ def unsupported_settings(vllm_config) -> List[str]:
     if sched.enable_chunked_prefill and not sched.disable_chunked_mm_input:
         out.append("disable_chunked_mm_input=True (--disable-chunked-mm-input): chunked prefill may otherwise split "
                    "an image across steps (text around it is still chunked)")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        out.append("no LoRA adapters: their per-token mapping follows positions, the language model runs unique rows")
     if vllm_config.speculative_config is not None:
         out.append("no speculative decoding: draft models are not served with DyMU")
     par = vllm_config.parallel_config
@@ -36,6 +45,9 @@ def check_engine(vllm_config) -> None:
     model's config asks for DyMU (see :mod:`dymu_kernels.vllm.settings`)."""
     if settings_from_config(vllm_config.model_config.hf_config) is None:
         return
+    refusal = UNVERIFIED.get(getattr(vllm_config.model_config, "architecture", None))
+    if refusal:
+        raise ValueError(refusal)
     reasons = unsupported_settings(vllm_config)
     if reasons:
         raise ValueError("DyMU (dymu_kernels.vllm) cannot serve with these engine settings; pass:\n  - "

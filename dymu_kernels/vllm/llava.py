@@ -13,6 +13,7 @@ import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
+from .engine_checks import UNVERIFIED
 from .model import DyMUServing
 from .settings import settings_from_config
 
@@ -55,6 +56,5 @@ class DyMULlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGen
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         if settings_from_config(vllm_config.model_config.hf_config) is not None:
-            raise ValueError("DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers "
-                             "model with dymu_kernels.integrations.apply_dymu, or serve without the 'dymu' entry")
+            raise ValueError(UNVERIFIED["LlavaOnevisionForConditionalGeneration"])
         super().__init__(vllm_config=vllm_config, prefix=prefix)
