@@ -300,7 +300,7 @@ def served(tmp_path_factory):
         {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS} for n, d, e, b in ENGINES]}
     vllm = _run_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
     vllm.update(_run_worker(plugin_job, folder, "plugin"))
-    return {"hf": hf, "vllm": vllm}
+    return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
 
 def _assert_same(got, want, what):
@@ -370,3 +370,21 @@ def test_refused_at_load_time(served, engine, message):
 def test_onevision_refuses_dymu_in_vllm(served):
     """Not verified in vLLM yet: asking for DyMU there fails at load, it does not serve without it."""
     assert "does not serve LLaVA-OneVision in vLLM yet" in (served["vllm"]["onevision_refusal"] or "")
+
+
+@pytest.mark.slow
+def test_readme_vllm_example_runs(served, tmp_path):
+    """The README's vLLM example, as written, on the tiny model (its id and photo swapped for local files)."""
+    from test_readme import readme_vllm_blocks
+
+    blocks = readme_vllm_blocks()
+    assert len(blocks) == 1
+    code = blocks[0].replace('"llava-hf/llava-1.5-7b-hf"', repr(served["model_dir"]))
+    code = code.replace('"photo.png"', repr(served["images"][3]))
+    assert code != blocks[0]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run([VLLM_PYTHON, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # 16 new tokens, printed as words of the tiny vocabulary (ids past it, untrained, print as nothing)
+    words = proc.stdout.strip().splitlines()[-1].split()
+    assert 0 < len(words) <= 16 and all(w[0] == "w" and w[1:].isdigit() for w in words), proc.stdout[-500:]
