@@ -159,11 +159,11 @@ def test_engine_refusals():
              "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
              "speculative_config": (object(), "speculative"),
              "lora_config": (object(), "LoRA"),
-             "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1"),
-             "parallel_config.tensor_parallel_size": (2, "tensor_parallel_size=1")}
+             "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1")}
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             check_engine(_engine(**{path: value}))
+    assert unsupported_settings(_engine(**{"parallel_config.tensor_parallel_size": 2})) == []  # served, tested below
     # Without chunked prefill an image is never split: no need for the flag.
     assert unsupported_settings(_engine(**{"scheduler_config.enable_chunked_prefill": False,
                                            "scheduler_config.disable_chunked_mm_input": False})) == []
@@ -252,10 +252,10 @@ def _hf_generate(model, processor, prompt, images):
     return {"tokens": tokens, "logprobs": logprobs}
 
 
-def _run_worker(job, folder, name, plugins=None):
+def _run_worker(job, folder, name, plugins=None, **env_extra):
     job_path, out_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.out.json")
     json.dump(job, open(job_path, "w"))
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
     proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_worker.py"), job_path, out_path],
@@ -300,6 +300,10 @@ def served(tmp_path_factory):
         {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS} for n, d, e, b in ENGINES]}
     vllm = _run_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
     vllm.update(_run_worker(plugin_job, folder, "plugin"))
+    # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
+    tp_job = {"model": model_dir, "engines": [{"name": "r8_tp2", "dymu": {"r": R}, "batches": batches(["batch"]),
+                                               "engine": {"tensor_parallel_size": 2}, "max_tokens": NEW_TOKENS}]}
+    vllm.update(_run_worker(tp_job, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
 
@@ -324,11 +328,12 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,batch", [("r8", "single"), ("r8", "batch"), ("r8", "long"),
-                                          ("r8_chunked", "batch"), ("r8_chunked", "long"), ("thresholds", "batch")])
+                                          ("r8_chunked", "batch"), ("r8_chunked", "long"), ("thresholds", "batch"),
+                                          ("r8_tp2", "batch")])
 def test_merged_equals_patched_transformers(served, engine, batch):
     """With merging, every request — alone, batched with others (text-only
-    among them), with two images, prefilled in chunks — gives what the
-    package's patched transformers model gives for it alone."""
+    among them), with two images, prefilled in chunks, on two tensor-parallel
+    workers — gives what the package's patched transformers model gives for it alone."""
     ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
     for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
         _assert_same(got, ref[key], f"{engine}/{batch}/{key}")

@@ -35,8 +35,6 @@ def unsupported_settings(vllm_config) -> List[str]:
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         out.append("pipeline_parallel_size=1: the unique rows cannot cross pipeline stages")
-    if par.tensor_parallel_size > 1:
-        out.append("tensor_parallel_size=1: tensor parallelism is not verified with DyMU yet")
     return out
 
 
