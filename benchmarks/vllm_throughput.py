@@ -21,9 +21,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: enough for the batc
 def _probe(model):
     import torch
 
-    stats = getattr(model, "dymu_stats", None)
-    on = stats is not None and getattr(model, "dymu", None) is not None
-    return {"threads": torch.get_num_threads(), "stats": stats.as_dict() if on else None}
+    from dymu_kernels.vllm import model_stats
+
+    return {"threads": torch.get_num_threads(), "stats": model_stats(model)}
 
 
 def main(job_path: str, out_path: str) -> None:

@@ -19,11 +19,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in thi
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of the machine's memory
 
 
-def _stats(model):
-    stats = getattr(model, "dymu_stats", None)
-    return None if stats is None or getattr(model, "dymu", None) is None else stats.as_dict()
-
-
 def _onevision_refusal():
     """LLaVA-OneVision with a dymu entry: the error its class raises at load time."""
     import types
@@ -69,7 +64,9 @@ def main(job_path: str, out_path: str) -> None:
             out[name] = [{"tokens": list(g.outputs[0].token_ids),
                           "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]}
                          for g in gens]
-        out["stats"] = llm.apply_model(_stats)[0]
+        from dymu_kernels.vllm import serving_stats
+
+        out["stats"] = serving_stats(llm)[0]
         results[spec["name"]] = out
         del llm
         gc.collect()

@@ -15,7 +15,7 @@ that refuses, at load time, engine settings DyMU cannot serve exactly
 What it saves (vLLM fixes the placeholder count before the vision tower
 runs): the vision tower runs DToMe; in the language model the norms,
 projections and MLP run on unique tokens only; attention and the KV cache
-stay at full length. ``model.dymu_stats`` counts both (see
+stay at full length. :func:`serving_stats` reads what was saved (see
 :class:`~.model.ServingStats`).
 """
 
@@ -28,7 +28,22 @@ ARCHITECTURES = {
     "LlavaOnevisionForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaOnevisionForConditionalGeneration",
 }
 
-__all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "settings_from_config"]
+__all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
+
+
+def model_stats(model):
+    """The DyMU statistics of one worker's model (None where DyMU is off)."""
+    stats = getattr(model, "dymu_stats", None)
+    return stats.as_dict() if stats is not None and getattr(model, "dymu", None) is not None else None
+
+
+def serving_stats(llm):
+    """``[ServingStats.as_dict()]``, one per worker, of a ``vllm.LLM`` serving with DyMU.
+
+    vLLM ships the function to its workers; with its multiprocessing engine
+    (the default) it asks for ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to do so.
+    """
+    return llm.apply_model(model_stats)
 
 
 def _config_hook():
