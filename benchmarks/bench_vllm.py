@@ -17,6 +17,10 @@ image, ``--new-tokens`` generated, EOS ignored) over ``--samples`` runs:
 - ``r=21``: DyMU merging 21 tokens per block; ``threshold``: DyMU with the
   calibrated thresholds.
 
+``stock`` runs first and last by default: the machine's speed drifts over the
+minutes a run takes, so the baseline of every ratio pools the samples of both
+``stock`` engines, and their two medians show the drift.
+
 Rows (``vllm_<device>.jsonl/.md`` under benchmarks/results/) carry requests/s
 and tokens/s (median and spread), the time ratio to ``stock``, and what DyMU
 saved and kept at full length: vision tokens kept, the language model's
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("small", "quick"), default="small")
     parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
-    parser.add_argument("--configs", default="stock,r=21,threshold", help=f"comma list of {CONFIGS} or r=N")
+    parser.add_argument("--configs", default="stock,r=21,threshold,stock",
+                        help=f"comma list of {CONFIGS} or r=N, in run order (a config may repeat)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
@@ -131,14 +136,14 @@ def main(argv=None) -> int:
         model_dir = os.path.join(folder, "model")
         save_llava_folder(model, model_dir)
         del model
-        rows, stock_median = [], None
-        for c in configs:
+        rows, stock_samples = [], []
+        for i, c in enumerate(configs):
             plugins, dymu, engine = engine_spec(c, thresholds_path)
             job = {"model": model_dir, "images": photos, "prompt": prompt_text(config), "requests": args.requests,
                    "new_tokens": args.new_tokens, "samples": args.samples, "dymu": dymu,
                    "engine": {"dtype": dtype, **engine}}
             print(f"[bench_vllm] {c}: starting an engine", flush=True)
-            out = run_engine(args.vllm_python, job, plugins, folder, c.replace("=", ""))
+            out = run_engine(args.vllm_python, job, plugins, folder, f"{i}_{c.replace('=', '')}")
             s = summarize(out["seconds"])
             stats = out.get("stats") or {}
             row = {"bench": "vllm_offline", "size": args.size, "lm_layers": lm_layers, "config": c,
@@ -152,9 +157,11 @@ def main(argv=None) -> int:
                    "llm_tokenwise_fraction": stats.get("llm_tokenwise_fraction", 1.0),
                    "attention_kv_fraction": 1.0}  # every placeholder keeps its position and KV entry
             if c == "stock":
-                stock_median = s["median"]
+                stock_samples += out["seconds"]
             rows.append(row)
+        stock_median = summarize(stock_samples)["median"]  # every stock engine's samples, pooled
         for row in rows:
+            row["stock_samples_pooled"] = len(stock_samples)
             row["time_ratio_vs_stock"] = row["seconds"]["median"] / stock_median
             row["speedup_vs_stock"] = stock_median / row["seconds"]["median"]
     columns = ["config", "requests_per_s", "output_tokens_per_s", "time_ratio_vs_stock", "speedup_vs_stock",
@@ -176,7 +183,8 @@ def markdown(rows, env) -> str:
              f"{env['device']}; vLLM {r0['vllm']} (transformers {r0['vllm_transformers']}), torch {env['torch']}, "
              f"commit {env['commit']}, {env['date']}. {r0['requests']} requests of {r0['prompt_tokens'] // r0['requests']} "
              f"prompt tokens (one image each), {r0['new_tokens']} new tokens each; median (min-max) of "
-             f"{r0['seconds']['n_samples']} runs.", "",
+             f"{r0['seconds']['n_samples']} runs per engine, in the order below; ratios against the median of all "
+             f"{r0['stock_samples_pooled']} stock samples.", "",
              "| config | s per run | requests/s | output tok/s | time vs stock | vision tokens kept | LLM token-wise work | attention + KV positions |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -28,7 +28,7 @@ if [[ "$what" == "all" ]]; then
   # vLLM offline throughput with and without the plugin, when a vLLM GPU environment is given
   # (DYMU_VLLM_PYTHON: its python, with vllm and this package installed): bf16, small LLaVA
   if [[ -n "${DYMU_VLLM_PYTHON:-}" ]]; then
-    python3 benchmarks/bench_vllm.py --configs stock,stock-compiled,r=21,threshold 2>&1 | tee "$OUT/bench_vllm.log" || status=1
+    python3 benchmarks/bench_vllm.py --configs stock,stock-compiled,r=21,threshold,stock 2>&1 | tee "$OUT/bench_vllm.log" || status=1
   fi
   cp benchmarks/results/*cuda*.jsonl benchmarks/results/*cuda*.md benchmarks/results/*cuda*.png "$OUT/" 2>/dev/null
 fi
