@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The vLLM environment of the plugin's tests (scripts/setup_vllm.sh makes it).
+VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
+
 # Where Triton kernels are tested: the GPU when there is one.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
+from conftest import ROOT, VLLM_PYTHON
+
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
 
 
 @pytest.mark.slow

@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, VLLM_PYTHON
 from dymu_kernels.vllm.engine_checks import check_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
 
 # --------------------------------------------------------------------------
 # Groups: the step's map from vLLM's own data
@@ -37,7 +35,7 @@ def test_tags_round_trip_exactly(dtype, gen):
     U, P, C = 700, 1000, 8
     rows = torch.randn(U, C, generator=gen).to(dtype)
     slots = torch.cat([torch.arange(U), torch.randint(0, U, (P - U,), generator=gen)])[torch.randperm(P, generator=gen)]
-    tagged = tag_item(rows, slots)
+    tagged = tag_item(rows[slots], slots)
     assert tagged.shape == (P, C + TAG_COLUMNS) and tagged.dtype == dtype
     embeds, ids = untag_pieces([tagged])
     assert torch.equal(ids[0], slots) and torch.equal(embeds[0], rows[slots])
@@ -45,7 +43,8 @@ def test_tags_round_trip_exactly(dtype, gen):
 
 def test_split_image_raises():
     """A piece that is not a whole item (an image split across steps) is refused, never averaged in part."""
-    tagged = tag_item(torch.randn(3, 4), torch.tensor([0, 1, 1, 2, 2, 2]))
+    slots = torch.tensor([0, 1, 1, 2, 2, 2])
+    tagged = tag_item(torch.randn(3, 4)[slots], slots)
     with pytest.raises(RuntimeError, match="in part .*4 of 6.*enable_prefix_caching=False"):
         untag_pieces([tagged[:4]])
 

@@ -280,6 +280,14 @@ def _vision_blocks(config, tower) -> int:
     return blocks
 
 
+def check_full_attention(text_config) -> None:
+    """Raise ValueError when a language model has layers other than full
+    (causal) attention (sliding windows): VTU covers full attention only."""
+    other = sorted(set(getattr(text_config, "layer_types", None) or []) - {"full_attention"})
+    if other:
+        raise ValueError(f"the language model has {other} layers; VTU attention covers full (causal) attention only")
+
+
 def tower_encoder(family: "Family", config, tower, thresholds="default", r=None, backend: str = "auto",
                   trim: Union[str, bool] = "auto") -> DToMeCLIPVisionEncoder:
     """The DToMe encoder over a model's transformers vision ``tower``, with
@@ -354,12 +362,8 @@ def apply_dymu(
     family, inner, lm = _llava_parts(model)
     encoder = tower_encoder(family, inner.config, inner.vision_tower, thresholds, r, backend, trim)
     strategy = inner.config.vision_feature_select_strategy
-    layer_types = getattr(lm.config, "layer_types", None) or []
-    if vtu and any(t != "full_attention" for t in layer_types):
-        raise ValueError(
-            f"the language model has {sorted(set(layer_types) - {'full_attention'})} layers; VTU attention covers "
-            "full (causal) attention only"
-        )
+    if vtu:
+        check_full_attention(lm.config)
     current = getattr(model, "_dymu", None)
     if current is not None:
         if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend):

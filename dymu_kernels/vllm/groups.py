@@ -39,20 +39,19 @@ def _digits(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([values % _BASE, values // _BASE], dim=-1).to(dtype)
 
 
-def tag_item(unique_rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def tag_item(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """One merged item as vLLM's encoder output: ``[P, C + TAG_COLUMNS]``.
 
     Args:
-        unique_rows: ``[U, C]`` the item's unique (projected) tokens.
-        slots: ``[P]`` the unique token of each placeholder, in ``[0, U)``.
+        rows: ``[P, C]`` each placeholder's row (its unique token's features).
+        slots: ``[P]`` the unique token of each placeholder.
     """
     P = slots.shape[0]
     if P >= _LIMIT:
         raise ValueError(f"an item has {P} placeholders; tags hold at most {_LIMIT - 1}")
     slots = slots.long()
-    tags = torch.cat([_digits(slots, unique_rows.dtype),
-                      _digits(torch.full_like(slots, P), unique_rows.dtype)], dim=-1)
-    return torch.cat([unique_rows[slots.to(unique_rows.device)], tags.to(unique_rows.device)], dim=-1)
+    tags = torch.cat([_digits(slots, rows.dtype), _digits(torch.full_like(slots, P), rows.dtype)], dim=-1)
+    return torch.cat([rows, tags.to(rows.device)], dim=-1)
 
 
 def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -60,22 +59,22 @@ def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], Li
 
     Raises RuntimeError when a piece is not a whole item (see module doc).
     """
-    embeds, ids = [], []
-    for k, piece in enumerate(pieces):
-        tags = piece[:, -TAG_COLUMNS:].double().round().long()
-        local = tags[:, 0] + _BASE * tags[:, 1]
-        total = tags[:, 2] + _BASE * tags[:, 3]
-        n = piece.shape[0]
-        if n == 0 or bool((total != n).any()):
-            full = int(total[0]) if n else 0
-            raise RuntimeError(
-                f"a merged image reached the language model in part ({n} of {full} placeholders in one step). DyMU "
-                "needs each image in one step: serve with enable_prefix_caching=False and "
-                "disable_chunked_mm_input=True (dymu_kernels.vllm.engine_kwargs() sets both)"
-            )
-        embeds.append(piece[:, :-TAG_COLUMNS])
-        ids.append(local)
-    return embeds, ids
+    lengths = [piece.shape[0] for piece in pieces]
+    tags = torch.cat([piece[:, -TAG_COLUMNS:] for piece in pieces]).double().round().long()
+    local = tags[:, 0] + _BASE * tags[:, 1]
+    total = tags[:, 2] + _BASE * tags[:, 3]
+    expected = torch.repeat_interleave(torch.tensor(lengths, device=total.device),
+                                       torch.tensor(lengths, device=total.device))
+    if 0 in lengths or bool((total != expected).any()):  # one host read for all pieces
+        for n, t in zip(lengths, total.split(lengths)):
+            if n == 0 or bool((t != n).any()):
+                full = int(t[0]) if n else 0
+                raise RuntimeError(
+                    f"a merged image reached the language model in part ({n} of {full} placeholders in one step). "
+                    "DyMU needs each image in one step: serve with enable_prefix_caching=False and "
+                    "disable_chunked_mm_input=True (dymu_kernels.vllm.engine_kwargs() sets both)"
+                )
+    return [piece[:, :-TAG_COLUMNS] for piece in pieces], list(local.split(lengths))
 
 
 @dataclass
@@ -138,11 +137,10 @@ def step_groups(is_multimodal: torch.Tensor, piece_ids: Sequence[torch.Tensor]) 
         raise RuntimeError(f"{n_mm} multimodal positions but the pieces hold {sum(lengths)} rows")
     key = torch.arange(N, device=device)  # text tokens: a key of their own
     if n_mm:
-        width = max(int(p.max()) + 1 for p in piece_ids)
         piece = torch.repeat_interleave(torch.arange(len(piece_ids), device=device),
                                         torch.tensor(lengths, device=device))
         local = torch.cat([p.to(device) for p in piece_ids])
-        key[mask] = N + piece * width + local
+        key[mask] = N + piece * (local.max() + 1) + local
     _, inverse = torch.unique(key, return_inverse=True)
     U = int(inverse.max()) + 1 if N else 0
     first = torch.full((U,), N, dtype=torch.long, device=device).scatter_reduce(

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..integrations.llava import _families, _Patch, tower_encoder
-from .engine_checks import unsupported_settings
+from ..integrations.llava import _families, _Patch, check_full_attention, tower_encoder
+from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
 from .layers import StepHolder, install_vtu_layers
 from .settings import settings_from_config
@@ -69,16 +69,14 @@ class DyMUServing:
         self._dymu_counted = None
         if self.dymu is None:
             return
-        reasons = unsupported_settings(vllm_config)  # the config hook refuses first; this guards direct builds
-        if reasons:
-            raise ValueError("DyMU cannot serve with these engine settings; pass " + "; ".join(reasons))
+        check_engine(vllm_config)  # the config hook refuses first; this guards direct builds
         import transformers
 
         family = _families()[self.dymu_family]
         text = self.config.text_config
-        kinds = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention"})
-        if kinds or getattr(text, "use_sliding_window", False):
-            raise ValueError(f"the language model has {kinds or ['sliding_window']} layers; VTU covers full (causal) "
+        check_full_attention(text)
+        if getattr(text, "use_sliding_window", False):
+            raise ValueError("the language model has ['sliding_window'] layers; VTU attention covers full (causal) "
                              "attention only")
         tower_cls = getattr(transformers, self.dymu_tower)
         vision_config = self.config.vision_config
@@ -102,18 +100,17 @@ class DyMUServing:
         patch = self._dymu_patch
         mod = {m.name: m for m in patch.family.modalities}[modality]
         dtype = next(self.multi_modal_projector.parameters()).dtype
-        merged = mod.encode(self, patch, pixels, dtype, vision_kwargs).merged_images()
-        counts = merged.counts.tolist()
-        lengths = (merged.slots >= 0).sum(1).tolist()
+        out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
+        rows = out.pooler_output  # per item, each placeholder's unique token: [P_i, C]
         tower = patch.counts[modality]
         st = self.dymu_stats
-        st.items_encoded += len(counts)
+        st.items_encoded += len(rows)
         st.tower_tokens += tower.num_patches * tower.kept.shape[0]
         st.tower_tokens_kept += int(tower.kept.sum())
-        st.placeholders += sum(lengths)
-        st.unique_rows += sum(counts)
+        st.placeholders += sum(r.shape[0] for r in rows)
+        st.unique_rows += int(out.merged_counts.sum())
         st.tokens_per_block = torch.stack(tower.per_layer, dim=1).tolist()
-        return [tag_item(merged.features[i, :c], merged.slots[i, :p]) for i, (c, p) in enumerate(zip(counts, lengths))]
+        return [tag_item(r, out.merged_slots[i, :r.shape[0]]) for i, r in enumerate(rows)]
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         if self.dymu is None:
