@@ -70,11 +70,11 @@ def stock_flops(model) -> Dict[str, int]:
 
 def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
     """Decoder layers + norm on ``n_compact`` tokens, attention through VTU over the map's positions."""
-    from dymu_kernels.integrations.llava import ATTN_NAME, VTUContext, _register_attention
+    from dymu_kernels.integrations.llava import VTUContext, install_vtu
 
     lm = model.model.language_model
-    _register_attention()
-    saved, lm.config._attn_implementation = lm.config._attn_implementation, ATTN_NAME
+    undo = []
+    install_vtu(lm, undo)  # what apply_dymu does to the language model
     try:
         head_dim = lm.config.hidden_size // lm.config.num_attention_heads
         n = merge_map.shape[1]
@@ -86,7 +86,8 @@ def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
         # With a cache transformers skips its packed-sequence check, which reads values (none on meta).
         return _flops(lambda: lm(inputs_embeds=x, cache=DynamicCache(config=lm.config), use_cache=True, dymu_vtu=ctx))
     finally:
-        lm.config._attn_implementation = saved
+        for step in reversed(undo):
+            step()
 
 
 def dymu_flops(model, r: int) -> Dict[str, int]:

@@ -2,11 +2,16 @@
 
 The package works without it: the extension is loaded on first use, and a
 backend that needs it reports why it is missing instead of failing at import.
+Where the package is installed or tested, though, a missing extension is an
+error (:func:`check_built`, used by scripts/setup.sh and the tests) unless
+``DYMU_NO_EXT=1`` opts out of it on purpose — the same variable that makes
+setup.py skip building it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -33,3 +38,18 @@ def extension() -> Optional[ModuleType]:
 def missing_reason() -> Optional[str]:
     """Why the extension cannot be used, or None when it loaded."""
     return _load()[1]
+
+
+def opted_out() -> bool:
+    """Whether ``DYMU_NO_EXT=1`` is set: the extension is skipped on purpose."""
+    return os.environ.get("DYMU_NO_EXT", "0") == "1"
+
+
+def check_built() -> Optional[str]:
+    """None when the extension loaded, or is missing under the ``DYMU_NO_EXT=1``
+    opt-out; otherwise the error to report (a build that should have produced
+    it did not). What scripts/setup.sh and the test suite check."""
+    reason = missing_reason()
+    if reason is None or opted_out():
+        return None
+    return f"{reason}. Set DYMU_NO_EXT=1 to install and test without the extension on purpose"

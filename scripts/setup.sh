@@ -7,7 +7,8 @@
 #
 # torch is never replaced: an installed torch (and triton) is pinned for every
 # pip call below, and only a machine without torch gets torch==2.13.0. The C++
-# extension is compiled against that torch (--no-build-isolation).
+# extension is compiled against that torch (--no-build-isolation); the script
+# fails when it did not build, unless DYMU_NO_EXT=1 skips it on purpose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -33,10 +34,18 @@ echo "triton==${triton_version}" >> "$constraints"
 # Build tools for the extension (no build isolation: it must see this torch).
 pip_install -c "$constraints" "setuptools>=64" wheel "pybind11>=2.10" ninja
 pip_install -c "$constraints" --no-build-isolation -e ".[${extras}]"
+# A build that should have produced the C++ extension and did not is an error
+# (exit 1), so a broken build cannot pass unnoticed; DYMU_NO_EXT=1 (which
+# setup.py also reads) installs without it on purpose.
 "$PY" - <<'PY'
+import sys
 from dymu_kernels import _ext
+error = _ext.check_built()
+if error is not None:
+    print(f"[setup] ERROR: C++ extension NOT available: {error}", file=sys.stderr)
+    sys.exit(1)
 reason = _ext.missing_reason()
-print("[setup] C++ extension:", "built" if reason is None else f"NOT available: {reason}")
+print("[setup] C++ extension:", "built" if reason is None else f"skipped on purpose (DYMU_NO_EXT=1): {reason}")
 PY
 if [[ "${1:-}" == "--test" ]]; then
   bash scripts/setup_vllm.sh

@@ -26,3 +26,34 @@ def gen():
 
 def randn(*shape, gen, dtype=torch.float32):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+# The C++ extension: wherever the suite runs it must have built (a broken build
+# fails CI, as scripts/setup.sh does), unless DYMU_NO_EXT=1 opts out on purpose.
+EXT_OPT_OUT = os.environ.get("DYMU_NO_EXT", "0") == "1"  # as dymu_kernels._ext.opted_out() reads it
+EXT_MISSING = "C++ extension not built"  # the skip reason of tests that need it
+
+
+def needs_extension():
+    """The compiled extension for a test that needs it: skipped only under
+    DYMU_NO_EXT=1; otherwise a missing extension fails the test."""
+    from dymu_kernels import _ext
+
+    error = _ext.check_built()
+    if error is not None:
+        pytest.fail(error, pytrace=False)
+    if _ext.extension() is None:
+        pytest.skip(f"{EXT_MISSING} (DYMU_NO_EXT=1)")
+    return _ext.extension()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip for a missing extension is a failure unless DYMU_NO_EXT=1 (for
+    modules that skip with ``reason="C++ extension not built"`` themselves)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not EXT_OPT_OUT and EXT_MISSING in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = f"skipped for a missing extension ({report.longrepr}), but DYMU_NO_EXT=1 is not set: " \
+                          "the C++ extension must build here"

@@ -174,7 +174,7 @@ def test_generate_modes_equal_unpatched(gen, mode):
 def test_sliding_window_language_models_are_refused():
     model = tiny_onevision()
     model.model.language_model.config.layer_types = ["sliding_attention"]
-    with pytest.raises(ValueError, match="\\['sliding_attention'\\] layers; VTU attention covers full"):
+    with pytest.raises(ValueError, match="layer_types \\['sliding_attention'\\]; VTU attention computes full causal"):
         apply_dymu(model, NO_MERGE)
     assert getattr(model, "_dymu", None) is None and model.model.language_model.config._attn_implementation != "dymu_vtu"
 

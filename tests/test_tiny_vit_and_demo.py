@@ -4,6 +4,7 @@ and ``--model`` on a saved tiny CLIP checkpoint."""
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import io
 import json
@@ -246,18 +247,31 @@ def test_demo_out_exists_as_file_message(tmp_path, capsys):
     assert f"--out {str(tmp_path / 'f')!r} exists and is not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can write to any directory")
-def test_demo_rejects_an_unwritable_out_dir(tmp_path, capsys):
+def test_demo_rejects_an_unwritable_out_dir(tmp_path, monkeypatch, capsys):
+    """An existing folder the user cannot write to (read-only: what the OS
+    answers a non-root user creating a file there, simulated so that the test
+    also runs as root, which may write anywhere) is refused before the demo runs."""
     from dymu_kernels import demo
 
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        with pytest.raises(SystemExit) as exc:
-            demo.main(["--out", str(locked)])
-    finally:
-        locked.chmod(0o700)
-    assert exc.value.code == 2 and "cannot be created or written" in capsys.readouterr().err
+    locked.mkdir()
+    real = demo.tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and os.path.samefile(dir, locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+        return real(*args, dir=dir, **kwargs)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo ran with an --out it cannot write to")
+
+    monkeypatch.setattr(demo.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(demo, "run_demo", must_not_run)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--out", str(locked)])
+    assert exc.value.code == 2
+    assert f"--out {str(locked)!r} cannot be created or written: {os.strerror(errno.EACCES)}" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
 
 
 def test_demo_threshold_file_with_too_few_blocks(tmp_path, capsys):

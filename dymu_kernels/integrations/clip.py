@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
@@ -45,6 +45,16 @@ class DToMeVisionOutput:
     lengths: torch.Tensor  # [B] tokens kept per image
     pos_map: torch.Tensor  # [B, N0] original token -> slot in features
     tokens_per_layer: List[torch.Tensor]  # one [B] tensor per block run
+    # Only when ``forward(output_hidden_states=...)`` asks: transformers' ``hidden_states``
+    # of the tower (entry 0 the embeddings, entry i block i's output), each
+    # [B, N0, C] with every original token carrying its merged token; None
+    # where not selected.
+    hidden_states: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+
+
+def unmerge_tokens(x: torch.Tensor, pos_map: torch.Tensor) -> torch.Tensor:
+    """``[B, N_cap, C]`` merged tokens -> ``[B, N0, C]``: each original token's merged token."""
+    return x.gather(1, pos_map.long()[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _vision_parts(model: nn.Module):
@@ -142,6 +152,9 @@ class DToMeCLIPVisionEncoder(nn.Module):
         self.vision = _vision_parts(vision_model)
         # CLIP prepends a class token (slot 0, never merged); SigLIP has none.
         self.cls_token = hasattr(self.vision.embeddings, "class_embedding")
+        # transformers normalises SigLIP's last_hidden_state with post_layernorm;
+        # CLIP's post_layernorm touches only its pooled CLS token.
+        self._last_norm = getattr(self.vision, "post_layernorm", None) if "Siglip" in type(self.vision).__name__ else None
         n_total = len(self.vision.encoder.layers)
         self.num_layers = n_total if num_layers is None else int(num_layers)
         if not 1 <= self.num_layers <= n_total:
@@ -168,7 +181,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
             return device.type != "cuda" and not torch.compiler.is_compiling()
         return self.trim
 
-    def _block(self, layer: nn.Module, state: MergeState, i: int, policy=None) -> MergeState:
+    def _block(self, layer: nn.Module, state: MergeState, i: int, policy=None, merge: bool = True) -> MergeState:
         attn = layer.self_attn
         x = state.x
         B, N, C = x.shape
@@ -178,7 +191,9 @@ class DToMeCLIPVisionEncoder(nn.Module):
         x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
         state = state._replace(x=x)
         cls = self.cls_token
-        if policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
+        if not merge:  # a tower block after the merging ones (hidden states on request): no merge
+            pass
+        elif policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
             state = policy_merge(state, k, policy, i, cls_token=cls)
         elif self.thresholds is not None:
             state = dtome_merge(*state, k, self.thresholds[i], cls_token=cls, backend=self.backend)
@@ -186,7 +201,33 @@ class DToMeCLIPVisionEncoder(nn.Module):
             state = dtome_merge(*state, k, r=self.r[i], cls_token=cls, backend=self.backend)
         return state._replace(x=state.x + layer.mlp(layer.layer_norm2(state.x)))
 
-    def forward(self, pixel_values: torch.Tensor, policy=None) -> DToMeVisionOutput:
+    def _hidden_state_selection(self, output_hidden_states) -> Optional[List[int]]:
+        """The tower's hidden-state entries (0 .. all blocks) a request selects, as transformers reads
+        ``output_hidden_states``: a flag (True: every entry), or an int / ints (negative from the end)."""
+        if output_hidden_states is None or output_hidden_states is False:
+            return None
+        n = len(self.vision.encoder.layers) + 1
+        if output_hidden_states is True:
+            return list(range(n))
+        wanted = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+        for k in wanted:
+            if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n:
+                raise ValueError(
+                    f"output_hidden_states must be True/False or entry indices in [-{n}, {n}) of the tower's {n} "
+                    f"hidden states (embeddings, then {n - 1} blocks), got {output_hidden_states!r}"
+                )
+        return sorted({k % n for k in wanted})
+
+    def last_hidden_state(self, out: DToMeVisionOutput) -> torch.Tensor:
+        """transformers' ``last_hidden_state`` of this tower run to ``num_layers``
+        blocks (the tower DyMU runs ends at the block LLaVA's
+        ``vision_feature_layer`` selects): ``[B, N0, C]``, every original token
+        carrying its merged token's output of that block — for SigLIP after
+        ``post_layernorm``, as transformers returns it."""
+        x = out.features if self._last_norm is None else self._last_norm(out.features)
+        return unmerge_tokens(x, out.pos_map)
+
+    def forward(self, pixel_values: torch.Tensor, policy=None, *, output_hidden_states=None) -> DToMeVisionOutput:
         """Encode ``pixel_values [B, 3, H, W]`` (as the CLIP processor makes them).
 
         ``features``/``size`` have ``N_cap`` slots: all ``N0`` without
@@ -197,11 +238,29 @@ class DToMeCLIPVisionEncoder(nn.Module):
         :func:`dymu_kernels.calibrate_thresholds` passes, so
         ``calibrate_thresholds(DToMeCLIPVisionEncoder(tower, num_layers=23), batches, r=21, num_layers=23)``
         calibrates a real CLIP tower.
+
+        ``output_hidden_states``: None / False (default: nothing recorded,
+        nothing extra computed), True (all ``L + 1`` entries of the whole
+        tower), or an int / ints selecting entries (negative from the end), as
+        transformers takes it. The output's ``hidden_states`` then has ``L + 1``
+        entries, None where not selected; entry ``i`` is block ``i``'s output
+        (0: the embeddings) at every original token, each carrying its merged
+        token. Entries past ``num_layers`` run the remaining tower blocks on the
+        merged tokens without merging (only when selected); the merge state
+        returned is always that after ``num_layers`` blocks.
         """
+        selected = self._hidden_state_selection(output_hidden_states)
         x = self.vision.embeddings(pixel_values)
         if hasattr(self.vision, "pre_layrnorm"):  # CLIP only
             x = self.vision.pre_layrnorm(x)
         state = init_merge_state(x)
+        hidden = None if selected is None else [None] * (len(self.vision.encoder.layers) + 1)
+
+        def record(k, s):
+            if hidden is not None and k in selected:
+                hidden[k] = unmerge_tokens(s.x, s.pos_map)
+
+        record(0, state)
         trim = self.trims_on(x.device)
         counts = []
         for i, layer in enumerate(self.vision.encoder.layers[: self.num_layers]):
@@ -218,4 +277,12 @@ class DToMeCLIPVisionEncoder(nn.Module):
             if trim:
                 state = trim_state(state)
             counts.append(state.lengths)
-        return DToMeVisionOutput(state.x, state.size, state.lengths, state.pos_map, counts)
+            record(i + 1, state)
+        out = DToMeVisionOutput(state.x, state.size, state.lengths, state.pos_map, counts)
+        if hidden is not None:
+            tail = state
+            for i in range(self.num_layers, max(selected, default=0)):  # blocks after the merging ones, only when asked
+                tail = self._block(self.vision.encoder.layers[i], tail, i, merge=False)
+                record(i + 1, tail)
+            out.hidden_states = tuple(hidden)
+        return out

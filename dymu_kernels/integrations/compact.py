@@ -120,9 +120,11 @@ def _check_placeholders(layout: _Layout, names: Sequence[str]) -> None:
                                                    layout.split_item):
         n = 0 if items is None else items.images.counts.shape[0]
         if found != expected:
+            # transformers' own words first (get_placeholder_mask), so code matching on them keeps working.
             raise ValueError(
+                f"{name.capitalize()} features and {name} tokens do not match, tokens: {found}, features: {expected}; "
                 f"found {found} {name} placeholder tokens in input_ids but {n} {name}(s) with {expected} {name} "
-                f"tokens; the prompt and the pixel values do not match"
+                f"tokens: the prompt and the pixel values do not match"
             )
         if split >= 0:
             raise ValueError(
@@ -189,7 +191,9 @@ def build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items
 
     Raises:
         ValueError when the placeholders do not match the items (total per
-        modality, or an item split across samples).
+        modality — with transformers' message, e.g. "Image features and image
+        tokens do not match, tokens: T, features: F", then ours — or an item
+        split across samples).
     """
     if isinstance(placeholder_masks, torch.Tensor):
         placeholder_masks, items = [placeholder_masks], [items]

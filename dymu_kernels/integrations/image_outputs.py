@@ -22,6 +22,21 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
     ``num_return_sequences`` it repeats the ``pooler_output`` tensors
     themselves, and the patched forward finds each one's merged image by
     identity (``image_rows`` keeps the original order).
+
+    ``last_hidden_state`` and ``hidden_states`` are the vision tower's, in
+    transformers' shapes (``[n, N0, C_vis]``: every crop / frame, all its
+    tokens, CLS included), with each token carrying its merged token:
+
+    - ``last_hidden_state``: the output of the tower DyMU runs, which ends at
+      the block ``vision_feature_layer`` selects (SigLIP: after its
+      ``post_layernorm``). With ``vision_feature_layer=-1`` (LLaVA-OneVision)
+      that is transformers' value; LLaVA-1.5's ``-2`` stops one block before the
+      last, which transformers computes and DyMU does not.
+    - ``hidden_states``: ``L + 1`` entries (embeddings, then each block); by
+      default only the selected block's, the others None — as transformers'
+      ``get_image_features`` returns them; every entry with
+      ``output_hidden_states=True`` (the blocks after the selected one then
+      run on the merged tokens, without merging, for this call only).
     """
 
     merged_features: Optional[torch.Tensor] = None  # [n_img, U_cap, C] projected unique tokens
@@ -42,13 +57,25 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
         return images if order == list(range(len(self.image_rows))) else images.select(order)
 
 
-def image_outputs(merged: MergedImages, lengths: Optional[List[int]] = None) -> DyMUImageOutputs:
+def tower_outputs(encoder, out) -> dict:
+    """The fields transformers' ``get_image_features`` takes from the vision
+    tower (``last_hidden_state``, ``hidden_states``), from a DyMU tower's output
+    (``encoder``: the :class:`~.clip.DToMeCLIPVisionEncoder` that made ``out``):
+    keyword arguments for :func:`image_outputs`."""
+    return {"last_hidden_state": encoder.last_hidden_state(out), "hidden_states": out.hidden_states}
+
+
+def image_outputs(merged: MergedImages, lengths: Optional[List[int]] = None, *,
+                  last_hidden_state: Optional[torch.Tensor] = None,
+                  hidden_states: Optional[tuple] = None) -> DyMUImageOutputs:
     """The output for merged items: ``pooler_output`` holds, per item, one row
     per placeholder (its unique token's features), as transformers expects.
     ``lengths``: each item's placeholder count when they differ (None: all
-    items fill the whole slot map — no host read needed)."""
+    items fill the whole slot map — no host read needed). ``last_hidden_state``
+    / ``hidden_states``: the tower's (see :func:`tower_outputs`)."""
     slots = merged.slots.clamp_min(0) if lengths is not None else merged.slots
     expanded = merged.features.gather(1, slots[..., None].expand(-1, -1, merged.features.shape[-1]))
     rows = tuple(expanded.unbind(0)) if lengths is None else tuple(expanded[i, :p] for i, p in enumerate(lengths))
-    return DyMUImageOutputs(pooler_output=list(rows), merged_features=merged.features, merged_counts=merged.counts,
-                            merged_slots=merged.slots, image_rows=rows)
+    return DyMUImageOutputs(last_hidden_state=last_hidden_state, pooler_output=list(rows), hidden_states=hidden_states,
+                            merged_features=merged.features, merged_counts=merged.counts, merged_slots=merged.slots,
+                            image_rows=rows)

@@ -27,16 +27,23 @@ patch, and outputs (hidden states, logits) come back at the full positions, so
 callers see the shapes they expect. ``remove_dymu(model)`` restores the
 original behaviour; applying twice is a no-op.
 
-How it hooks in: the language model's RoPE is made the identity for the
-compact tokens (so the cache stores un-rotated keys), and the attention
-function receives the merge map and the full positions' cos/sin through a
-keyword argument that transformers forwards to attention implementations.
+How it hooks in (:func:`install_vtu`): a DyMU forward calls the language
+model's own forward with a :class:`VTUContext` (the merge map and the full
+positions' cos/sin) as the ``dymu_vtu`` keyword, which transformers forwards to
+the attention function — the per-call state. Forward hooks mark the calling
+thread while such a call runs, for the two upstream places that cannot see the
+keyword: the rotary module is the identity there (the cache stores un-rotated
+keys), and the attention modules read ``"dymu_vtu"`` as their implementation
+(through :class:`_AttentionConfig`). Everywhere else — plain calls of the
+language model, other threads, ``config._attn_implementation`` — the model is
+the user's, with the attention implementation they chose.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,13 +67,20 @@ SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))  # [min, max): the versions tested
 
 @dataclass
 class VTUContext:
-    """What attention needs for one forward: the map and the full positions' RoPE."""
+    """What attention needs for one forward: the map and the full positions' RoPE.
 
-    merge_map: torch.Tensor  # [B, N] full position -> cache row (-1 padding)
+    It travels with the call as the ``dymu_vtu`` keyword argument, which
+    transformers forwards from the language model down to the attention
+    function: the per-call state of a VTU forward (two threads running one
+    model each carry their own)."""
+
+    merge_map: torch.Tensor  # [B, N] full position -> cache row (-1 padding or masked)
     cos: torch.Tensor  # [B, N, D]
     sin: torch.Tensor
     decode: bool
     backend: str
+    deterministic: bool = True  # Triton: no fp32 atomics in the re-merge (bit-identical run to run)
+    weights: bool = False  # also return attention probabilities at the full positions (output_attentions, eager)
 
     def to(self, device, non_blocking: bool = False) -> "VTUContext":
         """The context on ``device``: accelerate's hooks (``device_map`` over
@@ -77,53 +91,149 @@ class VTUContext:
 
 
 class DeferredMask:
-    """What transformers' mask creation returns under ``"dymu_vtu"``.
+    """What ``generate()`` builds as the attention mask of a patched model
+    with a compileable (static) cache (``create_masks_for_generate``).
 
     VTU needs no mask of its own, only the 2-D padding mask — which
-    ``generate()`` with a compileable (static) cache turns into a mask object
-    *before* calling the model. This keeps that padding mask for the patched
-    forward, and the arguments to build transformers' ordinary SDPA mask when
-    attention falls back to SDPA (a direct call of the language model).
+    ``generate()`` with a static cache turns into a 4-D mask object *before*
+    calling the model; this keeps the padding mask for the patched forward.
     """
 
     def __init__(self, mask_kwargs: dict):
-        self.mask_kwargs = mask_kwargs
-        self.padding = mask_kwargs.get("attention_mask")  # [B, L] bool or None
+        self.padding = mask_kwargs.get("attention_mask")  # [B, L] or None
 
-    @functools.cached_property
-    def sdpa(self):
-        """transformers' SDPA mask for these arguments, built once for all layers."""
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**self.mask_kwargs)
+# Per thread: how many calls carrying a VTU context are running. The two
+# upstream places that cannot see the call's keyword arguments read it: the
+# rotary module (the identity inside VTU calls) and the attention modules'
+# implementation name (``"dymu_vtu"`` inside VTU calls, the user's otherwise).
+_ACTIVE = threading.local()
+
+
+def _vtu_active() -> bool:
+    return getattr(_ACTIVE, "depth", 0) > 0
+
+
+def _enter_if_vtu(module, args, kwargs):
+    """Forward pre-hook of the language model and its attention modules: a
+    call carrying a VTU context marks this thread active until it returns
+    (also when gradient checkpointing recomputes a layer in backward)."""
+    if kwargs.get("dymu_vtu") is not None:
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+
+
+def _leave_if_vtu(module, args, kwargs, output):
+    if kwargs.get("dymu_vtu") is not None:
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 1) - 1
+
+
+class _AttentionConfig:
+    """The config the attention modules of a patched language model read.
+
+    Every attribute is the model's own config's (reads and writes go through),
+    except ``_attn_implementation``: ``"dymu_vtu"`` while a VTU call runs in
+    this thread, the user's implementation otherwise. So the user's choice
+    stays what transformers reports and what plain calls use, and
+    ``set_attn_implementation`` keeps working on a patched model."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_dymu_config", config)
+
+    @property
+    def _attn_implementation(self):
+        return ATTN_NAME if _vtu_active() else self._dymu_config._attn_implementation
+
+    def __getattr__(self, name):
+        if name.startswith("_dymu"):  # copy/pickle probe before __init__
+            raise AttributeError(name)
+        return getattr(self._dymu_config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._dymu_config, name, value)
+
+
+# Attention keyword arguments that carry no attention feature (transformers
+# passes the forward's kwargs down to the attention function).
+_BENIGN_KWARGS = frozenset({"position_ids", "cache_position", "output_attentions", "output_hidden_states",
+                            "output_router_logits", "use_cache", "return_dict", "is_causal", "layer_idx",
+                            "logits_to_keep", "num_items_in_batch"})
+# Features VTU does not compute: accepted only when off (None / 0 / False).
+_FEATURE_KWARGS = {"sliding_window": "a sliding window", "softcap": "logit soft-capping",
+                   "s_aux": "attention sinks", "sinks": "attention sinks"}
+
+
+def _check_attention_kwargs(module, dropout, kwargs) -> None:
+    if dropout:
+        raise ValueError(f"attention dropout ({dropout}) is not computed by VTU attention: call model.eval(), or "
+                         "set the language model's attention_dropout to 0 for training with DyMU")
+    for name, value in kwargs.items():
+        if value is None or value is False or name in _BENIGN_KWARGS:
+            continue
+        feature = _FEATURE_KWARGS.get(name)
+        if feature is not None:
+            raise ValueError(f"{type(module).__name__} asks for {feature} ({name}={value!r}); VTU attention computes "
+                             "full causal attention only")
+        raise TypeError(f"VTU attention got an attention argument it does not implement: {name}={value!r} (from "
+                        f"{type(module).__name__}); DyMU refuses rather than ignore it")
+
+
+def _attention_probs(query, key, ctx: "VTUContext", scale: float):
+    """Attention probabilities at the full positions, as eager attention returns
+    them (``output_attentions``): ``[B, H, N, N]`` for a prompt, ``[B, H, T, N]``
+    for T new tokens. Computed through the expanded sequence (slow: O(N²) memory,
+    on request only); masked (future, padding) keys get probability 0."""
+    from ..reference.segment import unmerge
+    from ..reference.vtu import apply_rope
+
+    B, N = ctx.merge_map.shape
+    cos, sin = (t.to(torch.float32)[:, None] for t in (ctx.cos, ctx.sin))
+    rows = ctx.merge_map.clamp_min(0)
+    n_rep = query.shape[1] // key.shape[1]
+    k = apply_rope(unmerge(key.float(), rows), cos, sin).repeat_interleave(n_rep, 1)
+    if ctx.decode:
+        T = query.shape[2]
+        q = apply_rope(query.float(), cos[:, :, N - T:], sin[:, :, N - T:])
+        qpos = torch.arange(N - T, N, device=query.device)
+    else:
+        q = apply_rope(unmerge(query.float(), rows), cos, sin)
+        qpos = torch.arange(N, device=query.device)
+    allowed = (torch.arange(N, device=query.device)[None, :] <= qpos[:, None])[None, None]
+    allowed = allowed & (ctx.merge_map >= 0)[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a query with no key at all: zeros
+    return probs.to(query.dtype)
 
 
 def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dymu_vtu=None, **kwargs):
-    """transformers attention function: VTU attention when called from a DyMU
-    forward (``dymu_vtu`` context given), plain SDPA otherwise."""
+    """transformers attention function of the ``"dymu_vtu"`` implementation:
+    VTU attention over the call's :class:`VTUContext` (``dymu_vtu``). Any
+    attention feature VTU does not compute raises (see
+    :func:`_check_attention_kwargs`), never silently ignored."""
     if dymu_vtu is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        if isinstance(attention_mask, DeferredMask):
-            attention_mask = attention_mask.sdpa
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        raise RuntimeError("the dymu_vtu attention function was called without a VTU context (dymu_vtu=...); it "
+                           "only runs inside a DyMU forward")
+    _check_attention_kwargs(module, dropout, kwargs)
     ctx: VTUContext = dymu_vtu
-    fn = vtu_decode_attention if ctx.decode else vtu_attention
     if not ctx.decode and key.shape[2] != query.shape[2]:
         # A static cache returns its whole buffer; a prompt (always on an empty
         # cache) wrote rows 0..N_un-1, the ones the map points into.
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-    out = fn(query, key.to(query.dtype), value.to(query.dtype), ctx.merge_map, ctx.cos.to(query.dtype),
-             ctx.sin.to(query.dtype), scale=scaling, backend=ctx.backend)
-    return out.transpose(1, 2).contiguous(), None
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    cos, sin = ctx.cos.to(query.dtype), ctx.sin.to(query.dtype)
+    if ctx.decode:
+        out = vtu_decode_attention(query, key, value, ctx.merge_map, cos, sin, scale=scaling, backend=ctx.backend)
+    else:
+        out = vtu_attention(query, key, value, ctx.merge_map, cos, sin, scale=scaling, backend=ctx.backend,
+                            deterministic=ctx.deterministic)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    probs = _attention_probs(query, key, ctx, scale) if ctx.weights else None
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, dymu_vtu_attention)
-    AttentionMaskInterface.register(ATTN_NAME, lambda **kwargs: DeferredMask(kwargs))
 
 
 # ----------------------------------------------------------------------------
@@ -159,15 +269,16 @@ class _Patch:
     encoder: DToMeCLIPVisionEncoder
     vtu: bool
     backend: str
-    saved_attn: Optional[str]
     select_strategy: str
     family: "Family"
+    deterministic: bool = True  # VTU attention without fp32 atomics (Triton)
     counts: Dict[str, _ImageCounts] = field(default_factory=dict)  # per modality, of its last tower batch
+    undo: List[Callable[[], None]] = field(default_factory=list)  # what remove_dymu runs, newest first
 
     def settings(self):
         """What :func:`apply_dymu` was asked for (to tell a repeat from a change)."""
         e = self.encoder
-        return (e.thresholds, e.r, e.trim, self.vtu, self.backend)
+        return (e.thresholds, e.r, e.trim, self.vtu, self.backend, self.deterministic)
 
 
 def _check_transformers() -> None:
@@ -280,12 +391,56 @@ def _vision_blocks(config, tower) -> int:
     return blocks
 
 
+def _text_attr(text_config, name):
+    """A config attribute, also where transformers 5 keeps RoPE settings (``rope_parameters``)."""
+    value = getattr(text_config, name, None)
+    if value is None:
+        value = (getattr(text_config, "rope_parameters", None) or {}).get(name)
+    return value
+
+
 def check_full_attention(text_config) -> None:
-    """Raise ValueError when a language model has layers other than full
-    (causal) attention (sliding windows): VTU covers full attention only."""
-    other = sorted(set(getattr(text_config, "layer_types", None) or []) - {"full_attention"})
+    """Raise ValueError naming every language-model attention feature VTU does
+    not compute — sliding windows (``layer_types``, ``sliding_window``,
+    ``attention_chunk_size``), logit soft-capping, attention sinks, partial
+    rotary embeddings: VTU is full causal attention with RoPE over the whole
+    head, and a feature it ignored would give plausible wrong answers."""
+    found = []
+    layer_types = getattr(text_config, "layer_types", None)
+    other = sorted(set(layer_types or []) - {"full_attention"})
     if other:
-        raise ValueError(f"the language model has {other} layers; VTU attention covers full (causal) attention only")
+        found.append(f"layer_types {other}")
+    elif getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True) \
+            and layer_types is None:
+        found.append(f"sliding_window={text_config.sliding_window}")
+    for name in ("attention_chunk_size", "attn_logit_softcapping"):
+        if getattr(text_config, name, None) is not None:
+            found.append(f"{name}={getattr(text_config, name)}")
+    if getattr(text_config, "use_sinks", False) or getattr(text_config, "attention_sinks", None):
+        found.append("attention sinks")
+    for name in ("partial_rotary_factor", "rotary_pct"):
+        value = _text_attr(text_config, name)
+        if value is not None and value != 1:
+            found.append(f"{name}={value}")
+    if found:
+        raise ValueError(f"the language model uses {', '.join(found)}; VTU attention computes full causal attention "
+                         "with RoPE over the whole head only, so DyMU cannot run this model exactly")
+
+
+def check_rotary(lm) -> None:
+    """Raise ValueError when the language model's rotary tables do not cover
+    the whole head (partial rotary in any config spelling) or its attention
+    modules carry sinks: what :func:`check_full_attention` reads from the
+    config, checked on the modules themselves."""
+    head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+    inv_freq = getattr(lm.rotary_emb, "inv_freq", None)
+    if inv_freq is not None and 2 * inv_freq.numel() != head_dim:
+        raise ValueError(f"the language model rotates {2 * inv_freq.numel()} of {head_dim} head dims (partial "
+                         "rotary, partial_rotary_factor < 1); VTU attention rotates the whole head, so DyMU cannot "
+                         "run this model exactly")
+    for layer in lm.layers:
+        if getattr(getattr(layer, "self_attn", None), "sinks", None) is not None:
+            raise ValueError("the language model's attention has sinks; VTU attention does not compute them")
 
 
 def tower_encoder(family: "Family", config, tower, thresholds="default", r=None, backend: str = "auto",
@@ -325,6 +480,7 @@ def apply_dymu(
     vtu: bool = True,
     backend: str = "auto",
     trim: Union[str, bool] = "auto",
+    deterministic: bool = True,
 ):
     """Patch a ``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration``
     instance with DyMU (see module doc).
@@ -349,6 +505,16 @@ def apply_dymu(
             sync per block (sync-free until a GPU measurement says otherwise);
             ``False`` keeps the tower capturable in a CUDA graph. Results are
             the same either way.
+        deterministic: VTU attention gives bit-identical results run to run,
+            as ``scaled_dot_product_attention`` does (default). ``False``
+            lets the Triton kernel re-merge with fp32 atomics (GPU only;
+            the C++ and torch backends are always deterministic): a little
+            faster, but greedy decoding may then differ between runs.
+
+    The user's attention implementation stays theirs:
+    ``config._attn_implementation`` and ``set_attn_implementation`` work as
+    on the unpatched model, plain calls of the language model use it, and
+    DyMU forwards run VTU attention whatever it is.
 
     Applying again with the same settings is a no-op; with other settings
     the model is re-patched with the new ones (as after :func:`remove_dymu`).
@@ -364,26 +530,49 @@ def apply_dymu(
     strategy = inner.config.vision_feature_select_strategy
     if vtu:
         check_full_attention(lm.config)
+        check_rotary(lm)
     current = getattr(model, "_dymu", None)
     if current is not None:
-        if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend):
+        if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend, bool(deterministic)):
             return model  # the same patch again: a no-op
         remove_dymu(model)  # other settings replace the old ones
-    saved = None
-    if vtu:
-        _register_attention()
-        saved = lm.config._attn_implementation
-        lm.config._attn_implementation = ATTN_NAME
-    patch = _Patch(encoder, vtu, backend, saved, strategy, family)
+    patch = _Patch(encoder, vtu, backend, strategy, family, bool(deterministic))
     model._dymu = patch
     # This instance only: generate() encodes images / videos through these methods first.
     inner.forward = functools.partial(_patched_forward, inner, patch)
+    patch.undo.append(lambda: inner.__dict__.pop("forward", None))
     for m in family.modalities:
         setattr(inner, m.method, functools.partial(m.patched, inner, patch, m))
-    model.set_attn_implementation = functools.partial(_set_attn_implementation, model)
-    if vtu:  # RoPE becomes the identity inside VTU forwards (see _rotary_forward)
-        lm.rotary_emb.forward = functools.partial(_rotary_forward, lm.rotary_emb)
+        patch.undo.append(functools.partial(inner.__dict__.pop, m.method, None))
+    if vtu:
+        install_vtu(lm, patch.undo)
+        # generate() with a static cache builds its mask through this hook: keep the 2-D padding mask.
+        model.create_masks_for_generate = lambda **kwargs: DeferredMask(kwargs)
+        patch.undo.append(lambda: model.__dict__.pop("create_masks_for_generate", None))
     return model
+
+
+def install_vtu(lm, undo: List[Callable[[], None]]) -> None:
+    """Make this language model instance run VTU attention in calls that carry
+    a :class:`VTUContext` (``dymu_vtu=``), and exactly as before in every other
+    call: forward hooks on the model and its attention modules mark the
+    thread's VTU calls, the attention modules read the implementation name
+    through :class:`_AttentionConfig`, and the rotary module is the identity
+    inside VTU calls (:func:`_rotary_forward`). Appends its undo steps."""
+    _register_attention()
+    config = lm.config
+    view = _AttentionConfig(config)
+    for module in lm.modules():
+        if module is lm or getattr(module, "config", None) is not config:
+            continue
+        module.config = view
+        undo.append(functools.partial(setattr, module, "config", config))
+    for module in [lm] + [m for m in lm.modules() if m is not lm and getattr(m, "config", None) is view]:
+        pre = module.register_forward_pre_hook(_enter_if_vtu, with_kwargs=True)
+        post = module.register_forward_hook(_leave_if_vtu, with_kwargs=True, always_call=True)
+        undo.extend([pre.remove, post.remove])
+    lm.rotary_emb.forward = functools.partial(_rotary_forward, lm.rotary_emb)
+    undo.append(lambda: lm.rotary_emb.__dict__.pop("forward", None))
 
 
 def remove_dymu(model):
@@ -391,28 +580,10 @@ def remove_dymu(model):
     patch = getattr(model, "_dymu", None)
     if patch is None:
         return model
-    family, inner, lm = _llava_parts(model)
-    for name in ("forward",) + tuple(m.method for m in family.modalities):
-        inner.__dict__.pop(name, None)
-    model.__dict__.pop("set_attn_implementation", None)
-    if patch.vtu:
-        lm.config._attn_implementation = patch.saved_attn
-        lm.rotary_emb.__dict__.pop("forward", None)
+    for step in reversed(patch.undo):
+        step()
     del model._dymu
     return model
-
-
-def _set_attn_implementation(model, attn_implementation, *args, **kwargs):
-    """``set_attn_implementation`` of a patched instance: VTU needs its own
-    attention function, so another implementation means no DyMU — the patch
-    is removed first (with a warning), never left half applied."""
-    warnings.warn(
-        f"set_attn_implementation({attn_implementation!r}) on a DyMU-patched model removes DyMU (VTU attention needs "
-        f"the {ATTN_NAME!r} implementation); call apply_dymu again to restore it",
-        stacklevel=2,
-    )
-    remove_dymu(model)
-    return model.set_attn_implementation(attn_implementation, *args, **kwargs)
 
 
 def dymu_stats(model, modality: str = "image") -> Optional[DyMUStats]:
@@ -446,13 +617,44 @@ def kv_cache_bytes(cache) -> Dict[str, int]:
 # ----------------------------------------------------------------------------
 
 
-def _full_positions(attention_mask, position_ids, B, N, device):
+def _full_positions(position_ids, B, N, device):
+    """Positions of a prompt: the caller's, else ``0..N-1`` as the language
+    model itself numbers them (``generate()`` passes positions that skip padding)."""
+    # Materialised (no view of the caller's tensor): the cache keeps them, and a
+    # compiled decode step guards on whether its inputs are views.
     if position_ids is not None:
-        return position_ids.to(device).expand(B, N).long()
-    if attention_mask is not None:
-        # Like generate(): positions count only real tokens (left padding friendly).
-        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return torch.arange(N, device=device).expand(B, N)
+        return position_ids.to(device).long().expand(B, N).clone()
+    return torch.arange(N, device=device).expand(B, N).clone()
+
+
+def _padding_mask(attention_mask):
+    """The 2-D ``[B, L]`` padding mask in what a patched forward may get: the
+    mask itself, one mask per layer type (Qwen2: the same padding in each), or
+    the :class:`DeferredMask` generate() made for a static cache."""
+    if isinstance(attention_mask, dict):
+        attention_mask = next(iter(attention_mask.values()))
+    if isinstance(attention_mask, DeferredMask):
+        attention_mask = attention_mask.padding
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"a DyMU-patched model takes a 2-D [batch, sequence] padding attention_mask, got shape "
+            f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
+        )
+    return attention_mask
+
+
+def _visible_map(merge_map, attention_mask):
+    """The map a call attends through: positions its ``attention_mask`` hides
+    (0) are -1, as masked keys are for the unpatched model. The mask covers
+    every position — the cache's and this call's, as transformers expects."""
+    if attention_mask is None:
+        return merge_map
+    if attention_mask.shape != merge_map.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; with the cache's positions and this call's "
+            f"tokens it must be {tuple(merge_map.shape)} (batch, cached + new positions)"
+        )
+    return merge_map.masked_fill(attention_mask.to(merge_map.device) == 0, -1)
 
 
 def _patched_image_features(self, patch: _Patch, modality: "Modality", pixel_values, image_sizes=None,
@@ -462,14 +664,15 @@ def _patched_image_features(self, patch: _Patch, modality: "Modality", pixel_val
     transformers' output type. The named parameters are what ``generate()``
     reads from the signature to decide which inputs to hand over."""
     vision_kwargs = {"image_sizes": image_sizes, "vision_aspect_ratio": vision_aspect_ratio,
-                     "batch_num_images": batch_num_images}
+                     "batch_num_images": batch_num_images, "output_hidden_states": kwargs.get("output_hidden_states")}
     return _features(self, patch, modality, pixel_values, vision_kwargs, return_dict)
 
 
 def _patched_video_features(self, patch: _Patch, modality: "Modality", pixel_values_videos, vision_feature_layer=None,
                             vision_feature_select_strategy=None, return_dict=True, **kwargs):
     """``get_video_features`` of a patched instance (see :func:`_patched_image_features`)."""
-    return _features(self, patch, modality, pixel_values_videos, {}, return_dict)
+    vision_kwargs = {"output_hidden_states": kwargs.get("output_hidden_states")}
+    return _features(self, patch, modality, pixel_values_videos, vision_kwargs, return_dict)
 
 
 def _features(self, patch: _Patch, modality: "Modality", pixels, vision_kwargs, return_dict):
@@ -479,43 +682,54 @@ def _features(self, patch: _Patch, modality: "Modality", pixels, vision_kwargs, 
     return out if return_dict is not False else out.to_tuple()
 
 
-def merged_tower(self, patch: _Patch, pixel_values, dtype, modality: str = "image"):
+def merged_tower(self, patch: _Patch, pixel_values, dtype, modality: str = "image", vision_kwargs=None):
     """The tower's merged tokens of a batch of images (crops, frames), projected:
-    ``(features [n, U_cap, C], counts [n], slots [n, P])``, minus CLS for
-    ``"default"``; their counts become ``dymu_stats(model, modality)``."""
-    feats, counts, slots, per_layer = tower_tokens(patch.encoder, patch.select_strategy, pixel_values.to(dtype))
-    patch.counts[modality] = _ImageCounts(counts, per_layer, slots.shape[1])
-    return self.multi_modal_projector(feats), counts, slots
+    ``(features [n, U_cap, C], counts [n], slots [n, P], tower)``, minus CLS for
+    ``"default"``; their counts become ``dymu_stats(model, modality)``.
+    ``tower``: the tower's ``last_hidden_state`` / ``hidden_states`` at every
+    token, in transformers' shapes (:func:`.image_outputs.tower_outputs`) —
+    by default only the block ``vision_feature_layer`` selects, as
+    transformers returns them; all with ``output_hidden_states=True``."""
+    from .image_outputs import tower_outputs
+
+    wanted = (vision_kwargs or {}).get("output_hidden_states")
+    if wanted is None or wanted is False:
+        wanted = patch.encoder.num_layers
+    out = patch.encoder(pixel_values.to(dtype), output_hidden_states=wanted)
+    feats, counts, slots = tower_tokens(out, patch.select_strategy)
+    patch.counts[modality] = _ImageCounts(counts, out.tokens_per_layer, slots.shape[1])
+    return self.multi_modal_projector(feats), counts, slots, tower_outputs(patch.encoder, out)
 
 
-def tower_tokens(encoder: DToMeCLIPVisionEncoder, select_strategy: str, pixel_values):
-    """The merged tower tokens the projector reads: ``(features [n, U_cap, C_vis],
-    counts [n], slots [n, P], tokens per block)`` — minus CLS for ``"default"``;
-    ``slots`` maps each of the ``P`` placeholders to its unique token."""
-    out = encoder(pixel_values)
+def tower_tokens(out, select_strategy: str):
+    """The merged tower tokens the projector reads from an encoder output:
+    ``(features [n, U_cap, C_vis], counts [n], slots [n, P])`` — minus CLS for
+    ``"default"``; ``slots`` maps each of the ``P`` placeholders to its unique token."""
     if select_strategy == "default":  # drop CLS (always slot 0: it never merges)
-        return out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1, out.tokens_per_layer
-    return out.features, out.lengths.long(), out.pos_map.long(), out.tokens_per_layer
+        return out.features[:, 1:], out.lengths.long() - 1, out.pos_map[:, 1:].long() - 1
+    return out.features, out.lengths.long(), out.pos_map.long()
 
 
 def _encode_images(self, patch: _Patch, pixel_values, dtype, vision_kwargs=None):
     """LLaVA-1.5: one merged tower item per image."""
     from .image_outputs import image_outputs
 
-    return image_outputs(MergedImages(*merged_tower(self, patch, pixel_values, dtype)))
+    feats, counts, slots, tower = merged_tower(self, patch, pixel_values, dtype, vision_kwargs=vision_kwargs)
+    return image_outputs(MergedImages(feats, counts, slots), **tower)
 
 
 def _rotary_forward(rot, x, position_ids, *args, **kwargs):
     """``forward`` of the language model's rotary module while patched: the
-    identity (cos 1, sin 0) while a VTU forward runs — VTU rotates inside
-    attention, at the full positions, and the cache keeps keys un-rotated —
-    and the original rotation otherwise (a direct call of the language model).
-    The identity tables are made directly, shaped like the module's
-    (``[*position_ids.shape, 2 * len(inv_freq)]`` in ``x``'s dtype)."""
+    identity (cos 1, sin 0) inside a VTU call in this thread — VTU rotates
+    inside attention, at the full positions, and the cache keeps keys
+    un-rotated — and the original rotation otherwise (a plain call of the
+    language model, another thread). The identity tables are made directly,
+    shaped like the module's (``[*position_ids.shape, 2 * len(inv_freq)]`` in
+    ``x``'s dtype)."""
     inv_freq = getattr(rot, "inv_freq", None)
-    if not getattr(rot, "_dymu_identity", False) or inv_freq is None:
+    if not _vtu_active() or inv_freq is None:
         cos, sin = type(rot).forward(rot, x, position_ids, *args, **kwargs)
-        if getattr(rot, "_dymu_identity", False):
+        if _vtu_active():
             return torch.ones_like(cos), torch.zeros_like(sin)
         return cos, sin
     shape = (*position_ids.shape, 2 * inv_freq.numel())
@@ -542,32 +756,46 @@ def _prefill_state(self, masks, embeds, attention_mask, position_ids, items, nam
     """Prompt step: compact sequence, its map, full positions and RoPE tables."""
     B, T = embeds.shape[:2]
     compact, merge_map, n_unique = build_compact_sequence(masks, attention_mask, embeds, items, names=names)
-    positions = _full_positions(attention_mask, position_ids, B, T, embeds.device)
+    positions = _full_positions(position_ids, B, T, embeds.device)
     cos, sin = self.language_model.rotary_emb(compact, positions)
-    state = VTUCacheState(merge_map, cos, sin, positions, rows=compact.shape[1])
+    rows = torch.tensor(compact.shape[1], device=merge_map.device)  # a tensor: compiled steps do not guard on it
+    state = VTUCacheState(merge_map, cos, sin, positions, rows=rows)
+    if not torch.compiler.is_compiling():
+        # Every call on the cache appends positions: a compiled decode step
+        # (generate() with a static cache) treats their count as dynamic from
+        # the first step on instead of recompiling when it grows.
+        for t in (state.merge_map, state.cos, state.sin, state.positions):  # [B, N, ...]
+            torch._dynamo.maybe_mark_dynamic(t, 1)
     return compact, state, n_unique
 
 
-def _decode_state(self, state: VTUCacheState, embeds, position_ids):
-    """Generation step: T new singleton tokens appended to the map, one row each."""
+def _decode_state(self, state: VTUCacheState, embeds, position_ids, attention_mask):
+    """A call on a filled cache (generation step, new text): T new singleton
+    tokens appended to the map, one cache row each. Positions are the
+    caller's, else they follow every position the cache has seen (as the
+    language model numbers them)."""
     B, T, _ = embeds.shape
-    last = state.positions[:, -1:]
+    device = state.merge_map.device
     if position_ids is not None:
-        new_pos = position_ids[:, -T:].to(last.device).expand(B, T).long()
+        new_pos = position_ids[..., -T:].to(device).expand(B, T).long()
     else:
-        new_pos = last + 1 + torch.arange(T, device=last.device)
-    rows = state.rows + torch.arange(T, device=state.merge_map.device, dtype=torch.int32)
+        new_pos = (state.length + torch.arange(T, device=device)).expand(B, T)
+    rows = (state.rows + torch.arange(T, device=device)).to(torch.int32)
     cos_new, sin_new = self.language_model.rotary_emb(embeds, new_pos)
-    mask = None if state.compact_mask is None else torch.cat([state.compact_mask, state.compact_mask.new_ones(B, T)], 1)
+    mask = state.compact_mask
+    if mask is not None:  # no-VTU ablation: the new rows' padding
+        new = mask.new_ones(B, T) if attention_mask is None else attention_mask[:, -T:].to(mask)
+        mask = torch.cat([mask, new], 1)
     return replace(state, merge_map=torch.cat([state.merge_map, rows.expand(B, T)], 1),
                    cos=torch.cat([state.cos, cos_new], 1), sin=torch.cat([state.sin, sin_new], 1),
                    positions=torch.cat([state.positions, new_pos], 1), rows=state.rows + T, compact_mask=mask)
 
 
 def _run_language_model(lm, patch: _Patch, x, old: Optional[VTUCacheState], state: VTUCacheState, n_unique, cache,
-                        use_cache, kwargs):
+                        use_cache, attention_mask, kwargs):
     """The language model's own forward on ``x`` — the compact prompt, or the
-    new tokens of a generation step (``old`` is the cache's state before it)."""
+    new tokens of a call on a filled cache (``old`` is the cache's state
+    before it; ``attention_mask`` that call's mask over all positions)."""
     B, T, _ = x.shape
     first_row = 0 if old is None else old.rows
     rows = (first_row + torch.arange(T, device=x.device)).expand(B, T)
@@ -579,13 +807,13 @@ def _run_language_model(lm, patch: _Patch, x, old: Optional[VTUCacheState], stat
             positions = old.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)
         return lm(inputs_embeds=x, attention_mask=state.compact_mask, position_ids=positions, use_cache=use_cache,
                   cache=cache, **kwargs)
-    ctx = VTUContext(state.merge_map, state.cos, state.sin, decode=old is not None, backend=patch.backend)
-    lm.rotary_emb._dymu_identity = True
-    try:
-        return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
-                  cache=cache, **kwargs)
-    finally:
-        lm.rotary_emb._dymu_identity = False
+    merge_map = state.merge_map if old is None else _visible_map(state.merge_map, attention_mask)
+    weights = bool(kwargs.get("output_attentions", lm.config.output_attentions)) and \
+        lm.config._attn_implementation == "eager"
+    ctx = VTUContext(merge_map, state.cos, state.sin, decode=old is not None, backend=patch.backend,
+                     deterministic=patch.deterministic, weights=weights)
+    return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
+              cache=cache, **kwargs)
 
 
 def _patched_forward(
@@ -605,11 +833,7 @@ def _patched_forward(
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     lm = self.language_model
-    if patch.vtu and lm.config._attn_implementation != ATTN_NAME:
-        raise RuntimeError(
-            f"the language model's attention implementation was changed to {lm.config._attn_implementation!r} after "
-            f"apply_dymu; VTU needs {ATTN_NAME!r}. Call remove_dymu(model) (or apply_dymu again) first"
-        )
+    attention_mask = _padding_mask(attention_mask)
     vision_kwargs = {n: kwargs.pop(n) for n in VISION_KWARGS if n in kwargs}
     modalities = patch.family.modalities
     encoded = {m.name: (mm_encoder_outputs or {}).get(m.name) for m in modalities}
@@ -621,12 +845,6 @@ def _patched_forward(
         use_cache = lm.config.use_cache
     if use_cache and cache is None:
         cache = DynamicCache(config=lm.config)
-    if kwargs.get("output_attentions", lm.config.output_attentions) and patch.vtu:
-        warnings.warn(
-            "output_attentions: VTU attention never forms the attention matrix over the full sequence (that is what "
-            "makes it cheap), so attentions are None, as with transformers' sdpa attention; remove_dymu(model) for them",
-            stacklevel=3,
-        )
     def placeholders(m):
         return _placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr))
 
@@ -640,7 +858,7 @@ def _patched_forward(
                     f"enter with the first forward on an empty cache; start a new generation (empty cache) with all "
                     f"{m.name}s"
                 )
-        state, n_unique, x = _decode_state(self, old, embeds, position_ids), None, embeds
+        state, n_unique, x = _decode_state(self, old, embeds, position_ids, attention_mask), None, embeds
     else:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
@@ -652,20 +870,11 @@ def _patched_forward(
             if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
                 raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
             items.append(encoded[m.name].merged_images() if encoded[m.name] is not None else None)
-        if isinstance(attention_mask, dict):  # one mask per layer type (Qwen2): the same padding in each
-            attention_mask = next(iter(attention_mask.values()))
-        if isinstance(attention_mask, DeferredMask):  # generate() with a static cache made it
-            attention_mask = attention_mask.padding
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"a DyMU-patched model takes a 2-D [batch, sequence] padding attention_mask, got shape "
-                f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
-            )
         T = embeds.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None else None
         x, state, n_unique = _prefill_state(self, [placeholders(m) for m in modalities], embeds, mask, position_ids,
                                             items, tuple(m.name for m in modalities))
-    out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, kwargs)
+    out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, attention_mask, kwargs)
     if use_cache:
         set_cache_state(cache, state)
     full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)

@@ -45,7 +45,7 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
         pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops)])
     elif pixel_values.dim() != 4:
         raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
-    feats, counts, slots = merged_tower(inner, patch, pixel_values, dtype)
+    feats, counts, slots, tower = merged_tower(inner, patch, pixel_values, dtype, vision_kwargs=vision_kwargs)
     aspect = vision_kwargs.get("vision_aspect_ratio") or inner.config.vision_aspect_ratio
     max_num_patches = int(aspect.rsplit("_", 1)[-1])
     config = inner.config
@@ -60,7 +60,7 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
         uniques.append(unique)
         maps.append(slot_map)
         start += n
-    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps])
+    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
 
 
 def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
@@ -69,11 +69,12 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
     from .llava import merged_tower
 
     B, frames = pixel_values_videos.shape[:2]
-    feats, counts, slots = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype, "video")
+    feats, counts, slots, tower = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype, "video",
+                                               vision_kwargs)
     uniques, maps = [], []
     for v in range(B):
         sl = slice(v * frames, (v + 1) * frames)
         unique, slot_map = pool_video_maps(feats[sl], counts[sl], slots[sl], inner.image_newline)
         uniques.append(unique)
         maps.append(slot_map)
-    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps])
+    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps], **tower)

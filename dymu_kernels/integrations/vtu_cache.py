@@ -36,7 +36,7 @@ class VTUCacheState:
     cos: torch.Tensor  # [B, N, D] RoPE tables of the full positions
     sin: torch.Tensor
     positions: torch.Tensor  # [B, N] full RoPE positions
-    rows: int  # cache rows used (compact length)
+    rows: torch.Tensor  # 0-d int64: cache rows used (compact length)
     compact_mask: Optional[torch.Tensor] = None  # no-VTU ablation: padding mask over the rows
 
     @property
@@ -76,7 +76,7 @@ class _VTUCacheMixin:
             # (true when the last k positions are tokens of one row each — text,
             # generated or candidate tokens — in every sample).
             kept = state.length - k
-            if kept < 0 or (k and kept and int(state.merge_map[:, :kept].max()) >= state.rows - k):
+            if kept < 0 or (k and kept and int(state.merge_map[:, :kept].max()) >= int(state.rows) - k):
                 raise ValueError(
                     f"cannot crop {k} positions from a DyMU KV cache: the positions kept would lose cache rows they "
                     "use; only trailing positions of one row each (text, generated tokens) can be cropped, not merged "

@@ -91,7 +91,7 @@ class DyMUServing:
         s = self.dymu
         encoder = tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend)
         # Not a submodule (the tower is registered once, under vision_tower).
-        object.__setattr__(self, "_dymu_patch", _Patch(encoder, True, s.backend, None,
+        object.__setattr__(self, "_dymu_patch", _Patch(encoder, True, s.backend,
                                                        self.config.vision_feature_select_strategy, family))
         install_vtu_layers(self.language_model.model.layers, self._dymu_holder)
 
