@@ -27,21 +27,27 @@ def _pad(rows, side):
     return ids, mask
 
 
-def _continue(model, ids, mask, pix, turns):
+def _continue(model, ids, mask, pix, turns, positions=False):
     """A prompt, then ``turns`` calls on the filled cache, each with a padded
-    batch of new tokens (``(ids, mask)``); logits of every call at real tokens."""
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, use_cache=True)
+    batch of new tokens (``(ids, mask)``); logits of every call at real tokens.
+    ``positions``: pass position ids that skip padding (as generate() does);
+    otherwise the model numbers every position, padding included."""
+    def pos(m, T):
+        return (m.cumsum(-1) - 1).clamp_min(0)[:, -T:] if positions else None
+
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, use_cache=True, position_ids=pos(mask, ids.shape[1]))
     cache, logits = out.past_key_values, [out.logits[mask.bool()]]
     for new_ids, new_mask in turns:
         mask = torch.cat([mask, new_mask], 1)
-        out = model(input_ids=new_ids, attention_mask=mask, cache=cache, use_cache=True)
+        out = model(input_ids=new_ids, attention_mask=mask, cache=cache, use_cache=True,
+                    position_ids=pos(mask, new_ids.shape[1]))
         cache = out.past_key_values
         logits.append(out.logits[new_mask.bool()])
     return logits
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_continuation_equals_unpatched(gen, side):
+@pytest.mark.parametrize("side, positions", [("left", False), ("right", False), ("left", True)])
+def test_padded_continuation_equals_unpatched(gen, side, positions):
     """A left-padded prompt batch, then a next turn whose new text is padded
     (different lengths, T > 1), then a padded single-token step: with nothing
     merged every real token's logits equal the unpatched model's, on every
@@ -49,12 +55,13 @@ def test_padded_continuation_equals_unpatched(gen, side):
     base = tiny_llava()
     ids, mask = left_padded(prompt(1, pre=2, post=2), prompt(1, pre=5, post=3, start=10))
     pix = images(gen, 2)
-    turns = [_pad([[7, 8, 9], [11]], side), _pad([[12], []], side)]
+    # Turn 2 gives both samples real tokens after turn 1's padding (right padding leaves it in the middle).
+    turns = [_pad([[7, 8, 9], [11]], side), _pad([[12], [13, 14]], side), _pad([[15], []], side)]
     with torch.no_grad():
-        expected = _continue(base, ids, mask, pix, turns)
+        expected = _continue(base, ids, mask, pix, turns, positions)
         for backend in ("torch", "cpp"):
             patched = apply_dymu(tiny_llava(), NO_MERGE, backend=backend)
-            got = _continue(patched, ids, mask, pix, turns)
+            got = _continue(patched, ids, mask, pix, turns, positions)
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, atol=3e-5, rtol=3e-5)
 
@@ -95,8 +102,8 @@ def test_padded_continuation_with_merging_equals_each_sample_alone(gen):
     model = apply_dymu(tiny_llava(), [0.3, 0.3], backend="torch")
     ids, mask = left_padded(*prompts)
     with torch.no_grad():
-        batch = _continue(model, ids, mask, pix, [_pad(new, "left")])[1]
-        alone = [_continue(model, p, torch.ones_like(p), pix[i:i + 1], [_pad([new[i]], "left")])[1]
+        batch = _continue(model, ids, mask, pix, [_pad(new, "left")], positions=True)[1]
+        alone = [_continue(model, p, torch.ones_like(p), pix[i:i + 1], [_pad([new[i]], "left")], positions=True)[1]
                  for i, p in enumerate(prompts)]
     torch.testing.assert_close(batch, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
