@@ -16,7 +16,8 @@ Decode: one new token over the virtual sequence, fused decode kernel vs SDPA
 over an expanded (N-long) cache. Reports µs, TFLOP/s (causal attention FLOPs
 at N) and the fraction of the GPU's bf16 dense peak.
 
-Run: ``python3 benchmarks/bench_vtu.py [--quick]`` on a CUDA machine.
+Run: ``python3 benchmarks/bench_vtu.py [--quick]`` on a CUDA machine;
+``--deterministic``: the fused op with deterministic=False vs True.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def providers(q, k, v, merge_map, cos, sin, N):
     out["(d) fused vtu_attention"] = lambda: dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="triton")
     half = q.shape[-1] // 2  # same rotation from [B, N, D/2] tables: half the table reads
     ch, sh = cos[..., :half], sin[..., :half]
-    out["(e) fused, half rope tables"] = lambda: dymu_kernels.vtu_attention(q, k, v, merge_map, ch, sh, backend="triton")
+    out["(e) fused, half rope tables"] = lambda: dymu_kernels.vtu_attention(
+        q, k, v, merge_map, ch, sh, backend="triton", rotary_dim=2 * half)
     return out
 
 
@@ -146,6 +148,31 @@ def decode_rows(quick: bool):
     return rows
 
 
+def deterministic_rows(quick: bool):
+    """The fused op's latency with ``deterministic=False`` (fp32 atomic
+    re-merge) and ``deterministic=True`` (per-position outputs, then a
+    segment-mean pass in position order), side by side at the prefill shapes."""
+    gen = torch.Generator().manual_seed(3)
+    rows, H, D = [], 32, 128
+    for B, N in [(1, 2944)] if quick else [(1, 640), (8, 640), (1, 2944), (8, 2944)]:
+        for ratio in (0.15, 0.34):
+            merge_map, n_un = make_map(B, N, ratio, gen)
+            merge_map = merge_map.cuda()
+            q = torch.randn(B, H, n_un, D, device="cuda", dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            cos, sin = ref.rope_cos_sin(torch.arange(N, device="cuda"), D, dtype=torch.bfloat16)
+            times = {}
+            for det in (False, True):
+                t = time_ms(lambda: dymu_kernels.vtu_attention(q, k, v, merge_map, cos, sin, backend="triton",
+                                                               deterministic=det), "cuda")
+                times[det] = t["ms"]
+                rows.append({"op": "vtu_attention deterministic", "provider": f"fused deterministic={det}",
+                             "shape": f"B={B} H={H} N={N} N_un={n_un} D={D}", "dtype": "bfloat16",
+                             "us": t["ms"] * 1e3, **t})
+            rows[-1]["det_over_atomic"] = times[True] / times[False]
+    return rows
+
+
 SWEEP_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
                  (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3)]
 
@@ -189,6 +216,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of the fused kernel instead")
+    p.add_argument("--deterministic", action="store_true",
+                   help="time the fused op with deterministic=False (atomic re-merge) vs True instead")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_vtu.py needs a CUDA GPU (the fused kernel only runs interpreted on the CPU); nothing measured.")
@@ -198,6 +227,12 @@ def main(argv=None):
         print_table(rows, ["op", "provider", "shape", "us", "tflops", "default", "error"])
         if not args.no_save:
             print("results appended to", write_rows("vtu_sweep_cuda", rows))
+        return 0
+    if args.deterministic:
+        rows = deterministic_rows(args.quick)
+        print_table(rows, ["op", "provider", "shape", "us", "det_over_atomic"])
+        if not args.no_save:
+            print("results appended to", write_rows("vtu_deterministic_cuda", rows))
         return 0
     rows = attention_rows(args.quick) + decode_rows(args.quick)
     print_table(rows, ["op", "provider", "shape", "us", "tflops", "peak_frac", "vs_ref", "vs_floor", "n_over_nun"])

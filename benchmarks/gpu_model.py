@@ -78,11 +78,13 @@ Accounting rules (the assumptions):
    2 are not in the time; the ``launches`` column counts kernel launches so
    they can be judged separately.
 5. CTA-schedule bound (fused prefill kernel only): the kernel's grid is
-   ``cdiv(N, BLOCK_M) x B·H`` programs whose causal work differs (program m
-   streams ``ceil(min(N, (m+1)·BLOCK_M) / BLOCK_N)`` key blocks, padded tiles
-   included). With the CTAs per SM its compiled registers and shared memory
-   allow, each CTA gets an equal share of the SM's peak, and CTAs are
-   list-scheduled in launch order (program_id(0) fastest). The makespan is a
+   ``cdiv(N, BLOCK_M) · B·H`` programs in dim 0 (``vtu_triton.fwd_grid``; every
+   modelled grid comes from the launch code's grid functions) whose causal
+   work differs (tile m streams ``ceil(min(N, (m+1)·BLOCK_M) / BLOCK_N)`` key
+   blocks, padded tiles included). With the CTAs per SM its compiled
+   registers and shared memory allow, each CTA gets an equal share of the
+   SM's peak, and CTAs are list-scheduled in launch order (the tile index
+   fastest within each (b, h)). The makespan is a
    lower bound on the kernel's time that the plain roofline cannot see at
    N = 642 (6 x 32 CTAs on 132 SMs). FlashAttention in the release faces the
    same causal tail; its tiles are not modelled.
@@ -360,14 +362,15 @@ def prefill_fused(s: LMShape, gpu: GPU, path: str = "dymu_kernels", deterministi
         ks.append(Kernel(path, "torch: zeros (fp32 accumulator out32)", writes=q * FP32))
         ks.append(Kernel(path, "_vtu_fwd_kernel (fp32 atomic re-merge)", reads=inputs + B * U * FP32 + q * FP32,
                          writes=q * FP32, flops=attention_flops(B, H, N, D, True), unit="tensor",
-                         triton="_vtu_fwd_kernel", variant=variant, grid=(n_m, B * H, 1), cta_flops=per_head * (B * H),
+                         triton="_vtu_fwd_kernel", variant=variant, grid=vtu_triton.fwd_grid(B, H, N, bm),
+                         cta_flops=per_head * (B * H),
                          note=tiles))
         ks.append(Kernel(path, "torch: out32.to(bf16)", reads=q * FP32, writes=q * BF16))
         return ks
     ks.append(Kernel(path, "torch: map>=0, .long(), clamp_min", reads=B * 16 * N, writes=B * 17 * N, launches=3))
     ks.append(Kernel(path, "_vtu_fwd_kernel (per-position fp32 output)", reads=inputs, writes=B * H * N * D * FP32,
                      flops=attention_flops(B, H, N, D, True), unit="tensor", triton="_vtu_fwd_kernel",
-                     variant=variant, grid=(n_m, B * H, 1), cta_flops=per_head * (B * H), note=tiles))
+                     variant=variant, grid=vtu_triton.fwd_grid(B, H, N, bm), cta_flops=per_head * (B * H), note=tiles))
     # where, stable sort (3 launches), zeros, ones_like, scatter_add_, zeros, cumsum
     u1 = U + 1
     ks.append(Kernel(path, "torch: where, sort (stable), counts, cumsum", launches=9,
@@ -375,7 +378,7 @@ def prefill_fused(s: LMShape, gpu: GPU, path: str = "dymu_kernels", deterministi
                      writes=B * (8 * N + 16 * N + 8 * u1 + 8 * N + 8 * u1 + 8 * u1 + 8 * U)))
     ks.append(Kernel(path, "_segment_mean_kernel", reads=B * H * N * D * FP32 + B * N * I64 + B * u1 * I64,
                      writes=q * BF16, triton="_segment_mean_kernel", variant=dict(BLOCK_U=32, BLOCK_D=pow2(D)),
-                     grid=(cdiv(U, 32), B * H)))
+                     grid=vtu_triton.segment_mean_grid(B, H, U, 32)))
     return ks
 
 
@@ -448,10 +451,10 @@ def decode_dymu(s: LMShape, gpu: GPU) -> List[Kernel]:
                unit="tensor", triton="_vtu_fwd_kernel",
                variant=dict(T=1, CAUSAL=1, DECODE=1, ATOMIC=0, IEEE=0, UPCAST=0, FIX_RNE=0, HALF_TABLE=0,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=pow2(D // 2), BLOCK_D=pow2(D)),
-               grid=(1, B * H, splits)),
+               grid=vtu_triton.fwd_grid(B, H, 1, bm, splits)),
         Kernel(P, "_decode_combine_kernel", reads=splits * (q * FP32 + B * H * FP32), writes=q * BF16,
                triton="_decode_combine_kernel", variant=dict(FIX_RNE=0, BLOCK_D=pow2(D)),
-               soft=dict(BLOCK_S=pow2(splits, 2)), grid=(B * H,)),
+               soft=dict(BLOCK_S=pow2(splits, 2)), grid=vtu_triton.combine_grid(B, H, 1)),
     ]
 
 
@@ -489,14 +492,14 @@ def dtome_merge_kernels(v: ViTShape) -> List[Kernel]:
     ks = [
         Kernel(P, "_metric_kernel (head mean, L2 norm)", reads=B * H * N * dh * BF16, writes=B * N * dh * FP32,
                flops=B * N * dh * (H + 4), unit="fp32", triton="_metric_kernel",
-               variant=dict(BLOCK_N=metric_bn, BLOCK_D=pow2(dh)), grid=(B, cdiv(N, metric_bn))),
+               variant=dict(BLOCK_N=metric_bn, BLOCK_D=pow2(dh)), grid=dtome_triton.metric_grid(B, N, metric_bn)),
         Kernel(P, "_match_kernel (A·Bᵀ fp32, row max, threshold)", reads=B * N * dh * FP32 + B * I32,
                writes=B * na * (FP32 + I64 + I8), flops=2 * B * na * nb * dh, unit="fp32", triton="_match_kernel",
                variant=dict(CLS=1, USE_THRESHOLD=1, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=min(pow2(dh), block_d)),
-               grid=(B, cdiv(na, block_a))),
+               grid=dtome_triton.match_grid(B, na, block_a)),
         Kernel(P, "_plan_kernel (prefix sums, new slots)", reads=B * na * (I8 + I64) + B * I32,
                writes=B * N * I64 * 2 + B * I64 * 2, triton="_plan_kernel",
-               variant=dict(BY_SCORE=0, BLOCK=pow2(na)), grid=(B,)),
+               variant=dict(BY_SCORE=0, BLOCK=pow2(na)), grid=dtome_triton.plan_grid(B)),
     ]
     nb1, nb2 = nb + 1, nb + 2
     # zeros(home); merge.bool(); arange; *2; lengths.long(); <; &; where; sort (3); zeros; ones_like;
@@ -513,7 +516,7 @@ def dtome_merge_kernels(v: ViTShape) -> List[Kernel]:
                      reads=B * N * C * BF16 + B * N * FP32 + B * N * I64 + 2 * B * I64 + B * nb2 * I64 + B * na * I64,
                      writes=B * N * C * BF16 + B * N * FP32, flops=B * C * (2 * N + 2 * r), unit="fp32",
                      triton="_merge_kernel", variant=dict(BLOCK_R=16, BLOCK_C=min(pow2(C), 256), FIX_RNE=0),
-                     grid=(B * cdiv(N, 16), cdiv(C, min(pow2(C), 256)))))
+                     grid=dtome_triton.merge_grid(B, N, C, 16, min(pow2(C), 256))))
     # pos_map >= 0, .long(), clamp_min, dest.gather, where, .to(int32); new_len.to(int32)
     ks.append(Kernel(P, "torch: compose pos_map (gather), casts", launches=7,
                      reads=B * N0 * (I32 + I32 + I64 + I64 + BOOL + I64 + I64) + B * N * I64 + B * I64,
@@ -756,20 +759,25 @@ def summary_rows(gpu: GPU, m) -> List[List[str]]:
     for level, _ in LEVELS:
         d, rel, st = (totals(m["prefill"], "prefill", level, p) for p in ("dymu_kernels", "release", "stock LLaVA"))
         k = fused_kernel_row(m["prefill"], level)
+        det = totals(m["prefill"], "prefill", level, "dymu_kernels deterministic=True (op)")
         out.append([gpu.name, f"prefill {level} (N_un={d['shape'].split('N_un=')[1].split()[0]})",
-                    f"{fmt(d['time_us'])} ({fmt(d['op_time_us'])})", f"{mbytes(d['bytes'])}", str(d["launches"]),
+                    f"{fmt(d['time_us'])} ({fmt(d['op_time_us'])})",
+                    f"{fmt(det['time_us'])} ({det['time_us'] / d['op_time_us']:.2f}x, {det['launches']} launches)",
+                    f"{mbytes(d['bytes'])}", str(d["launches"]),
                     fmt(rel["time_us"]), mbytes(rel["bytes"]), str(rel["launches"]),
                     f"{rel['time_us'] / d['time_us']:.2f}x", fmt(st["time_us"]),
                     f"{fmt(k['time_us'])} / {fmt(k['cta_schedule_us'])}"])
     for level, _ in LEVELS:
         d, rel = (totals(m["decode"], "decode", level, p) for p in ("dymu_kernels", "release"))
-        out.append([gpu.name, f"decode {level}", f"{fmt(d['time_us'])} ({fmt(d['op_time_us'])})", mbytes(d["bytes"]),
+        out.append([gpu.name, f"decode {level}", f"{fmt(d['time_us'])} ({fmt(d['op_time_us'])})",
+                    "= atomic (decode has no atomics)", mbytes(d["bytes"]),
                     str(d["launches"]), fmt(rel["time_us"]), mbytes(rel["bytes"]), str(rel["launches"]),
                     f"{rel['time_us'] / d['time_us']:.2f}x", "= release", ""])
     return out
 
 
-SUMMARY_HEADER = ["GPU", "per decoder layer", "dymu_kernels µs (op alone)", "MB", "launches", "release µs", "MB",
+SUMMARY_HEADER = ["GPU", "per decoder layer", "dymu_kernels µs (op alone)",
+                  "op with deterministic=True µs (vs atomic op, launches)", "MB", "launches", "release µs", "MB",
                   "launches", "release / dymu_kernels", "stock LLaVA µs", "_vtu_fwd_kernel roofline / CTA-sched. µs"]
 
 
@@ -875,7 +883,9 @@ def markdown(gpu: GPU, m, other: Optional[Tuple[GPU, Dict]] = None, env: Optiona
     p.append("`dymu_kernels` = the attention block as `apply_dymu` runs it (identity RoPE, `vtu_attention` op, output "
              "transpose); \"op alone\" = the `vtu_attention` / `vtu_decode_attention` op. `release` = the official "
              "DyMU code's default path (index_select expand + RoPE + SDPA at N + scatter_mean). Decode totals exclude "
-             "the KV-cache append.")
+             "the KV-cache append. The `dymu_kernels` block is modelled with the op's atomic re-merge; `apply_dymu` "
+             "passes deterministic=True by default, whose op time the deterministic=True column gives (swap it for "
+             "the op-alone time).")
     for title, key in (("Prefill, one decoder layer", "prefill"), ("Decode step, one decoder layer", "decode")):
         for level, _ in LEVELS:
             rows = [r for r in m[key] if r.get("level") == level]

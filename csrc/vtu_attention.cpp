@@ -13,9 +13,11 @@
 // lie entirely above the causal diagonal are never visited.
 //
 // Numerics: inputs of any float dtype are widened to fp32 on load; all
-// arithmetic is fp32. Determinism: every per-position output row is written
-// by exactly one task, and the re-merge averages positions in position order
-// (segment_mean_cpu), so results do not depend on the thread count.
+// arithmetic is fp32. NaN/inf follow the op's contract (ops/vtu.py): only the
+// keys a row attends reach it (see attend()). Determinism: every per-position
+// output row is written by exactly one task, and the re-merge averages
+// positions in position order (segment_mean_cpu), so results do not depend on
+// the thread count.
 #include "dymu_kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -103,6 +105,23 @@ void scale_row(float* __restrict x, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
+DYMU_MULTIVERSION
+bool all_finite(const float* __restrict x, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+  return bad == 0;
+}
+
+// 1 / (softmax denominator); a query that attends no key has l = 0 and outputs 0.
+inline float inv_sum(float l) { return l == 0.f ? 0.f : 1.f / l; }
+
+// A non-finite value of a gathered V row: its block row, dim and value.
+struct BadValue {
+  int64_t j, d;
+  float value;
+};
+
 // One row of the RoPE tables at a position: cos/sin of width W = D (HF format)
 // or D/2 (one entry per frequency, used for both halves).
 struct RopeRow {
@@ -172,6 +191,7 @@ struct KeySource {
 // decode step's arithmetic.
 struct Scratch {
   std::vector<float> q, k, v, s, o, m, l;
+  std::vector<BadValue> bad;
   int64_t key_block = kKeyBlock;
   void reserve(int64_t rows, int64_t D, int64_t keys_per_block) {
     key_block = keys_per_block;
@@ -199,6 +219,13 @@ inline torch::Tensor view2d(float* p, int64_t rows, int64_t cols) {
 // [0, key_end) of one sample/KV head. qpos[i] is the full position of query
 // row i (-1: padding row, skipped). Leaves unnormalised outputs in scratch.o
 // and row sums in scratch.l.
+//
+// Non-finite values (the op's contract, ops/vtu.py): only keys a row attends
+// may reach it. A NaN/inf score of an attended key poisons the row (m = l =
+// NaN and a NaN row of P, so its output is NaN). V rows go through the GEMM
+// with their NaN/inf entries zeroed, since a masked weight of 0 times NaN
+// would leak a future key's value into earlier rows of the block; those
+// entries are then added to the rows that attend them (IEEE: p * inf).
 template <typename scalar_t, typename index_t>
 void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, const int64_t* qpos, int64_t nq,
             int64_t key_end, bool causal, Scratch& sc) {
@@ -224,20 +251,42 @@ void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, cons
       rotate_row(src.k.row(b, hk, u), RopeRow{src.cos + s * src.W, src.sin + s * src.W}, D, src.half_table, 1.f, kr);
       load_row(src.v.row(b, hk, u), D, vr);
     }
+    sc.bad.clear();
+    if (!all_finite(sc.v.data(), nk * D)) {
+      for (int64_t e = 0; e < nk * D; ++e) {
+        if (!std::isfinite(sc.v[e])) {
+          sc.bad.push_back({e / D, e % D, sc.v[e]});
+          sc.v[e] = 0.f;
+        }
+      }
+    }
     auto S = view2d(sc.s.data(), nq, nk);
     at::cpu::mm_out(S, Q, view2d(sc.k.data(), nk, D).t());
     for (int64_t i = 0; i < nq; ++i) {
       float* srow = sc.s.data() + i * nk;
       const int64_t p = qpos[i];
-      if (p < 0) {
-        std::fill(srow, srow + nk, 0.f);  // padding row: contributes nothing, never read
+      if (p < 0 || std::isnan(sc.m[i])) {
+        // Padding row (contributes nothing, never read), or poisoned by an
+        // earlier block (its output row is NaN already).
+        std::fill(srow, srow + nk, 0.f);
         continue;
       }
       // Visible keys of this row: s <= p when causal, and not padding.
       const int64_t visible = causal ? std::min(nk, std::max<int64_t>(p - s0 + 1, 0)) : nk;
       for (int64_t j = visible; j < nk; ++j) srow[j] = kNegInf;
-      for (int64_t j = 0; j < visible; ++j)
-        if (src.map[s0 + j] < 0) srow[j] = kNegInf;
+      bool poisoned = false;
+      for (int64_t j = 0; j < visible; ++j) {
+        if (src.map[s0 + j] < 0)
+          srow[j] = kNegInf;
+        else if (!std::isfinite(srow[j]))  // -inf too: it would read as "masked"
+          poisoned = true;
+      }
+      if (poisoned) {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        std::fill(srow, srow + nk, nan);
+        sc.m[i] = sc.l[i] = nan;
+        continue;
+      }
       const float m_new = std::max(sc.m[i], row_max(srow, nk));
       if (m_new == kNegInf) {  // nothing visible yet in this row
         std::fill(srow, srow + nk, 0.f);
@@ -250,6 +299,11 @@ void attend(const KeySource<scalar_t, index_t>& src, int64_t b, int64_t hk, cons
       if (alpha != 1.f) scale_row(sc.o.data() + i * D, D, alpha);
     }
     at::cpu::addmm_(O, S, view2d(sc.v.data(), nk, D));
+    for (const BadValue& e : sc.bad) {
+      const int64_t s = s0 + e.j;
+      for (int64_t i = 0; i < nq; ++i)
+        if (qpos[i] >= 0 && (!causal || s <= qpos[i])) sc.o[i * D + e.d] += sc.s[i * nk + e.j] * e.value;
+    }
   }
 }
 
@@ -354,7 +408,7 @@ void prefill_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch:
           continue;
         }
         const float* src_row = sc.o.data() + row * pb.D;
-        const float inv = 1.f / sc.l[row];
+        const float inv = inv_sum(sc.l[row]);
         for (int64_t j = 0; j < pb.D; ++j) dst[j] = src_row[j] * inv;
       }
     }
@@ -379,7 +433,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::
       for (int64_t r = 0; r < pb.n_rep; ++r) {
         for (int64_t t = 0; t < T; ++t) {
           const int64_t row = r * T + t, p = pb.N - T + t;
-          qpos[row] = p;  // new tokens are never padding
+          qpos[row] = p;  // a padding new token still attends the tokens before it
           rotate_row(qrows.row(b, h0 + r, t), RopeRow{src.cos + p * pb.W, src.sin + p * pb.W}, pb.D,
                      pb.half_table, mult, sc.q.data() + row * pb.D);
         }
@@ -389,7 +443,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::
         const int64_t h = h0 + row / T, t = row % T;
         scalar_t* dst = out + ((b * pb.H + h) * T + t) * pb.D;
         const float* o = sc.o.data() + row * pb.D;
-        const float inv = 1.f / sc.l[row];
+        const float inv = inv_sum(sc.l[row]);
         for (int64_t j = 0; j < pb.D; ++j) dst[j] = static_cast<scalar_t>(o[j] * inv);
       }
     }

@@ -20,6 +20,8 @@ if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_dtome.py 2>&1 | tee "$OUT/bench_dtome.log" || status=1
   python3 benchmarks/bench_vtu.py 2>&1 | tee "$OUT/bench_vtu.log" || status=1
   python3 benchmarks/bench_vtu.py --sweep 2>&1 | tee "$OUT/bench_vtu_sweep.log" || status=1
+  # The fused op's latency, deterministic=True (position-order re-merge) vs the fp32-atomic default
+  python3 benchmarks/bench_vtu.py --deterministic 2>&1 | tee "$OUT/bench_vtu_deterministic.log" || status=1
   # End to end, LLaVA-1.5-7B shape (random weights): stock vs DyMU prefill / generate / memory / FLOPs
   python3 benchmarks/bench_e2e.py --device cuda --size 7b --dtype bfloat16 --samples 5 2>&1 | tee "$OUT/bench_e2e.log" || status=1
   python3 benchmarks/bench_decode_ab.py --device cuda 2>&1 | tee "$OUT/bench_decode_ab.log" || status=1

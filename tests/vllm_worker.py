@@ -4,10 +4,12 @@ Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
 JOB: ``{"model": DIR, "engines": [{"name", "engine": {LLM kwargs}, "dymu": {engine_kwargs} | null,
-"batches": {name: [{"prompt", "images": [PNG paths]}]}, "max_tokens"}]}``. Each engine is
-started once and serves all its batches (each batch one ``generate`` call);
-OUT: ``{engine: {batch: [{"tokens", "logprobs"}], "stats": {...} | null}}`` or
-``{engine: {"error": message}}`` when the engine refused to start.
+"batches": {name: [{"prompt", "images": [PNG paths]}]}, "max_tokens",
+"rejects": {name: {"prompt", "images", "mm_processor_kwargs"}}}]}``. Each engine is
+started once, is sent its rejects first (each one request that must fail), then serves
+all its batches (each batch one ``generate`` call);
+OUT: ``{engine: {batch: [{"tokens", "logprobs"}], "stats": {...} | null, "rejects": {name: error | null}}}``
+or ``{engine: {"error": message}}`` when the engine refused to start.
 """
 
 import gc
@@ -52,7 +54,17 @@ def main(job_path: str, out_path: str) -> None:
             results[spec["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
         params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0)
-        out = {}
+        out = {"rejects": {}}
+        for name, req in spec.get("rejects", {}).items():
+            item = {"prompt": req["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB")
+                                                                            for p in req["images"]]}}
+            if req.get("mm_processor_kwargs"):
+                item["mm_processor_kwargs"] = req["mm_processor_kwargs"]
+            try:
+                llm.generate([item], params, use_tqdm=False)
+                out["rejects"][name] = None
+            except Exception as e:  # the engine's batches below show it still serves
+                out["rejects"][name] = f"{type(e).__name__}: {e}"
         for name, batch in spec["batches"].items():
             prompts = []
             for req in batch:

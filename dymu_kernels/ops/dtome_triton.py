@@ -35,7 +35,7 @@ import triton.language as tl
 import torch
 
 from ..reference.dtome import MergeState, NORM_EPS, check_order_args, score_order
-from .triton_utils import cast, fix_rne, pow2
+from .triton_utils import cast, fix_rne, launch_grid, pow2
 
 
 @triton.jit
@@ -185,6 +185,27 @@ def _merge_kernel(
     tl.store(out_size_ptr + b * N + k, total, mask=row_ok & (tl.program_id(1) == 0))
 
 
+# Launch grids: the batch (or batch x row blocks) in dim 0, whose limit is
+# 2^31 - 1; dim 1 holds a sequence's row blocks (<= 65535 up to ~500K tokens)
+# or channel blocks. launch_grid names the kernel if a shape ever exceeds them.
+
+
+def metric_grid(B: int, N: int, block_n: int):
+    return launch_grid("_metric_kernel", B, triton.cdiv(N, block_n))
+
+
+def match_grid(B: int, n_a: int, block_a: int):
+    return launch_grid("_match_kernel", B, triton.cdiv(n_a, block_a))
+
+
+def plan_grid(B: int):
+    return launch_grid("_plan_kernel", B)
+
+
+def merge_grid(B: int, N: int, C: int, block_r: int, block_c: int):
+    return launch_grid("_merge_kernel", B * triton.cdiv(N, block_r), triton.cdiv(C, block_c))
+
+
 def normalized_metric(metric: torch.Tensor) -> torch.Tensor:
     """Head-averaged, L2-normalised keys ``[B, N, D]`` in fp32 (``[B, N, Dm]`` input: H = 1)."""
     m4 = metric if metric.dim() == 4 else metric[:, None]
@@ -193,7 +214,7 @@ def normalized_metric(metric: torch.Tensor) -> torch.Tensor:
     BLOCK_D = pow2(D)
     # A [BLOCK_N, BLOCK_D] fp32 tile of at most 8K values stays in registers.
     BLOCK_N = max(1, min(64, 8192 // BLOCK_D))
-    _metric_kernel[(B, triton.cdiv(N, BLOCK_N))](
+    _metric_kernel[metric_grid(B, N, BLOCK_N)](
         m4, out, N, H, D, *m4.stride(), out.stride(0), out.stride(1),
         EPS=NORM_EPS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
     )
@@ -225,7 +246,7 @@ def match(metric: torch.Tensor, lengths: torch.Tensor, threshold=None, *, cls_to
     else:
         thr_value, use_thr = (float(threshold) if threshold is not None else 0.0), threshold is not None
     BLOCK_A, BLOCK_B, BLOCK_D, num_warps = MATCH_CONFIG
-    _match_kernel[(B, triton.cdiv(n_a, BLOCK_A))](
+    _match_kernel[match_grid(B, n_a, BLOCK_A)](
         m, lengths, node_max, node_idx, merge, thr_value, n_a, D, m.stride(0), m.stride(1),
         CLS=bool(cls_token), USE_THRESHOLD=use_thr,
         BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_D=min(pow2(D), BLOCK_D), num_warps=num_warps,
@@ -267,7 +288,7 @@ def merge_tokens(
     block = pow2(n_a)
     # One program holds a whole image's A slots: more warps for long sequences
     # keep the per-thread share in registers (BLOCK=4096 spilled with 4 warps).
-    _plan_kernel[(B,)](
+    _plan_kernel[plan_grid(B)](
         merge, node_idx, order, lengths, dest, home, new_len, n_kept, N, n_a,
         BY_SCORE=not cls_token, BLOCK=block, num_warps=min(16, max(4, block // 256)),
     )
@@ -283,7 +304,7 @@ def merge_tokens(
     out = torch.empty((B, N, C), device=dev, dtype=x.dtype)
     out_size = torch.empty((B, N), device=dev, dtype=torch.float32)
     BLOCK_R, BLOCK_C = 16, min(pow2(C), 256)
-    _merge_kernel[(B * triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C))](
+    _merge_kernel[merge_grid(B, N, C, BLOCK_R, BLOCK_C)](
         x, size_c, home, new_len, n_kept, begin, src, out, out_size,
         N, C, n_a, n_b + 2, *x.stride(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FIX_RNE=fix_rne(x.dtype),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -51,3 +53,22 @@ def target_arch(device: torch.device) -> int:
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= n, at least ``lo`` (tl.dot needs dims >= 16)."""
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+# CUDA's launch limits: grid dim x up to 2^31 - 1 blocks, y and z up to 65535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def launch_grid(kernel: str, *dims: int) -> Tuple[int, ...]:
+    """A launch grid checked against CUDA's limits (:data:`GRID_LIMITS`).
+
+    Kernels put their large products (batch x heads x blocks) in dim 0, whose
+    limit is 2^31 - 1; dims 1 and 2 hold small counts (key splits, channel
+    blocks). A grid beyond the limits raises ValueError naming the kernel,
+    instead of failing at launch on the GPU.
+    """
+    for axis, (size, limit) in enumerate(zip(dims, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"{kernel}: launch grid {tuple(dims)} has {size} programs in dim {axis}, over CUDA's "
+                             f"limit of {limit}")
+    return tuple(int(d) for d in dims)

@@ -26,7 +26,6 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
-from .._validation import values_checkable
 from ..backends import TORCH, TRITON, Backend, select_backend
 from ..reference import vtu as ref
 from . import vtu_torch
@@ -36,6 +35,32 @@ CPP_VTU = Backend(
     "cpp", devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32), unavailable=_ext.missing_reason
 )
 BACKENDS = (TRITON, CPP_VTU, TORCH)
+
+
+def _kernel_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+    """q, k and tables in the one layout every backend computes: the whole head
+    rotates (dim j paired with j + D/2) under tables of width D (HF format) or
+    D/2 (one entry per frequency).
+
+    Partial rotary (``R = rotary_dim < D``) is mapped onto it rather than
+    implemented in each kernel: q and k get the same permutation of their head
+    dims (a dot product is invariant under it), which moves the rotary pair
+    (j, j + R/2) to (j, j + D/2) and pairs the pass-through dims with each other
+    under an identity rotation (cos 1, sin 0). v and the output keep their layout.
+    """
+    D = q.shape[-1]
+    if rotary_dim == D:
+        return q, k, cos, sin
+    h, p = rotary_dim // 2, (D - rotary_dim) // 2
+    dims = torch.arange(D, device=q.device)
+    perm = torch.cat([dims[:h], dims[rotary_dim : rotary_dim + p], dims[h:rotary_dim], dims[rotary_dim + p :]])
+    ones, zeros = cos.new_ones(*cos.shape[:-1], p), sin.new_zeros(*sin.shape[:-1], p)
+    if cos.shape[-1] == h:  # one entry per frequency: a half table of width D/2
+        cos, sin = torch.cat([cos, ones], -1), torch.cat([sin, zeros], -1)
+    else:  # HF format (halves may differ): width D
+        cos = torch.cat([cos[..., :h], ones, cos[..., h:], ones], -1)
+        sin = torch.cat([sin[..., :h], zeros, sin[..., h:], zeros], -1)
+    return q[..., perm], k[..., perm], cos, sin
 
 
 def _cpp_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, n: int):
@@ -87,7 +112,9 @@ def _backward(ctx, grad):
     q, k, v, merge_map, cos, sin = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = ref.vtu_attention_expand(*leaves, merge_map, cos, sin, causal=ctx.causal, scale=ctx.scale)
+        # The op's tables are in the kernels' layout: the whole head rotates.
+        out = ref.vtu_attention_expand(*leaves, merge_map, cos, sin, causal=ctx.causal, scale=ctx.scale,
+                                       rotary_dim=q.shape[-1])
         gq, gk, gv = torch.autograd.grad(out, leaves, grad)
     return gq, gk, gv, None, None, None, None, None, None, None
 
@@ -167,6 +194,7 @@ def vtu_attention(
     scale: Optional[float] = None,
     deterministic: bool = False,
     backend: str = "auto",
+    rotary_dim: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention over the virtual full sequence, computed from unique tokens (VTU).
 
@@ -187,11 +215,12 @@ def vtu_attention(
         k, v: ``[B, H_kv, N_un, D]``; ``H_kv`` divides ``H`` (GQA).
         merge_map: ``[B, N]`` int32/int64 in ``[-1, N_un)``; samples may have
             different N (pad with -1) and N_un (pad the unique dim).
-        cos, sin: ``[N, D]`` or ``[B, N, D]`` RoPE tables of the full positions
-            (HF format, as ``LlamaRotaryEmbedding`` returns them), or half
-            tables ``[N, D/2]`` / ``[B, N, D/2]`` (one entry per frequency,
-            used for both halves): the same rotation with half the table
-            reads in the kernel.
+        cos, sin: ``[N, W]`` or ``[B, N, W]`` RoPE tables of the full
+            positions. Without ``rotary_dim``: HF format, ``W = D`` (as
+            ``LlamaRotaryEmbedding`` returns them). With ``rotary_dim = R``:
+            HF format ``W = R``, or one entry per frequency ``W = R/2`` (a
+            half table: the same rotation from half the table reads). A table
+            narrower than D without ``rotary_dim`` is ambiguous and raises.
         causal: causal mask on the full position index.
         scale: softmax scale, default ``D ** -0.5``.
         deterministic: bit-identical results run to run (Triton: re-merge in
@@ -200,20 +229,44 @@ def vtu_attention(
         backend: ``"auto"`` (Triton on CUDA, C++ on the CPU when the
             extension is built, else torch), ``"triton"``, ``"cpp"`` or
             ``"torch"``.
+        rotary_dim: RoPE rotates the first R head dims, as FlashAttention's
+            ``rotary_dim`` and transformers' partial-rotary models
+            (``partial_rotary_factor < 1``): dim j pairs with ``j + R/2``; dims
+            ``R..D-1`` pass through unrotated. Even, ``2 <= R <= D``; default D.
 
     Returns:
         ``[B, H, N_un, D]`` in q's dtype (fp16, bf16, fp32); unique slots that
         no position maps to are 0.
 
+    Non-finite values (NaN, ±inf) are handled alike by every backend, prefill
+    and decode (SDPA is no guide: depending on the kernel it picks, NaN keys
+    masked by a boolean mask leak, masked NaN values leak as ``0 * NaN``, and
+    its CPU flash kernel drops NaN scores):
+
+    - query position p *attends* key position s when both are tokens
+      (``merge_map >= 0``) and, when causal, ``s <= p``. Values at positions p
+      does not attend (future keys, padding, unused unique slots) never
+      influence ``o_p``, NaN/inf included;
+    - a NaN or ±inf score of an attended pair (from q, k, cos or sin) makes
+      every component of ``o_p`` NaN;
+    - values combine in IEEE arithmetic over the attended keys: a NaN in an
+      attended v makes that component of ``o_p`` NaN, ±inf makes it ±inf (NaN
+      where opposite infinities meet or a weight rounds to 0);
+    - a unique token's output is the mean of its positions' outputs: NaN at
+      any of them makes it NaN.
+
     Raises:
         TypeError/ValueError naming the argument for wrong ranks, shapes,
         dtypes, devices, H_kv not dividing H, odd D, cos/sin of the wrong
-        length, and (on CPU, or on GPU with ``DYMU_DEBUG=1``) merge_map values
-        out of range; ValueError listing why a requested backend cannot run
-        (e.g. Triton needs D >= 32).
+        length or width (narrower than D without ``rotary_dim``), a bad
+        ``rotary_dim``, and (on CPU, or on GPU with ``DYMU_DEBUG=1``)
+        merge_map values out of range; ValueError listing why a requested
+        backend cannot run (e.g. Triton needs D >= 32).
     """
-    cos, sin, scale = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale, full_tables=False)
+    cos, sin, scale, rotary_dim = ref.check_vtu_inputs(q, k, v, merge_map, cos, sin, scale, full_tables=False,
+                                                       rotary_dim=rotary_dim)
     name = _pick_backend(backend, q)
+    q, k, cos, sin = _kernel_rope(q, k, cos, sin, rotary_dim)
     return _vtu_attention_op(q, k, v, merge_map, cos, sin, scale, bool(causal), bool(deterministic), name)
 
 
@@ -227,31 +280,42 @@ def vtu_decode_attention(
     *,
     scale: Optional[float] = None,
     backend: str = "auto",
+    rotary_dim: Optional[int] = None,
 ) -> torch.Tensor:
     """Decode step of VTU attention over a KV cache stored once per unique token.
 
     Args:
         q: ``[B, H, T, D]`` pre-RoPE queries of T new tokens, which stand at the
-            last T positions of ``merge_map`` (singletons whose keys/values are
-            already appended to k/v).
-        k, v: ``[B, H_kv, N_un, D]`` pre-RoPE key/value cache, one row per unique token.
-        merge_map: ``[B, N]`` full position -> cache row (-1 = padding).
-        cos, sin: ``[N, D]`` or ``[B, N, D]`` (or half tables ``[..., D/2]``) for all N positions.
+            last T positions of ``merge_map``.
+        k, v: ``[B, H_kv, N_un, D]`` pre-RoPE key/value cache, one row per
+            unique token (the new tokens' rows already appended).
+        merge_map: ``[B, N]`` full position -> cache row (-1 = padding). New
+            tokens may be padding too (batched continuation: left padding of a
+            shorter prompt, a sample that has finished).
+        cos, sin: ``[N, W]`` or ``[B, N, W]`` for all N positions; widths and
+            ``rotary_dim`` as in :func:`vtu_attention`.
+        scale, backend, rotary_dim: as in :func:`vtu_attention`.
 
     Returns:
-        ``[B, H, T, D]``: new token t attends every valid position ``<= N-T+t``.
+        ``[B, H, T, D]``, contiguous: new token t, at position ``p = N-T+t``,
+        attends every non-padding position ``s <= p``. A padding new token
+        attends them too (its own position has no key); a token with no such
+        position outputs 0, never NaN. NaN/inf as :func:`vtu_attention`
+        states, with "attends" as defined here: a NaN/inf in the cache at a
+        padding position or after p never reaches token t.
+
+    Raises:
+        ValueError/TypeError as :func:`vtu_attention`, and when q has more new
+        tokens than merge_map has positions.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a [B, H, T, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
     if q.shape[2] > merge_map.shape[-1]:
         raise ValueError(f"q has {q.shape[2]} new tokens but merge_map has only {merge_map.shape[-1]} positions")
     widened = q.new_empty(q.shape[0], q.shape[1], k.shape[2], q.shape[3]) if k.dim() == 4 else q
-    cos, sin, scale = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale, full_tables=False)
-    T = q.shape[2]
-    if T and values_checkable(merge_map) and bool((merge_map[:, merge_map.shape[1] - T :] < 0).any()):
-        raise ValueError(
-            f"merge_map[:, -{T}:] must give the {T} new tokens their cache rows (>= 0); padding (-1) there has "
-            "no key to attend to"
-        )
+    cos, sin, scale, rotary_dim = ref.check_vtu_inputs(widened, k, v, merge_map, cos, sin, scale, full_tables=False,
+                                                       rotary_dim=rotary_dim)
     name = _pick_backend(backend, q)
+    q, k, cos, sin = _kernel_rope(q, k, cos, sin, rotary_dim)
     return _vtu_decode_op(q, k, v, merge_map, cos, sin, scale, name)
+

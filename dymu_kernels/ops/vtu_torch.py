@@ -9,7 +9,14 @@ the expanded Q/K/V to memory; the numbers are the same (the reference
 :func:`~dymu_kernels.reference.vtu_attention_expand` is the spec).
 
 Inputs are validated by the caller (:func:`dymu_kernels.vtu_attention`);
-cos/sin are ``[N, W]`` or ``[1|B, N, W]`` with ``W = D`` or ``D/2``.
+cos/sin are ``[N, W]`` or ``[1|B, N, W]`` with ``W = D`` or ``D/2`` (the whole
+head rotates; the caller maps partial rotary onto that).
+
+Non-finite inputs take the reference's path: SDPA's own handling of NaN/inf
+depends on the kernel it picks (a boolean mask lets masked NaN keys through,
+``0 * NaN`` lets masked NaN values through, the CPU flash kernel drops NaN
+scores), while the op's contract is that positions a query does not attend
+never influence it. One ``isfinite`` pass over the expanded tensors decides.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..reference import vtu as ref
 from ..reference.segment import accumulation_dtype, unmerge
 from ..reference.vtu import apply_rope
 from .segment import segment_mean
@@ -38,6 +46,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return apply_rope(x.to(acc), cos, sin).to(x.dtype)
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _sdpa(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
     """SDPA with grouped KV heads repeated only when needed."""
     n_rep = q.shape[1] // k.shape[1]
@@ -49,10 +61,12 @@ def _sdpa(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
 def vtu_attention_sdpa(q, k, v, merge_map, cos, sin, scale: float, causal: bool) -> torch.Tensor:
     """Expand -> RoPE at full positions -> SDPA -> segment mean. ``[B, H, N_un, D]``."""
     N, n_un = merge_map.shape[1], q.shape[2]
-    cos, sin = _full_tables(cos, sin, merge_map, q.shape[-1], accumulation_dtype(q.dtype))
-    qf = _rotate(unmerge(q, merge_map), cos, sin)
-    kf = _rotate(unmerge(k, merge_map), cos, sin)
+    c, s = _full_tables(cos, sin, merge_map, q.shape[-1], accumulation_dtype(q.dtype))
+    qf = _rotate(unmerge(q, merge_map), c, s)
+    kf = _rotate(unmerge(k, merge_map), c, s)
     vf = unmerge(v, merge_map)
+    if not _finite(qf, kf, vf):
+        return ref.vtu_attention_expand(q, k, v, merge_map, cos, sin, causal=causal, scale=scale, rotary_dim=q.shape[-1])
     valid = merge_map >= 0
     mask = None
     if not bool(valid.all()):  # padding: mask padding keys; padding queries see all (dropped below)
@@ -68,11 +82,15 @@ def vtu_decode_sdpa(q, k, v, merge_map, cos, sin, scale: float) -> torch.Tensor:
     """Decode: the T newest positions attend the expanded, rotated cache. ``[B, H, T, D]``."""
     B, H, T, D = q.shape
     N = merge_map.shape[1]
-    cos, sin = _full_tables(cos, sin, merge_map, D, accumulation_dtype(q.dtype))
-    qr = _rotate(q, cos[:, :, N - T :], sin[:, :, N - T :])
-    kf = _rotate(unmerge(k, merge_map), cos, sin)
+    c, s = _full_tables(cos, sin, merge_map, D, accumulation_dtype(q.dtype))
+    qr = _rotate(q, c[:, :, N - T :], s[:, :, N - T :])
+    kf = _rotate(unmerge(k, merge_map), c, s)
     vf = unmerge(v, merge_map)
+    if not _finite(qr, kf, vf):
+        return ref.vtu_decode_attention_ref(q, k, v, merge_map, cos, sin, scale=scale, rotary_dim=D).contiguous()
     positions = torch.arange(N, device=q.device)
     allowed = positions[None, :] <= (N - T + torch.arange(T, device=q.device))[:, None]
     allowed = (allowed[None] & (merge_map >= 0)[:, None, :])[:, None]
-    return _sdpa(qr, kf, vf, allowed, False, scale).contiguous()  # every backend returns contiguous rows
+    out = _sdpa(qr, kf, vf, allowed, False, scale)
+    # A new token with no key at all (padding after padding) outputs 0; SDPA may give NaN there.
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0).contiguous()  # every backend returns contiguous rows

@@ -6,7 +6,8 @@ vLLM's ``LlavaForConditionalGeneration`` and
 ``LlavaOnevisionForConditionalGeneration`` — vLLM's own classes, unchanged
 unless the model's config has a ``dymu`` entry — and a config hook
 that refuses, at load time, engine settings DyMU cannot serve exactly
-(:mod:`.engine_checks`). Serve with::
+(:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
+never splits an image across steps (:mod:`.scheduler`). Serve with::
 
     from vllm import LLM
     from dymu_kernels.vllm import engine_kwargs
@@ -49,12 +50,12 @@ def serving_stats(llm):
 def _config_hook():
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-    from .engine_checks import check_engine
+    from .engine_checks import configure_engine
 
     class DyMUEngineCheck(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            check_engine(vllm_config)
+            configure_engine(vllm_config)
 
     return DyMUEngineCheck
 

@@ -1,10 +1,19 @@
-"""Engine settings the plugin cannot serve under, refused at load time."""
+"""Engine settings the plugin cannot serve under, refused at load time.
+
+Every input kind the plugin cannot merge is refused here, once, for the whole
+engine — never per request inside an engine step, where an error would take
+the server down: precomputed image embeddings (``--enable-mm-embeds``, and the
+disaggregated roles that accept them: encoder-cache transfer, KV consumers).
+"""
 
 from __future__ import annotations
 
 from typing import List
 
 from .settings import settings_from_config
+
+# The scheduler the plugin serves with (see :mod:`.scheduler`); vLLM imports it by this name.
+SCHEDULER = "dymu_kernels.vllm.scheduler.DyMUScheduler"
 
 # Architectures the plugin registers but does not serve with DyMU yet, and why.
 UNVERIFIED = {
@@ -32,9 +41,24 @@ def unsupported_settings(vllm_config) -> List[str]:
         out.append("no LoRA adapters: their per-token mapping follows positions, the language model runs unique rows")
     if vllm_config.speculative_config is not None:
         out.append("no speculative decoding: draft models are not served with DyMU")
+    mm = getattr(model, "multimodal_config", None)
+    if mm is not None and getattr(mm, "enable_mm_embeds", False):
+        out.append("enable_mm_embeds=False (no --enable-mm-embeds): DyMU merges inside the vision tower, so it "
+                   "cannot merge precomputed image embeddings (image_embeds inputs); send images")
+    ec = getattr(vllm_config, "ec_transfer_config", None)
+    if ec is not None and getattr(ec, "is_ec_consumer", False):
+        out.append("no encoder-cache transfer consumer (ec_transfer_config): its image embeddings come from "
+                   "another instance, unmerged (vLLM also turns on enable_mm_embeds for it)")
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    if kv is not None and getattr(kv, "is_kv_consumer", False):
+        out.append("no KV-cache transfer consumer (kv_transfer_config): a loaded prefix can end inside an image, "
+                   "as with prefix caching (vLLM also turns on enable_mm_embeds for it)")
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         out.append("pipeline_parallel_size=1: the unique rows cannot cross pipeline stages")
+    if getattr(sched, "scheduler_cls", None) not in (None, SCHEDULER):
+        out.append(f"no custom scheduler_cls (--scheduler-cls): DyMU serves with {SCHEDULER}, which never "
+                   "ends a step inside an image")
     return out
 
 
@@ -51,3 +75,11 @@ def check_engine(vllm_config) -> None:
         raise ValueError("DyMU (dymu_kernels.vllm) cannot serve with these engine settings; pass:\n  - "
                          + "\n  - ".join(reasons)
                          + "\n(dymu_kernels.vllm.engine_kwargs() returns LLM arguments with all of them)")
+
+
+def configure_engine(vllm_config) -> None:
+    """The plugin's config hook: :func:`check_engine`, then, when DyMU is on,
+    vLLM's scheduler replaced by the plugin's (:mod:`.scheduler`)."""
+    check_engine(vllm_config)
+    if settings_from_config(vllm_config.model_config.hf_config) is not None:
+        vllm_config.scheduler_config.scheduler_cls = SCHEDULER

@@ -16,9 +16,10 @@ the model's ``embed_input_ids`` the pieces scheduled in this step, in
 placeholder order, with the ``is_multimodal`` mask; :func:`untag_pieces`
 strips the columns and :func:`step_groups` turns (piece, unique index) into
 groups — text tokens are groups of one. A piece shorter than its item (an
-image split across steps, which prefix caching or chunked multimodal input
-would do) raises: a merged group's attention output averages over all its
-positions, so its rows depend on the whole image at once.
+image split across steps, which prefix caching, chunked multimodal input or
+vLLM's own scheduler under chunked prefill would do: see :mod:`.scheduler`)
+raises: a merged group's attention output averages over all its positions,
+so its rows depend on the whole image at once.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def tag_item(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         slots: ``[P]`` the unique token of each placeholder.
     """
     P = slots.shape[0]
+    # Engine step, but no client reaches it: P is the tower's patch count, fixed by the checkpoint's config
+    # (the pixels' size is checked while the request is processed: DyMULlavaMultiModalProcessor).
     if P >= _LIMIT:
         raise ValueError(f"an item has {P} placeholders; tags hold at most {_LIMIT - 1}")
     slots = slots.long()
@@ -65,6 +68,9 @@ def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], Li
     total = tags[:, 2] + _BASE * tags[:, 3]
     expected = torch.repeat_interleave(torch.tensor(lengths, device=total.device),
                                        torch.tensor(lengths, device=total.device))
+    # Engine step, but no client reaches it: only the scheduler splits an item; the settings that start a step
+    # inside one (prefix caching, KV-transfer consumers) are refused at load (engine_checks), and the plugin's
+    # scheduler (scheduler.py) never ends a step inside one (vLLM's does, under chunked prefill, tested).
     if 0 in lengths or bool((total != expected).any()):  # one host read for all pieces
         for n, t in zip(lengths, total.split(lengths)):
             if n == 0 or bool((t != n).any()):
@@ -133,7 +139,7 @@ def step_groups(is_multimodal: torch.Tensor, piece_ids: Sequence[torch.Tensor]) 
     N = mask.shape[0]
     n_mm = int(mask.sum())
     lengths = [int(p.shape[0]) for p in piece_ids]
-    if n_mm != sum(lengths):
+    if n_mm != sum(lengths):  # vLLM's own invariant (its mask marks its pieces' rows), not client data
         raise RuntimeError(f"{n_mm} multimodal positions but the pieces hold {sum(lengths)} rows")
     key = torch.arange(N, device=device)  # text tokens: a key of their own
     if n_mm:
@@ -152,3 +158,15 @@ def step_groups(is_multimodal: torch.Tensor, piece_ids: Sequence[torch.Tensor]) 
     inverse = rank[inverse]
     counts = torch.bincount(inverse, minlength=U)
     return StepGroups(inverse, first[order], counts)
+
+
+def whole_items_end(ranges: Sequence, num_computed: int, num_new: int) -> int:
+    """How many of the ``num_new`` tokens a step would schedule from
+    ``num_computed`` it may schedule so that it ends inside none of the items
+    it starts at or before (``ranges``: vLLM ``PlaceholderRange``s, offset and
+    length, in prompt order). Used by :mod:`.scheduler`."""
+    end = num_computed + num_new
+    for r in ranges:
+        if num_computed <= r.offset < end < r.offset + r.length:
+            return r.offset - num_computed
+    return num_new

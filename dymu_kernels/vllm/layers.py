@@ -66,7 +66,7 @@ class VTUDecoderLayer:
         dymu_step = self._dymu_holder.step
         if dymu_step is None:
             return super().forward(positions, hidden_states, residual, **kwargs)
-        if kwargs:
+        if kwargs:  # what vLLM's model code passes (fixed at load), not client data
             raise TypeError(f"VTU decoder layers take no extra arguments, got {sorted(kwargs)}")
         # vLLM's pre-norm residual convention, on the unique rows.
         if residual is None:
