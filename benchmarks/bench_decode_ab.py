@@ -51,7 +51,7 @@ def decode_step_ms(model, inputs, steps: int, device: str) -> float:
 
 
 def main(argv=None) -> int:
-    from dymu_kernels.integrations import apply_dymu, remove_dymu
+    from dymu_kernels.hf import apply_dymu, remove_dymu
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -60,7 +60,7 @@ def clip_l_336(device, dtype):
 
 
 def encoder_rows(device: str, batches, rs):
-    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+    from dymu_kernels.core.encoder import DToMeVisionEncoder
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = clip_l_336(device, dtype)
@@ -77,7 +77,7 @@ def encoder_rows(device: str, batches, rs):
             # graph-capturable (trim=False); the CPU always trims.
             for r in rs:
                 for trim in (True, False) if device == "cuda" else (True,):
-                    enc = DToMeCLIPVisionEncoder(model, r=r, backend=backend, trim=trim)
+                    enc = DToMeVisionEncoder(model, r=r, backend=backend, trim=trim)
                     kept = int(enc(pixels).lengths[0])
                     t = time_ms(lambda: enc(pixels), device)
                     rows.append({"op": "clip_vit_l_336", "provider": f"dtome r={r} ({backend}, trim={trim})", "shape": f"B={B}",

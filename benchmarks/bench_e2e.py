@@ -241,17 +241,17 @@ def vision_blocks(model) -> int:
 def calibrate(model, photos: torch.Tensor, batch: int, progress: bool):
     """Per-block thresholds for this random tower: ``calibrate_thresholds`` on
     ``photos`` with r = 21 merges per block on average."""
-    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+    from dymu_kernels.core.encoder import DToMeVisionEncoder
 
     blocks = vision_blocks(model)
-    encoder = DToMeCLIPVisionEncoder(model.model.vision_tower, num_layers=blocks)  # merges as the policy says
+    encoder = DToMeVisionEncoder(model.model.vision_tower, num_layers=blocks)  # merges as the policy says
     with torch.inference_mode():
         return dymu_kernels.calibrate_thresholds(encoder, photos.split(batch), CALIBRATION_R, num_layers=blocks,
                                                  model="random-init CLIP (bench_e2e.py)", progress=progress)
 
 
 def apply_config(model, config: str, thresholds, backend: str, trim) -> None:
-    from dymu_kernels.integrations import apply_dymu
+    from dymu_kernels.hf import apply_dymu
 
     if config == "stock":
         return
@@ -340,7 +340,7 @@ def cache_positions(cache) -> Optional[int]:
 def measure_config(model, config: str, inputs, args, bar) -> Dict[str, object]:
     from transformers import LogitsProcessorList
 
-    from dymu_kernels.integrations import dymu_stats, kv_cache_bytes
+    from dymu_kernels.hf import dymu_stats, kv_cache_bytes
 
     device, T = args.device, args.new_tokens
     B, N = inputs["input_ids"].shape
@@ -721,7 +721,7 @@ def parse_args(argv=None):
         p.error("--no-attention and --attention-only exclude each other")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.trim is not None:
-        from dymu_kernels.integrations import apply_dymu
+        from dymu_kernels.hf import apply_dymu
 
         if "trim" not in inspect.signature(apply_dymu).parameters:
             p.error("--trim: this dymu_kernels' apply_dymu has no trim argument")
@@ -738,7 +738,7 @@ def run_e2e(args, parser):
     import transformers
     from tqdm.auto import tqdm
 
-    from dymu_kernels.integrations import dymu_stats, remove_dymu
+    from dymu_kernels.hf import dymu_stats, remove_dymu
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)

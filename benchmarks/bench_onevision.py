@@ -83,8 +83,8 @@ def prompts(model, seed: int):
 
 
 def measure(model, name: str, inputs, args):
-    from dymu_kernels.integrations import kv_cache_bytes
-    from dymu_kernels.integrations.vtu_cache import cache_state
+    from dymu_kernels.hf import kv_cache_bytes
+    from dymu_kernels.hf.cache import cache_state
 
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     check_run_args(p, args)
     if args.quick:
         args.vision_layers, args.lm_layers, args.r = 2, 2, [100]
-    from dymu_kernels.integrations import apply_dymu, remove_dymu
+    from dymu_kernels.hf import apply_dymu, remove_dymu
 
     model = build("quick" if args.quick else "0.5b", args.vision_layers, args.lm_layers, args.seed)
     inputs = prompts(model, args.seed)

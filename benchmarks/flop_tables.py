@@ -70,7 +70,7 @@ def stock_flops(model) -> Dict[str, int]:
 
 def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
     """Decoder layers + norm on ``n_compact`` tokens, attention through VTU over the map's positions."""
-    from dymu_kernels.integrations.llava import VTUContext, install_vtu
+    from dymu_kernels.hf.attention import VTUContext, install_vtu
 
     lm = model.model.language_model
     undo = []
@@ -91,13 +91,13 @@ def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
 
 
 def dymu_flops(model, r: int) -> Dict[str, int]:
-    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+    from dymu_kernels.core.encoder import DToMeVisionEncoder
     from dymu_kernels.reference.dtome import init_merge_state
 
     cfg = model.config.vision_config
     patches = (cfg.image_size // cfg.patch_size) ** 2
     blocks = cfg.num_hidden_layers - 1  # vision_feature_layer = -2
-    encoder = DToMeCLIPVisionEncoder(model.model.vision_tower, r=r, num_layers=blocks, backend="torch", trim=False)
+    encoder = DToMeVisionEncoder(model.model.vision_tower, r=r, num_layers=blocks, backend="torch", trim=False)
     pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")
     vision = _flops(lambda: encoder.vision.embeddings(pixels))  # the patch embedding (a convolution)
     for i, layer in enumerate(encoder.vision.encoder.layers[:blocks]):

@@ -22,7 +22,8 @@ Public surface:
 from . import reference
 from ._validation import set_debug
 from .ops import dtome_merge, segment_mean, vtu_attention, vtu_decode_attention
-from .reference.calibration import Thresholds, calibrate_thresholds, merge_schedule, published_thresholds
+from .core.thresholds import Thresholds, calibrate_thresholds, published_thresholds
+from .reference.calibration import merge_schedule
 from .reference.dtome import MergeState, init_merge_state
 
 __version__ = "0.1.0"

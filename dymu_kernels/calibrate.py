@@ -1,9 +1,9 @@
 """Calibrate DToMe thresholds for a real vision tower on your images.
 
-API: :func:`calibrate_tower` runs a :class:`~dymu_kernels.integrations.DToMeCLIPVisionEncoder`
+API: :func:`calibrate_tower` runs a :class:`~dymu_kernels.core.encoder.DToMeVisionEncoder`
 over images (a folder, or any iterable of PIL images / arrays / paths),
 preprocessed by the model's own image processor in batches, and returns the
-versioned :class:`~dymu_kernels.reference.calibration.Thresholds`.
+versioned :class:`~dymu_kernels.core.thresholds.Thresholds`.
 
 CLI::
 
@@ -34,7 +34,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .reference.calibration import SCHEDULES, Thresholds, calibrate_thresholds
+from .core.thresholds import Thresholds, calibrate_thresholds
+from .reference.calibration import SCHEDULES
 
 LEVELS = {"low": 21, "mid": 16, "high": 8}  # merges per block, CLIP ViT-L/14-336 (docs/design.md §1.2)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -104,7 +105,7 @@ def calibrate_tower(
     Args:
         encoder: a DToMe tower whose ``forward(pixel_values, policy)`` lets the
             calibration policy choose the merges, e.g.
-            ``DToMeCLIPVisionEncoder(clip_vision_model, num_layers=23)``; its
+            ``DToMeVisionEncoder(clip_vision_model, num_layers=23)``; its
             ``num_layers`` blocks are calibrated.
         images: a folder (searched recursively for image files) or an
             iterable of PIL images, arrays or paths.
@@ -140,7 +141,7 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
     """``(encoder, processor)`` for a LLaVA or CLIP checkpoint (hub id or path)."""
     import transformers
 
-    from .integrations import DToMeCLIPVisionEncoder
+    from .core.encoder import DToMeVisionEncoder
 
     config = transformers.AutoConfig.from_pretrained(model_id)
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -149,7 +150,7 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
     towers = {"clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
               "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel}
     if config.model_type in vlms:
-        from .integrations.llava import _vision_blocks
+        from .families.towers import _vision_blocks
 
         vlm = vlms[config.model_type].from_pretrained(model_id, **kwargs)
         tower = vlm.model.vision_tower
@@ -160,7 +161,7 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
         raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected a LLaVA, "
                          f"LLaVA-OneVision, CLIP or SigLIP one")
     processor = transformers.AutoImageProcessor.from_pretrained(model_id)
-    return DToMeCLIPVisionEncoder(tower.eval(), num_layers=num_layers), processor
+    return DToMeVisionEncoder(tower.eval(), num_layers=num_layers), processor
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import TinyViT
-from .reference.calibration import Thresholds, calibrate_thresholds, published_thresholds
+from .core.thresholds import Thresholds, calibrate_thresholds, published_thresholds
 from .reference.dtome import FixedRPolicy, ThresholdPolicy
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
@@ -180,7 +180,7 @@ def hf_tower(model_id: str, device: str) -> Tower:
     from PIL import Image
 
     from .calibrate import load_tower
-    from .integrations import DToMeCLIPVisionEncoder
+    from .core.encoder import DToMeVisionEncoder
 
     encoder, processor = load_tower(model_id)
     encoder.to(device)
@@ -207,8 +207,8 @@ def hf_tower(model_id: str, device: str) -> Tower:
         std=std,
         pixels=pixels,
         forward=lambda x, policy: encoder(x, policy),
-        dymu=lambda x, thr: DToMeCLIPVisionEncoder(vision, thr, num_layers=n)(x),
-        tome=lambda x, r: DToMeCLIPVisionEncoder(vision, r=r, num_layers=n)(x),
+        dymu=lambda x, thr: DToMeVisionEncoder(vision, thr, num_layers=n)(x),
+        tome=lambda x, r: DToMeVisionEncoder(vision, r=r, num_layers=n)(x),
         preset_shaped=(cfg.image_size == 336 and cfg.patch_size == 14 and cfg.hidden_size == 1024
                        and total == 24 and n in (23, 24)),
     )
@@ -216,7 +216,7 @@ def hf_tower(model_id: str, device: str) -> Tower:
 
 def check_thresholds(thresholds: Thresholds, num_layers: int) -> List[float]:
     """The first ``num_layers`` thresholds; ValueError if there are fewer or one is out of range."""
-    from .integrations.clip import resolve_thresholds  # plain torch; does not import transformers
+    from .core.thresholds import resolve_thresholds  # plain torch; does not import transformers
 
     return resolve_thresholds(thresholds, num_layers)
 

@@ -7,7 +7,7 @@ from conftest import randn
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.integrations.anyres import bilinear_taps, pack_image_maps  # noqa: E402
+from dymu_kernels.core.maps import bilinear_taps, pack_image_maps  # noqa: E402
 
 SIDE, CROP = 6, 42  # 6 x 6 patches of 7 px per 42 px crop
 PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126], [126, 42], [126, 126], [84, 126], [126, 84]]
@@ -80,7 +80,7 @@ def test_single_crop_image_gets_one_newline(gen):
 def test_video_maps_equal_apply_pooling(gen):
     """Frames pooled 6 -> 3 per side on maps equal apply_pooling on the
     expanded frames plus the video's newline."""
-    from dymu_kernels.integrations.anyres import pool_video_maps
+    from dymu_kernels.core.maps import pool_video_maps
 
     model = tiny_onevision().model
     feats, counts, slots = merged_crops(gen, 4)

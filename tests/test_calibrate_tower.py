@@ -13,8 +13,10 @@ skimage_data = pytest.importorskip("skimage.data")
 Image = pytest.importorskip("PIL.Image")
 
 from dymu_kernels.calibrate import LEVELS, calibrate_tower, image_files, load_tower, main  # noqa: E402
-from dymu_kernels.integrations import DToMeCLIPVisionEncoder, apply_dymu  # noqa: E402
-from dymu_kernels.reference.calibration import Thresholds, merge_schedule, published_thresholds  # noqa: E402
+from dymu_kernels.core.encoder import DToMeVisionEncoder
+from dymu_kernels.hf import apply_dymu  # noqa: E402
+from dymu_kernels.core.thresholds import Thresholds, published_thresholds
+from dymu_kernels.reference.calibration import merge_schedule  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
 SIZE = 56  # 8 x 8 patches of 7 px
@@ -46,7 +48,7 @@ def photo_dir(tmp_path_factory):
 
 def merges_per_block(encoder, thresholds, pixel_values):
     """Average tokens merged per image in each block, at inference with ``thresholds``."""
-    scored = DToMeCLIPVisionEncoder(encoder.vision, thresholds, num_layers=encoder.num_layers, backend="torch")
+    scored = DToMeVisionEncoder(encoder.vision, thresholds, num_layers=encoder.num_layers, backend="torch")
     with torch.no_grad():
         counts = torch.stack(scored(pixel_values).tokens_per_layer, 1).double()  # [n_img, blocks]
     before = torch.cat([torch.full_like(counts[:, :1], pixel_values.shape[-1] ** 2 / 49 + 1), counts[:, :-1]], 1)
@@ -58,7 +60,7 @@ def test_calibrated_tower_merges_r_per_block_on_its_images(photo_dir, schedule):
     """Thresholds calibrated on a folder (one batch of all its images) merge,
     on those images, the requested average number of tokens in every block
     (within one token)."""
-    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=3)
+    encoder = DToMeVisionEncoder(tiny_clip(), num_layers=3)
     files = image_files(photo_dir)
     assert [f.suffix for f in files].count(".txt") == 0 and len(files) == len(PHOTOS)
     result = calibrate_tower(encoder, photo_dir, 6, processor=processor(), batch_size=8, schedule=schedule,
@@ -72,7 +74,7 @@ def test_calibrated_tower_merges_r_per_block_on_its_images(photo_dir, schedule):
 def test_batches_are_averaged(photo_dir):
     """Two batches of four: each block's threshold is the mean of the two
     batches' own calibrations (batch-level calibration, running mean)."""
-    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=3)
+    encoder = DToMeVisionEncoder(tiny_clip(), num_layers=3)
     files = image_files(photo_dir)
     both = calibrate_tower(encoder, files, 6, processor=processor(), batch_size=4, progress=False)
     halves = [calibrate_tower(encoder, part, 6, processor=processor(), batch_size=4, progress=False)
@@ -83,13 +85,13 @@ def test_batches_are_averaged(photo_dir):
 
 
 def test_threshold_file_round_trip_into_a_patched_llava(photo_dir, tmp_path):
-    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=2)
+    encoder = DToMeVisionEncoder(tiny_clip(), num_layers=2)
     images = [Image.open(f).convert("RGB") for f in image_files(photo_dir)]  # an iterable of PIL images
     result = calibrate_tower(encoder, images, [5, 3], processor=processor(), progress=False)
     path = tmp_path / "t.json"
     result.save(path)
     assert Thresholds.load(path) == result and result.schedule == "custom"
-    assert DToMeCLIPVisionEncoder(encoder.vision, path, num_layers=2).thresholds == result.thresholds
+    assert DToMeVisionEncoder(encoder.vision, path, num_layers=2).thresholds == result.thresholds
 
 
 def test_cli_calibrates_a_saved_llava_end_to_end(photo_dir, tmp_path):
@@ -129,7 +131,7 @@ def test_cli_and_api_errors(tmp_path, photo_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "m", "--images", str(photo_dir), "--r", "3", "--level", "low", "--out", "x.json"])
     assert "not allowed with argument" in capsys.readouterr().err
-    encoder = DToMeCLIPVisionEncoder(tiny_clip(), num_layers=2)
+    encoder = DToMeVisionEncoder(tiny_clip(), num_layers=2)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         calibrate_tower(encoder, photo_dir, 3, processor=processor(), batch_size=0)
     with pytest.raises(ValueError, match="images is empty"):
@@ -158,7 +160,7 @@ def test_onevision_checkpoint_calibrates_every_crop(photo_dir, tmp_path):
     crops = pixels.flatten(0, 1)
     crops = crops[crops.flatten(1).abs().amax(1) > 0]
     assert result.num_images == crops.shape[0] > len(files)  # several crops per photograph
-    scored = DToMeCLIPVisionEncoder(encoder.vision, result, num_layers=2, backend="torch")
+    scored = DToMeVisionEncoder(encoder.vision, result, num_layers=2, backend="torch")
     with torch.no_grad():
         counts = torch.stack(scored(crops).tokens_per_layer, 1).double()
     before = torch.cat([torch.full_like(counts[:, :1], 36), counts[:, :-1]], 1)

@@ -6,7 +6,7 @@ import torch
 from conftest import TRITON_DEVICE, randn
 
 from dymu_kernels import Thresholds
-from dymu_kernels.integrations import DToMeCLIPVisionEncoder
+from dymu_kernels.core.encoder import DToMeVisionEncoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,9 +25,9 @@ def test_no_merging_equals_hf_forward(gen):
     pixels = randn(2, 3, 56, 56, gen=gen)
     with torch.no_grad():
         hf = model(pixel_values=pixels, output_hidden_states=True)
-        enc = DToMeCLIPVisionEncoder(model, num_layers=3, backend="torch")
+        enc = DToMeVisionEncoder(model, num_layers=3, backend="torch")
         out = enc(pixels)
-        none = DToMeCLIPVisionEncoder(model, [float("inf")] * 3, num_layers=3, backend="torch")(pixels)  # nothing merges
+        none = DToMeVisionEncoder(model, [float("inf")] * 3, num_layers=3, backend="torch")(pixels)  # nothing merges
     torch.testing.assert_close(out.features, hf.hidden_states[3], atol=1e-5, rtol=1e-5)
     # Merging nothing leaves the sequence unchanged (docs/design.md §1.1 rule (a)); pos_map says where each went.
     back = none.features.gather(1, none.pos_map.long()[..., None].expand_as(out.features))
@@ -56,8 +56,8 @@ def test_backends_equal_reference_encoder(gen, backend):
     pixels[1] = 0.1  # a flat image merges much more
     thresholds = [0.8, 0.85, 0.9, 0.95]
     with torch.no_grad():
-        ref = DToMeCLIPVisionEncoder(model, thresholds, backend="torch")(pixels)
-        out = DToMeCLIPVisionEncoder(model.to(device), thresholds, backend=backend)(pixels.to(device))
+        ref = DToMeVisionEncoder(model, thresholds, backend="torch")(pixels)
+        out = DToMeVisionEncoder(model.to(device), thresholds, backend=backend)(pixels.to(device))
     assert torch.equal(out.lengths.cpu(), ref.lengths)
     assert int(ref.lengths[1]) < int(ref.lengths.max())
     assert torch.equal(out.pos_map.cpu(), ref.pos_map)
@@ -70,12 +70,12 @@ def test_fixed_r_and_thresholds_file(tmp_path, gen):
     pixels = randn(2, 3, 56, 56, gen=gen)
     thresholds = [0.7, 0.8, 0.9, 0.95]
     with torch.no_grad():
-        tome = DToMeCLIPVisionEncoder(model, r=4, backend="torch")(pixels)
+        tome = DToMeVisionEncoder(model, r=4, backend="torch")(pixels)
         assert tome.lengths.tolist() == [50 - 16] * 2
         path = tmp_path / "thr.json"
         Thresholds(thresholds=thresholds, r=[4] * 4).save(path)
-        from_file = DToMeCLIPVisionEncoder(model, path, backend="torch")(pixels)
-        from_list = DToMeCLIPVisionEncoder(model, thresholds, backend="torch")(pixels)
+        from_file = DToMeVisionEncoder(model, path, backend="torch")(pixels)
+        from_list = DToMeVisionEncoder(model, thresholds, backend="torch")(pixels)
     assert torch.equal(from_file.features, from_list.features) and torch.equal(from_file.pos_map, from_list.pos_map)
 
 
@@ -87,8 +87,8 @@ def test_trimmed_encoder_equals_untrimmed(gen, backend):
     pixels[1] = 0.1  # a flat image merges far more than a random one
     thresholds = [0.5] * 4
     with torch.no_grad():
-        full = DToMeCLIPVisionEncoder(model, thresholds, backend=backend, trim=False)(pixels.to(device))
-        trimmed = DToMeCLIPVisionEncoder(model, thresholds, backend=backend, trim=True)(pixels.to(device))
+        full = DToMeVisionEncoder(model, thresholds, backend=backend, trim=False)(pixels.to(device))
+        trimmed = DToMeVisionEncoder(model, thresholds, backend=backend, trim=True)(pixels.to(device))
     n = int(full.lengths.max())
     assert full.features.shape[1] == 50 and trimmed.features.shape[1] == n < 50
     assert int(full.lengths.min()) < n  # the images keep different counts
@@ -102,32 +102,32 @@ def test_trimmed_encoder_equals_untrimmed(gen, backend):
 def test_trim_auto_trims_off_cuda_only():
     model = tiny_clip()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = DToMeCLIPVisionEncoder(model)  # the default
+    auto = DToMeVisionEncoder(model)  # the default
     assert auto.trim == "auto" and auto.trims_on(cpu) and not auto.trims_on(cuda)
-    assert DToMeCLIPVisionEncoder(model, trim=True).trims_on(cuda)
-    assert not DToMeCLIPVisionEncoder(model, trim=False).trims_on(cpu)
+    assert DToMeVisionEncoder(model, trim=True).trims_on(cuda)
+    assert not DToMeVisionEncoder(model, trim=False).trims_on(cpu)
 
 
 def test_encoder_errors():
     model = tiny_clip()
     with pytest.raises(ValueError, match="thresholds has 2 entries but 4 encoder blocks run"):
-        DToMeCLIPVisionEncoder(model, [0.9, 0.9])
+        DToMeVisionEncoder(model, [0.9, 0.9])
     with pytest.raises(ValueError, match="give thresholds \\(DyMU\\) or r \\(ToMe\\), not both"):
-        DToMeCLIPVisionEncoder(model, [0.9] * 4, r=2)
+        DToMeVisionEncoder(model, [0.9] * 4, r=2)
     with pytest.raises(ValueError, match="num_layers must be in \\[1, 4\\]"):
-        DToMeCLIPVisionEncoder(model, num_layers=5)
+        DToMeVisionEncoder(model, num_layers=5)
     with pytest.raises(ValueError, match="r must be a non-negative int or one per block"):
-        DToMeCLIPVisionEncoder(model, r=[1, 2])
+        DToMeVisionEncoder(model, r=[1, 2])
     with pytest.raises(ValueError, match="trim must be 'auto', True or False, got 'yes'"):
-        DToMeCLIPVisionEncoder(model, trim="yes")
+        DToMeVisionEncoder(model, trim="yes")
     with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel or SiglipVisionModel"):
-        DToMeCLIPVisionEncoder(torch.nn.Linear(2, 2))
+        DToMeVisionEncoder(torch.nn.Linear(2, 2))
     for bad in (1.5, -1.01, float("-inf")):
         with pytest.raises(ValueError, match=r"thresholds\[2\] = .* is outside \[-1, 1\]"):
-            DToMeCLIPVisionEncoder(model, [0.9, 0.9, bad, 0.9])
+            DToMeVisionEncoder(model, [0.9, 0.9, bad, 0.9])
     with pytest.raises(ValueError, match=r"thresholds\[0\] must be a number, got True"):
-        DToMeCLIPVisionEncoder(model, [True, 0.9, 0.9, 0.9])
-    assert DToMeCLIPVisionEncoder(model, [-1, 1, float("inf"), 0]).thresholds == [-1.0, 1.0, float("inf"), 0.0]
+        DToMeVisionEncoder(model, [True, 0.9, 0.9, 0.9])
+    assert DToMeVisionEncoder(model, [-1, 1, float("inf"), 0]).thresholds == [-1.0, 1.0, float("inf"), 0.0]
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -136,7 +136,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @cuda_only
 def test_merged_forward_has_no_host_sync_and_captures_in_a_cuda_graph(gen):
     model = tiny_clip().cuda()
-    enc = DToMeCLIPVisionEncoder(model, [0.8, 0.85, 0.9, 0.95], backend="triton")  # trim="auto": none on CUDA
+    enc = DToMeVisionEncoder(model, [0.8, 0.85, 0.9, 0.95], backend="triton")  # trim="auto": none on CUDA
     static = randn(4, 3, 56, 56, gen=gen).cuda()
     with torch.no_grad():
         torch.cuda.set_sync_debug_mode("error")  # any host sync raises
@@ -170,13 +170,13 @@ def test_calibration_on_a_clip_tower_hits_the_requested_merges(gen, tmp_path):
 
     model = tiny_clip()
     pixels = randn(6, 3, 56, 56, gen=gen)
-    enc = DToMeCLIPVisionEncoder(model, num_layers=4, backend="torch")
+    enc = DToMeVisionEncoder(model, num_layers=4, backend="torch")
     with torch.no_grad():
         thr = calibrate_thresholds(enc, [pixels], r=5, num_layers=4, model="tiny-clip", progress=False)
         path = tmp_path / "thr.json"
         thr.save(path)
         assert Thresholds.load(path).thresholds == thr.thresholds
-        out = DToMeCLIPVisionEncoder(model, path, num_layers=4, backend="torch")(pixels)
+        out = DToMeVisionEncoder(model, path, num_layers=4, backend="torch")(pixels)
     kept = torch.stack(out.tokens_per_layer, dim=1).double().mean(0)  # [blocks], 50 tokens at the start
     expected = 50 - 5 * torch.arange(1, 5, dtype=torch.float64)
     assert (kept - expected).abs().max() <= 1, (kept.tolist(), expected.tolist())

@@ -6,7 +6,7 @@ import torch
 
 from conftest import randn
 
-from dymu_kernels.integrations.compact import MergedImages, build_compact_sequence
+from dymu_kernels.core.compact import MergedImages, build_compact_sequence
 
 IMG, VID = 99, 98
 

@@ -29,7 +29,7 @@ def test_meta_counts_equal_a_real_patched_run(r):
     """The table's per-component FLOPs (meta device, fixed-r schedule) equal
     FlopCounterMode on a real forward of the same small random LLaVA, stock and
     patched with fixed r (its vision tower trims, so block i runs 257 - r·i tokens)."""
-    from dymu_kernels.integrations import apply_dymu
+    from dymu_kernels.hf import apply_dymu
 
     size, layers = "quick", 2
     meta = tables.meta_llava(size, layers)

@@ -11,8 +11,9 @@ from conftest import randn
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.integrations import DToMeCLIPVisionEncoder, apply_dymu, dymu_stats  # noqa: E402
-from dymu_kernels.integrations.clip import unmerge_tokens  # noqa: E402
+from dymu_kernels.core.encoder import DToMeVisionEncoder
+from dymu_kernels.hf import apply_dymu, dymu_stats  # noqa: E402
+from dymu_kernels.core.encoder import unmerge_tokens  # noqa: E402
 from test_anyres_maps import CROP, tiny_onevision  # noqa: E402
 from test_llava_integration import NO_MERGE, P, images, prompt, tiny_llava  # noqa: E402
 
@@ -51,7 +52,7 @@ def test_encoder_states_equal_the_towers_when_nothing_merges(gen, kind, num_laye
     last hidden state (SigLIP: post_layernorm) equal the transformers tower's."""
     tower = tiny_tower(kind)
     pix = randn(2, 3, 28, 28, gen=gen)
-    enc = DToMeCLIPVisionEncoder(tower, [float("inf")] * 3, num_layers=num_layers, backend="torch")
+    enc = DToMeVisionEncoder(tower, [float("inf")] * 3, num_layers=num_layers, backend="torch")
     with torch.no_grad():
         hf = tower(pix, output_hidden_states=True)
         out = enc(pix, output_hidden_states=True)
@@ -79,9 +80,9 @@ def test_encoder_states_with_merging_carry_each_tokens_merged_row(gen, kind):
     pix[1] = 0.2  # a flat image merges a lot
     thresholds = [0.3, 0.3, 0.3]
     with torch.no_grad():
-        out = DToMeCLIPVisionEncoder(tower, thresholds, num_layers=2, backend="torch")(pix, output_hidden_states=True)
+        out = DToMeVisionEncoder(tower, thresholds, num_layers=2, backend="torch")(pix, output_hidden_states=True)
         for k in (1, 2):
-            alone = DToMeCLIPVisionEncoder(tower, thresholds, num_layers=k, backend="torch")(pix)
+            alone = DToMeVisionEncoder(tower, thresholds, num_layers=k, backend="torch")(pix)
             torch.testing.assert_close(out.hidden_states[k], unmerge_tokens(alone.features, alone.pos_map), **TOL)
             assert distinct_rows(out.hidden_states[k]) == out.tokens_per_layer[k - 1].tolist()
     kept = out.lengths.tolist()
@@ -91,7 +92,7 @@ def test_encoder_states_with_merging_carry_each_tokens_merged_row(gen, kind):
 
 def test_encoder_records_and_runs_extra_blocks_only_on_request(gen, monkeypatch):
     tower = tiny_tower("clip")
-    enc = DToMeCLIPVisionEncoder(tower, [0.3, 0.3], num_layers=2, backend="torch")
+    enc = DToMeVisionEncoder(tower, [0.3, 0.3], num_layers=2, backend="torch")
     blocks = []
     real = enc._block
     monkeypatch.setattr(enc, "_block", lambda *a, **k: blocks.append(1) or real(*a, **k))

@@ -11,8 +11,8 @@ from conftest import randn
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.integrations import apply_dymu, remove_dymu  # noqa: E402
-from dymu_kernels.integrations import llava as llava_mod  # noqa: E402
+from dymu_kernels.hf import apply_dymu, remove_dymu  # noqa: E402
+from dymu_kernels.hf import attention as vtu_hf  # noqa: E402
 from test_llava_integration import IMG, NO_MERGE, images, left_padded, prompt, tiny_llava  # noqa: E402
 
 
@@ -166,14 +166,14 @@ def test_softcapping_is_refused_by_name():
 ])
 def test_unknown_attention_arguments_raise_at_call_time(gen, kwargs, error, match):
     """An attention argument VTU does not implement raises instead of being ignored."""
-    ctx = llava_mod.VTUContext(torch.arange(5, dtype=torch.int32)[None], torch.ones(1, 5, 16), torch.zeros(1, 5, 16),
+    ctx = vtu_hf.VTUContext(torch.arange(5, dtype=torch.int32)[None], torch.ones(1, 5, 16), torch.zeros(1, 5, 16),
                                decode=False, backend="torch")
     q, k = randn(1, 4, 5, 16, gen=gen), randn(1, 2, 5, 16, gen=gen)
     module = torch.nn.Module()
     with pytest.raises(error, match=match):
-        llava_mod.dymu_vtu_attention(module, q, k, k, None, dymu_vtu=ctx, **kwargs)
+        vtu_hf.dymu_vtu_attention(module, q, k, k, None, dymu_vtu=ctx, **kwargs)
     # Features that are off pass (Qwen2 hands sliding_window=None to full-attention layers).
-    out, probs = llava_mod.dymu_vtu_attention(module, q, k, k, None, dymu_vtu=ctx, sliding_window=None,
+    out, probs = vtu_hf.dymu_vtu_attention(module, q, k, k, None, dymu_vtu=ctx, sliding_window=None,
                                               position_ids=None, dropout=0.0)
     assert out.shape == (1, 5, 4, 16) and probs is None
 
@@ -277,8 +277,8 @@ def test_integration_asks_for_deterministic_attention_by_default(gen, monkeypatc
     """VTU attention is called with deterministic=True unless the user opts out
     (on CUDA the Triton re-merge would otherwise use fp32 atomics)."""
     seen = []
-    real = llava_mod.vtu_attention
-    monkeypatch.setattr(llava_mod, "vtu_attention", lambda *a, **k: seen.append(k["deterministic"]) or real(*a, **k))
+    real = vtu_hf.vtu_attention
+    monkeypatch.setattr(vtu_hf, "vtu_attention", lambda *a, **k: seen.append(k["deterministic"]) or real(*a, **k))
     ids, pix = prompt(1), images(gen, 1)
     with torch.no_grad():
         model = apply_dymu(tiny_llava(), [0.3, 0.3], backend="torch")

@@ -13,7 +13,7 @@ from test_llava_integration import IMG, NO_MERGE, P, images, left_padded, prompt
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.integrations import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
+from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
 
 BASE = dict(max_new_tokens=4, suppress_tokens=[IMG], pad_token_id=0, return_dict_in_generate=True)
 
@@ -344,7 +344,7 @@ def test_gradient_checkpointing_in_both_towers(gen, thresholds, monkeypatch):
 def test_vtu_context_moves_like_a_tensor(gen):
     """accelerate's device hooks move unknown arguments with ``.to(device)``:
     the VTU context moves its tensors and keeps the map's integer dtype."""
-    from dymu_kernels.integrations.llava import VTUContext
+    from dymu_kernels.hf.attention import VTUContext
 
     cos = randn(1, 5, 8, gen=gen)
     ctx = VTUContext(torch.arange(5, dtype=torch.int32)[None], cos, cos.sin(), decode=False, backend="torch")
@@ -374,7 +374,7 @@ def test_generate_under_accelerate_device_hooks(gen, monkeypatch):
     move each layer's arguments to its device; the VTU context goes along
     through ``.to`` and generation is unchanged."""
     hooks = pytest.importorskip("accelerate.hooks")
-    from dymu_kernels.integrations.llava import VTUContext
+    from dymu_kernels.hf.attention import VTUContext
 
     ids, pix = prompt(1), images(gen, 1, flat=(0,))
     kwargs = dict(input_ids=ids, pixel_values=pix, **BASE, do_sample=False)

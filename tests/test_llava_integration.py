@@ -11,8 +11,8 @@ from test_compact_layout import loop_layout
 transformers = pytest.importorskip("transformers")
 
 from dymu_kernels import reference as ref  # noqa: E402
-from dymu_kernels.integrations import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
-from dymu_kernels.integrations.compact import MergedImages, build_compact_sequence  # noqa: E402
+from dymu_kernels.hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
+from dymu_kernels.core.compact import MergedImages, build_compact_sequence  # noqa: E402
 
 IMG = 99  # image placeholder id
 P = 16  # patches per image (28 px / 7 px)
@@ -163,7 +163,7 @@ def test_patched_layer_equals_expanded_attention(gen):
         expanded = layer.self_attn(layer.input_layernorm(full), position_embeddings=(cos, sin), attention_mask=mask)[0]
         expected = ref.segment_mean(expanded, merge_map, 6)
 
-        from dymu_kernels.integrations.llava import VTUContext
+        from dymu_kernels.hf.attention import VTUContext
 
         apply_dymu(model, NO_MERGE, backend="torch")  # the layer now runs VTU in calls carrying a context
         ones, zeros = torch.ones(1, 6, 32), torch.zeros(1, 6, 32)

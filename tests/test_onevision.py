@@ -8,7 +8,7 @@ from conftest import randn
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.integrations import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
+from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
 from test_anyres_maps import CROP, tiny_onevision  # noqa: E402
 
 IMG, VID = 98, 97

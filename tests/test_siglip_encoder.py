@@ -8,7 +8,7 @@ from conftest import randn
 transformers = pytest.importorskip("transformers")
 
 from dymu_kernels import reference as ref  # noqa: E402
-from dymu_kernels.integrations import DToMeCLIPVisionEncoder  # noqa: E402
+from dymu_kernels.core.encoder import DToMeVisionEncoder  # noqa: E402
 
 SIDE = 6  # 6 x 6 patches of 7 px: 36 tokens, an even count (SigLIP has no CLS)
 
@@ -29,7 +29,7 @@ def test_no_merging_equals_hf_hidden_states(gen, layers):
     pixels = randn(3, 3, 7 * SIDE, 7 * SIDE, gen=gen)
     with torch.no_grad():
         hf = model(pixel_values=pixels, output_hidden_states=True)
-        enc = DToMeCLIPVisionEncoder(model, [float("inf")] * layers, num_layers=layers, backend="torch")
+        enc = DToMeVisionEncoder(model, [float("inf")] * layers, num_layers=layers, backend="torch")
         out = enc(pixels)
     assert not enc.cls_token
     back = out.features.gather(1, out.pos_map.long()[..., None].expand(-1, -1, out.features.shape[-1]))
@@ -51,7 +51,7 @@ def test_crop_in_a_batch_equals_the_crop_alone(gen, backend):
     crops[2] = 0.3  # a flat crop merges almost everything
     thresholds = [0.5, 0.6, 0.7]
     with torch.no_grad():
-        enc = DToMeCLIPVisionEncoder(model, thresholds, num_layers=3, backend=backend)
+        enc = DToMeVisionEncoder(model, thresholds, num_layers=3, backend=backend)
         batch = enc(crops)
         alone = [enc(crops[i : i + 1]) for i in range(4)]
     assert int(batch.lengths[2]) < int(batch.lengths.max()) < SIDE * SIDE
@@ -71,7 +71,7 @@ def test_siglip_merge_follows_rule_b_like_the_reference(gen):
     model = tiny_siglip()
     pixels = randn(2, 3, 7 * SIDE, 7 * SIDE, gen=gen)
     with torch.no_grad():
-        enc = DToMeCLIPVisionEncoder(model, [0.4], num_layers=1, backend="torch", trim=False)
+        enc = DToMeVisionEncoder(model, [0.4], num_layers=1, backend="torch", trim=False)
         out = enc(pixels)
         layer = model.vision_model.encoder.layers[0] if hasattr(model, "vision_model") else model.encoder.layers[0]
         x = model.vision_model.embeddings(pixels) if hasattr(model, "vision_model") else model.embeddings(pixels)
@@ -96,10 +96,10 @@ def test_calibration_on_a_siglip_tower(gen):
     model = tiny_siglip()
     crops = randn(6, 3, 7 * SIDE, 7 * SIDE, gen=gen)
     crops[1] = 0.2
-    enc = DToMeCLIPVisionEncoder(model, num_layers=3, backend="torch")
+    enc = DToMeVisionEncoder(model, num_layers=3, backend="torch")
     thr = dymu_kernels.calibrate_thresholds(enc, [crops], 4, num_layers=3, progress=False)
     with torch.no_grad():
-        counts = torch.stack(DToMeCLIPVisionEncoder(model, thr, num_layers=3)(crops).tokens_per_layer, 1).double()
+        counts = torch.stack(DToMeVisionEncoder(model, thr, num_layers=3)(crops).tokens_per_layer, 1).double()
     before = torch.cat([torch.full_like(counts[:, :1], SIDE * SIDE), counts[:, :-1]], 1)
     merged = (before - counts).mean(0)
     assert torch.all((merged - 4).abs() <= 1), merged

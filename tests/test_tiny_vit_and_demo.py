@@ -97,7 +97,7 @@ def _results(out):
 
 def test_demo_results_match_the_models_forward(demo_run):
     from dymu_kernels import demo
-    from dymu_kernels.reference.calibration import Thresholds
+    from dymu_kernels.core.thresholds import Thresholds
 
     out, _ = demo_run
     res = _results(out)
@@ -277,7 +277,7 @@ def test_demo_rejects_an_unwritable_out_dir(tmp_path, monkeypatch, capsys):
 def test_demo_threshold_file_with_too_few_blocks(tmp_path, capsys):
     pytest.importorskip("skimage")
     from dymu_kernels import demo
-    from dymu_kernels.reference.calibration import Thresholds
+    from dymu_kernels.core.thresholds import Thresholds
 
     Thresholds([0.9, 0.9], [1, 1]).save(tmp_path / "two.json")
     with pytest.raises(SystemExit) as exc:
@@ -304,8 +304,8 @@ def test_demo_on_a_saved_tiny_clip_checkpoint(tmp_path):
     pytest.importorskip("skimage")
     transformers = pytest.importorskip("transformers")
     from dymu_kernels import demo
-    from dymu_kernels.integrations import DToMeCLIPVisionEncoder
-    from dymu_kernels.reference.calibration import Thresholds
+    from dymu_kernels.core.encoder import DToMeVisionEncoder
+    from dymu_kernels.core.thresholds import Thresholds
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny-clip"
@@ -325,7 +325,7 @@ def test_demo_on_a_saved_tiny_clip_checkpoint(tmp_path):
     from PIL import Image
 
     images = [Image.fromarray(im) for im in demo.load_images().values()]
-    enc = DToMeCLIPVisionEncoder(transformers.CLIPVisionModel.from_pretrained(ckpt).eval(), thr, num_layers=3)
+    enc = DToMeVisionEncoder(transformers.CLIPVisionModel.from_pretrained(ckpt).eval(), thr, num_layers=3)
     with torch.no_grad():
         lengths = enc(processor(images=images, return_tensors="pt")["pixel_values"]).lengths
     assert [r["tokens_kept"] for r in res["images"]] == lengths.tolist()

@@ -326,7 +326,7 @@ def served(tmp_path_factory):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from vllm_folder import save_llava_folder
 
-    from dymu_kernels.integrations import apply_dymu, remove_dymu
+    from dymu_kernels.hf import apply_dymu, remove_dymu
 
     folder = str(tmp_path_factory.mktemp("vllm"))
     model = _tiny_llava()

@@ -1,13 +1,9 @@
-"""Hugging Face transformers integrations (import transformers lazily).
+"""The package's earlier public path, kept so user code keeps importing:
+:mod:`dymu_kernels.hf` (patching transformers models) and
+:mod:`dymu_kernels.core.encoder` (the DToMe vision encoder) are where these
+live now."""
 
-- :class:`~.clip.DToMeCLIPVisionEncoder` — a CLIP vision tower that merges
-  tokens in every block (DToMe) with proportional attention.
-- :func:`~.llava.apply_dymu` / :func:`~.llava.remove_dymu` — patch a
-  ``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration``
-  instance with DToMe + VTU.
-"""
+from ..core.encoder import DToMeVisionEncoder, DToMeVisionOutput
+from ..hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu
 
-from .clip import DToMeCLIPVisionEncoder, DToMeVisionOutput
-from .llava import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu
-
-__all__ = ["DToMeCLIPVisionEncoder", "DToMeVisionOutput", "apply_dymu", "dymu_stats", "kv_cache_bytes", "remove_dymu"]
+__all__ = ["DToMeVisionEncoder", "DToMeVisionOutput", "apply_dymu", "dymu_stats", "kv_cache_bytes", "remove_dymu"]

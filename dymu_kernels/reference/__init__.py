@@ -5,20 +5,13 @@ One reference per op:
 
 - :mod:`.dtome` — one encoder block's DToMe / fixed-r ToMe merge on the merge state.
 - :mod:`.attention` — proportional attention (log-size key bias) for merged ViTs.
-- :mod:`.calibration` — threshold calibration, schedules, the threshold file.
+- :mod:`.calibration` — the threshold calibration rule and merge schedules.
 - :mod:`.vtu` — VTU attention, expanded form and the paper's decomposed form.
 - :mod:`.segment` — segment mean and unmerge between unique tokens and positions.
 """
 
 from .attention import proportional_attention, proportional_attention_bias
-from .calibration import (
-    ThresholdCalibrator,
-    Thresholds,
-    batch_top_k_mask,
-    calibrate_thresholds,
-    merge_schedule,
-    published_thresholds,
-)
+from .calibration import ThresholdCalibrator, batch_top_k_mask, merge_schedule
 from .dtome import (
     FixedRPolicy,
     MergeState,
@@ -47,11 +40,9 @@ __all__ = [
     "MergeState",
     "ThresholdCalibrator",
     "ThresholdPolicy",
-    "Thresholds",
     "apply_rope",
     "batch_top_k_mask",
     "bipartite_match",
-    "calibrate_thresholds",
     "dtome_merge",
     "fixed_r_mask",
     "init_merge_state",
@@ -60,7 +51,6 @@ __all__ = [
     "policy_merge",
     "proportional_attention",
     "proportional_attention_bias",
-    "published_thresholds",
     "rope_cos_sin",
     "rotate_half",
     "segment_mean",

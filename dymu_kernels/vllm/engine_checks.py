@@ -19,7 +19,7 @@ SCHEDULER = "dymu_kernels.vllm.scheduler.DyMUScheduler"
 UNVERIFIED = {
     "LlavaOnevisionForConditionalGeneration": (
         "DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers model with "
-        "dymu_kernels.integrations.apply_dymu, or serve without the 'dymu' entry"),
+        "dymu_kernels.hf.apply_dymu, or serve without the 'dymu' entry"),
 }
 
 

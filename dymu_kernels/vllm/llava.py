@@ -3,7 +3,7 @@
 LLaVA-1.5 is vLLM's own class (its processor, weight names, language model)
 with :class:`~.model.DyMUServing` mixed in; only ``embed_multimodal`` is
 family-specific: it reads vLLM's parsed inputs and hands the pixels to the
-family's encoding in the package (:mod:`dymu_kernels.integrations`).
+family's encoding in the package (:mod:`dymu_kernels.families`).
 LLaVA-OneVision refuses DyMU for now (see its class).
 
 What a client sends is checked while vLLM processes the request (an error

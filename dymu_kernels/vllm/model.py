@@ -5,8 +5,8 @@ LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
 
 - the vision tower becomes transformers' own tower class over the
   checkpoint's tower weights, run by the package's DToMe encoder — the same
-  encoder, per-family encoding (:func:`dymu_kernels.integrations.llava._families`)
-  and map packing that :func:`~dymu_kernels.integrations.apply_dymu` uses;
+  encoder, per-family encoding (:mod:`dymu_kernels.families`)
+  and map packing that :func:`~dymu_kernels.hf.apply_dymu` uses;
 - ``embed_multimodal`` returns each item's unique tokens copied to its
   placeholders and tagged with the merge map (:mod:`.groups`);
 - ``embed_input_ids`` strips the tags of the pieces vLLM scheduled in the step
@@ -24,7 +24,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..integrations.llava import _families, _Patch, check_full_attention, tower_encoder
+from ..core.lm_features import check_full_attention
+from ..families import Patch, families
+from ..families.towers import tower_encoder
 from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
 from .layers import StepHolder, install_vtu_layers
@@ -59,7 +61,7 @@ _UNMERGED = object()  # a counted step whose tokens are all distinct rows
 class DyMUServing:
     """Mixin before a vLLM LLaVA-family class (see module doc)."""
 
-    dymu_family: str  # the key of :func:`_families`
+    dymu_family: str  # the key of :func:`dymu_kernels.families.families`
     dymu_tower: str  # transformers' tower class for the checkpoint's vision config
 
     def _dymu_setup(self, vllm_config) -> None:
@@ -72,7 +74,7 @@ class DyMUServing:
         check_engine(vllm_config)  # the config hook refuses first; this guards direct builds
         import transformers
 
-        family = _families()[self.dymu_family]
+        family = families()[self.dymu_family]
         text = self.config.text_config
         check_full_attention(text)
         if getattr(text, "use_sliding_window", False):
@@ -91,7 +93,7 @@ class DyMUServing:
         s = self.dymu
         encoder = tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend)
         # Not a submodule (the tower is registered once, under vision_tower).
-        object.__setattr__(self, "_dymu_patch", _Patch(encoder, True, s.backend,
+        object.__setattr__(self, "_dymu_patch", Patch(encoder, True, s.backend,
                                                        self.config.vision_feature_select_strategy, family))
         install_vtu_layers(self.language_model.model.layers, self._dymu_holder)
 

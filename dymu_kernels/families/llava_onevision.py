@@ -1,5 +1,6 @@
-"""The LLaVA-OneVision adapter: how its images and videos reach the DToMe tower
-and how their merged tokens are laid out (docs/design.md §2).
+"""LLaVA-OneVision (``model_type`` ``llava_onevision``): a SigLIP tower, a
+projector and a Qwen2 language model; how its images and videos reach the
+DToMe tower and how their merged tokens are laid out (docs/design.md §2).
 
 Images: every crop (the base image and the AnyRes grid; one crop per image in
 multi-image prompts) is merged independently in one tower batch, projected,
@@ -7,15 +8,18 @@ and packed on maps by :func:`~.anyres.pack_image_maps` exactly as
 ``pack_image_features`` packs features. Videos: every frame is merged,
 projected and pooled on maps by :func:`~.anyres.pool_video_maps` as
 ``get_video_features`` pools them. The rest — compact sequence, VTU in the
-Qwen2 language model, the KV cache — is the shared core in :mod:`.llava`.
+Qwen2 language model, the KV cache — is the shared core.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .anyres import pack_image_maps, pool_video_maps
-from .compact import MergedImages
+from ..core.compact import MergedImages
+from ..core.maps import pack_image_maps, pool_video_maps
+from .llava import VISION_KWARGS, patched_image_features
+from .spec import Family, Modality, Patch
+from .towers import clip_like_encoder, merged_tower
 
 
 def _crops_per_image(inner, image_sizes, batch_num_images):
@@ -34,8 +38,7 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
     """Merged AnyRes images: ``DyMUImageOutputs`` with one packed item per image."""
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
-    from .image_outputs import image_outputs
-    from .llava import merged_tower
+    from ..hf.outputs import image_outputs
 
     image_sizes = vision_kwargs.get("image_sizes")
     if image_sizes is None:
@@ -65,8 +68,7 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
 
 def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
     """Merged videos: every frame merged, pooled on maps, one newline per video."""
-    from .image_outputs import image_outputs
-    from .llava import merged_tower
+    from ..hf.outputs import image_outputs
 
     B, frames = pixel_values_videos.shape[:2]
     feats, counts, slots, tower = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype, "video",
@@ -78,3 +80,32 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
         uniques.append(unique)
         maps.append(slot_map)
     return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
+
+
+def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, vision_feature_layer=None,
+                            vision_feature_select_strategy=None, return_dict=True, **kwargs):
+    """``get_video_features`` of a patched instance (see :func:`.llava.patched_image_features`)."""
+    vision_kwargs = {"output_hidden_states": kwargs.get("output_hidden_states")}
+    from ..hf.patch import merged_features
+
+    return merged_features(self, patch, modality, pixel_values_videos, vision_kwargs, return_dict)
+
+
+def _output_class():
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModelOutputWithPast
+
+    return LlavaOnevisionModelOutputWithPast
+
+
+FAMILY = Family(
+    model_type="llava_onevision",
+    class_name="LlavaOnevisionForConditionalGeneration",
+    modalities=(Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images,
+                         patched_image_features),
+                Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", encode_videos,
+                         patched_video_features)),
+    output_class=_output_class,
+    default_thresholds=None,  # no published SigLIP thresholds: calibrate
+    build_encoder=clip_like_encoder,
+    vision_kwargs=VISION_KWARGS,
+)

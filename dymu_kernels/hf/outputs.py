@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .compact import MergedImages
+from ..core.compact import MergedImages
 
 
 @dataclass
@@ -60,7 +60,7 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
 def tower_outputs(encoder, out) -> dict:
     """The fields transformers' ``get_image_features`` takes from the vision
     tower (``last_hidden_state``, ``hidden_states``), from a DyMU tower's output
-    (``encoder``: the :class:`~.clip.DToMeCLIPVisionEncoder` that made ``out``):
+    (``encoder``: the :class:`~.clip.DToMeVisionEncoder` that made ``out``):
     keyword arguments for :func:`image_outputs`."""
     return {"last_hidden_state": encoder.last_hidden_state(out), "hidden_states": out.hidden_states}
 

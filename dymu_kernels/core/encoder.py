@@ -1,9 +1,19 @@
-"""DToMe in a Hugging Face CLIP or SigLIP vision tower.
+"""The DToMe encoder driver: merging in every block of a pre-norm ViT.
 
-:class:`DToMeCLIPVisionEncoder` wraps an existing ``CLIPVisionModel`` (the
-vision tower of LLaVA-1.5) or ``SiglipVisionModel`` (LLaVA-OneVision's)
-*without modifying it*: it reuses the model's own embedding, layer norms,
-projections and MLPs, and runs each encoder block as
+:class:`DToMeVisionEncoder` wraps an existing vision tower *without
+modifying it* — transformers' ``CLIPVisionModel`` (LLaVA-1.5) and
+``SiglipVisionModel`` (LLaVA-OneVision), and anything with their block
+protocol (no transformers import here):
+
+- ``embeddings(pixel_values) -> [B, N0, C]`` (CLIP: ``class_embedding``
+  marks a CLS token at slot 0), an optional ``pre_layrnorm``, an optional
+  ``post_layernorm`` (SigLIP's applies to ``last_hidden_state``);
+- ``encoder.layers``, each with ``layer_norm1``, ``self_attn`` (``q_proj``,
+  ``k_proj``, ``v_proj``, ``out_proj``, ``num_heads``, ``head_dim``),
+  ``layer_norm2`` and ``mlp``.
+
+It reuses the model's own embedding, layer norms, projections and MLPs, and
+runs each encoder block as
 
     x = x + out_proj(proportional_attention(q, k, v, size))   # +log(size) per key
     state = dtome_merge(state, keys=k, threshold_i)             # merge A -> B
@@ -32,7 +42,7 @@ from torch import nn
 
 from ..ops.dtome import dtome_merge
 from ..reference.attention import proportional_attention
-from ..reference.calibration import Thresholds
+from .thresholds import Thresholds, resolve_thresholds
 from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_state
 
 
@@ -70,38 +80,8 @@ def _vision_parts(model: nn.Module):
     return inner
 
 
-def resolve_thresholds(thresholds, num_layers: int) -> Optional[List[float]]:
-    """Per-block thresholds as floats, checked: from a list, a :class:`Thresholds`
-    or a threshold JSON path; None stays None.
-
-    A threshold compares cosine similarities, so it must lie in ``[-1, 1]``;
-    ``float("inf")`` switches merging off in that block (even a score rounded
-    to just above 1 does not exceed it). Raises ValueError naming the entry.
-    """
-    if thresholds is None:
-        return None
-    if isinstance(thresholds, (str, os.PathLike)):
-        thresholds = Thresholds.load(thresholds)
-    if isinstance(thresholds, Thresholds):
-        thresholds = thresholds.thresholds
-    values = list(thresholds)
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
-            raise ValueError(f"thresholds[{i}] must be a number, got {t!r}")
-        if not (-1.0 <= t <= 1.0 or t == float("inf")):
-            raise ValueError(
-                f"thresholds[{i}] = {t!r} is outside [-1, 1], the range of the cosine similarities it is compared "
-                "with; use float('inf') to merge nothing in a block"
-            )
-    if len(values) < num_layers:
-        raise ValueError(
-            f"thresholds has {len(values)} entries but {num_layers} encoder blocks run; give one per block"
-        )
-    return [float(t) for t in values[:num_layers]]
-
-
-class DToMeCLIPVisionEncoder(nn.Module):
-    """A CLIP vision tower with DToMe merging in every block.
+class DToMeVisionEncoder(nn.Module):
+    """A CLIP / SigLIP-like vision tower (module doc) with DToMe merging in every block.
 
     Args:
         vision_model: a ``transformers`` ``CLIPVisionModel`` (shared, not copied).
@@ -236,7 +216,7 @@ class DToMeCLIPVisionEncoder(nn.Module):
         ``policy``: an object whose ``select(block, node_max)`` returns the
         merge mask of each block, used instead of the thresholds / r — what
         :func:`dymu_kernels.calibrate_thresholds` passes, so
-        ``calibrate_thresholds(DToMeCLIPVisionEncoder(tower, num_layers=23), batches, r=21, num_layers=23)``
+        ``calibrate_thresholds(DToMeVisionEncoder(tower, num_layers=23), batches, r=21, num_layers=23)``
         calibrates a real CLIP tower.
 
         ``output_hidden_states``: None / False (default: nothing recorded,

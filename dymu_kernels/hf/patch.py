@@ -1,0 +1,387 @@
+"""DyMU in transformers: one call patches a model.
+
+``apply_dymu(model, thresholds)`` patches *this instance* (no class is
+modified). The model's family (:mod:`dymu_kernels.families`, by
+``config.model_type``) says which visual modalities it has, how each is
+encoded and laid out, and how its language model numbers positions;
+everything in this module is the same for all families:
+
+- the vision tower merges tokens (DToMe), and the projector runs on the
+  merged tokens only;
+- the language model runs on the *compact* sequence — text tokens plus the
+  unique visual tokens — so norms, projections and MLPs do ``N_un`` tokens of
+  work, while attention sees the virtual full sequence through VTU
+  (:mod:`.attention`): ``dymu_kernels.vtu_attention`` with RoPE at the
+  original positions;
+- ``generate()`` works: the KV cache holds keys/values once per unique token
+  (before RoPE; :mod:`.cache`), and every decode step runs
+  ``vtu_decode_attention`` over the full virtual sequence.
+
+The processor is unchanged: it still inserts one placeholder per original
+patch, and outputs (hidden states, logits) come back at the full positions, so
+callers see the shapes they expect. ``remove_dymu(model)`` restores the
+original behaviour; applying twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import replace
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from ..core.compact import build_compact_sequence
+from ..core.lm_features import check_full_attention, check_rotary
+from ..core.positions import stored_positions
+from ..core.thresholds import Thresholds
+from ..families import DyMUStats, Modality, Patch, family_for
+from .attention import DeferredMask, VTUContext, install_vtu
+from .cache import VTUCacheState, cache_state, set_cache_state
+
+SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))  # [min, max): the versions tested
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    parts = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not (lo <= parts < hi):
+        raise RuntimeError(
+            f"dymu_kernels.apply_dymu supports transformers >= {lo[0]}.{lo[1]} and < {hi[0]}.{hi[1]}, "
+            f"found {transformers.__version__}"
+        )
+
+
+def _model_parts(model):
+    """``(family, inner model, language model)`` of a supported model."""
+    family = family_for(model)
+    inner = getattr(model, "model", None)
+    needed = (family.tower_attr, "language_model")
+    if inner is None or not all(hasattr(inner, n) for n in needed):
+        raise TypeError(f"{type(model).__name__} has no .model with {needed}: not the transformers "
+                        f"{family.class_name} this package patches")
+    lm = inner.language_model
+    if not hasattr(lm, "rotary_emb") or not hasattr(lm, "layers"):
+        raise TypeError(f"the language model {type(lm).__name__} has no rotary_emb/layers; VTU needs a RoPE decoder "
+                        "(Llama-like)")
+    return family, inner, lm
+
+
+def apply_dymu(
+    model,
+    thresholds: Union[None, str, os.PathLike, Sequence[float], Thresholds] = "default",
+    *,
+    r: Union[None, int, Sequence[int]] = None,
+    vtu: bool = True,
+    backend: str = "auto",
+    trim: Union[str, bool] = "auto",
+    deterministic: bool = True,
+):
+    """Patch a supported transformers model instance with DyMU (see module
+    doc): ``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+    ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``.
+
+    Args:
+        model: the model; patched in place and returned.
+        thresholds: per-block DToMe thresholds — a preset ``"model:level"``,
+            a threshold JSON file, a :class:`Thresholds`, or a list.
+            ``"default"``: the family's published preset (LLaVA-1.5:
+            ``"openai/clip-vit-large-patch14-336:low"``); LLaVA-OneVision's
+            SigLIP has none — calibrate (``python3 -m dymu_kernels.calibrate``).
+            Qwen2-VL / Qwen2.5-VL: one threshold per merge round on the
+            patch merger's outputs (per image, per video frame pair; see
+            :mod:`dymu_kernels.families.qwen2_vl`); none are published.
+        r: instead of thresholds, merge exactly ``r`` tokens per image per
+            block (the paper's fixed-r ToMe ablation); Qwen: per image / frame
+            pair and round, an int (one round) or one per round.
+        vtu: ``False`` is the "merging without VTU" ablation: merged tokens are
+            fed with compressed positions ``0..N_un-1`` and ordinary attention.
+        backend: merge and attention backend, ``"auto" | "triton" | "cpp" | "torch"``.
+        trim: ``"auto" | True | False`` — whether the vision tower shrinks its
+            padded sequence to the longest image after each block (see
+            :class:`~dymu_kernels.core.encoder.DToMeVisionEncoder`).
+            ``"auto"`` trims on the CPU, where it saves compute in proportion
+            to the tokens merged, and not on CUDA, where it would cost one host
+            sync per block (sync-free until a GPU measurement says otherwise);
+            ``False`` keeps the tower capturable in a CUDA graph. Results are
+            the same either way.
+        deterministic: VTU attention gives bit-identical results run to run,
+            as ``scaled_dot_product_attention`` does (default). ``False``
+            lets the Triton kernel re-merge with fp32 atomics (GPU only;
+            the C++ and torch backends are always deterministic): a little
+            faster, but greedy decoding may then differ between runs.
+
+    The user's attention implementation stays theirs:
+    ``config._attn_implementation`` and ``set_attn_implementation`` work as
+    on the unpatched model, plain calls of the language model use it, and
+    DyMU forwards run VTU attention whatever it is.
+
+    Applying again with the same settings is a no-op; with other settings
+    the model is re-patched with the new ones (as after :func:`remove_dymu`).
+
+    Raises:
+        TypeError for an unsupported model; RuntimeError for an unsupported
+        transformers version; ValueError for bad thresholds (not numbers, not
+        in ``[-1, 1]`` or ``inf``, too few) / r.
+    """
+    _check_transformers()
+    family, inner, lm = _model_parts(model)
+    encoder, strategy = family.build_encoder(family, inner, thresholds, r, backend, trim)
+    if vtu:
+        check_full_attention(lm.config)
+        check_rotary(lm)
+    current = getattr(model, "_dymu", None)
+    if current is not None:
+        if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend, bool(deterministic)):
+            return model  # the same patch again: a no-op
+        remove_dymu(model)  # other settings replace the old ones
+    patch = Patch(encoder, vtu, backend, strategy, family, bool(deterministic))
+    model._dymu = patch
+    # This instance only: generate() encodes images / videos through these methods first.
+    inner.forward = functools.partial(_patched_forward, inner, patch)
+    patch.undo.append(lambda: inner.__dict__.pop("forward", None))
+    for m in family.modalities:
+        setattr(inner, m.method, functools.partial(m.patched, inner, patch, m))
+        patch.undo.append(functools.partial(inner.__dict__.pop, m.method, None))
+    if vtu:
+        install_vtu(lm, patch.undo)
+        # generate() with a static cache builds its mask through this hook: keep the 2-D padding mask.
+        model.create_masks_for_generate = lambda **kwargs: DeferredMask(kwargs)
+        patch.undo.append(lambda: model.__dict__.pop("create_masks_for_generate", None))
+    return model
+
+
+def remove_dymu(model):
+    """Undo :func:`apply_dymu` on this instance; a model never patched is returned unchanged."""
+    patch = getattr(model, "_dymu", None)
+    if patch is None:
+        return model
+    for step in reversed(patch.undo):
+        step()
+    del model._dymu
+    return model
+
+
+def dymu_stats(model, modality: str = "image") -> Optional[DyMUStats]:
+    """Tokens kept per tower item — image (LLaVA-1.5), crop (LLaVA-OneVision
+    AnyRes: base image first, then the grid), or video frame
+    (``modality="video"``) — and per vision block, in the last forward that
+    encoded that modality; None before one (or for a model not patched).
+    Reads the counts back from the device (a host sync) — forwards never do."""
+    patch = getattr(model, "_dymu", None)
+    counts = None if patch is None else patch.counts.get(modality)
+    return None if counts is None else counts.stats()
+
+
+def kv_cache_bytes(cache) -> Dict[str, int]:
+    """KV-cache bytes as stored, and what the same cache would take without DyMU
+    (one row per full position instead of one per unique token)."""
+    total, rows = 0, None
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+                rows = t.shape[-2]
+    state = cache_state(cache)
+    full = state.length if state is not None else rows
+    without = total if not rows else total * full // rows
+    return {"bytes": total, "bytes_without_dymu": without}
+
+
+# ----------------------------------------------------------------------------
+# The patched forward of the base model
+# ----------------------------------------------------------------------------
+
+
+def _padding_mask(attention_mask):
+    """The 2-D ``[B, L]`` padding mask in what a patched forward may get: the
+    mask itself, one mask per layer type (Qwen2: the same padding in each), or
+    the :class:`DeferredMask` generate() made for a static cache."""
+    if isinstance(attention_mask, dict):
+        attention_mask = next(iter(attention_mask.values()))
+    if isinstance(attention_mask, DeferredMask):
+        attention_mask = attention_mask.padding
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"a DyMU-patched model takes a 2-D [batch, sequence] padding attention_mask, got shape "
+            f"{tuple(attention_mask.shape)}: custom 4-D masks cannot follow the merged sequence"
+        )
+    return attention_mask
+
+
+def _visible_map(merge_map, attention_mask):
+    """The map a call attends through: positions its ``attention_mask`` hides
+    (0) are -1, as masked keys are for the unpatched model. The mask covers
+    every position — the cache's and this call's, as transformers expects."""
+    if attention_mask is None:
+        return merge_map
+    if attention_mask.shape != merge_map.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; with the cache's positions and this call's "
+            f"tokens it must be {tuple(merge_map.shape)} (batch, cached + new positions)"
+        )
+    return merge_map.masked_fill(attention_mask.to(merge_map.device) == 0, -1)
+
+
+def merged_features(self, patch: Patch, modality: Modality, pixels, vision_kwargs, return_dict):
+    """What a patched encoding method (``get_image_features``, …) returns:
+    the modality's merged items in transformers' output type, or its tuple."""
+    proj = getattr(self, "multi_modal_projector", None)
+    dtype = proj.linear_1.weight.dtype if hasattr(proj, "linear_1") else pixels.dtype
+    out = modality.encode(self, patch, pixels, dtype, vision_kwargs)
+    return out if return_dict is not False else out.to_tuple()
+
+
+def _placeholder_mask(self, input_ids, embeds, token_id: int):
+    """Placeholders of ``token_id`` as transformers finds them: by id, or
+    (inputs_embeds only) as rows equal to that token's embedding."""
+    if input_ids is not None:
+        return input_ids == token_id
+    token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
+    return (embeds == self.get_input_embeddings()(token)).all(-1)
+
+
+def _to_full(hidden, merge_map):
+    """Compact rows -> the full positions the caller indexes (padding rows are 0)."""
+    B, N = merge_map.shape
+    idx = merge_map.long().clamp_min(0)[..., None].expand(B, N, hidden.shape[-1])
+    return hidden.gather(1, idx.to(hidden.device)).masked_fill((merge_map < 0)[..., None].to(hidden.device), 0)
+
+
+def _prefill_state(self, patch: Patch, masks, embeds, attention_mask, position_ids, items, names, input_ids,
+                   vision_kwargs):
+    """Prompt step: compact sequence, its map, full positions and RoPE tables."""
+    B, T = embeds.shape[:2]
+    compact, merge_map, n_unique = build_compact_sequence(masks, attention_mask, embeds, items, names=names)
+    positions = patch.family.positions.prompt(self, position_ids, input_ids, embeds, attention_mask, vision_kwargs)
+    cos, sin = self.language_model.rotary_emb(compact, positions)
+    positions = stored_positions(positions)
+    rows = torch.tensor(compact.shape[1], device=merge_map.device)  # a tensor: compiled steps do not guard on it
+    state = VTUCacheState(merge_map, cos, sin, positions, rows=rows)
+    if not torch.compiler.is_compiling():
+        # Every call on the cache appends positions: a compiled decode step
+        # (generate() with a static cache) treats their count as dynamic from
+        # the first step on instead of recompiling when it grows.
+        for t in (state.merge_map, state.cos, state.sin, state.positions):  # [B, N, ...]
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+    return compact, state, n_unique
+
+
+def _decode_state(self, patch: Patch, state: VTUCacheState, embeds, position_ids, attention_mask):
+    """A call on a filled cache (generation step, new text): T new singleton
+    tokens appended to the map, one cache row each, at the positions the
+    family's provider gives (the caller's, else as the language model
+    numbers them after the cache's)."""
+    B, T, _ = embeds.shape
+    device = state.merge_map.device
+    new_pos = patch.family.positions.step(self, state.positions, position_ids, embeds)
+    rows = (state.rows + torch.arange(T, device=device)).to(torch.int32)
+    cos_new, sin_new = self.language_model.rotary_emb(embeds, new_pos)
+    mask = state.compact_mask
+    if mask is not None:  # no-VTU ablation: the new rows' padding
+        new = mask.new_ones(B, T) if attention_mask is None else attention_mask[:, -T:].to(mask)
+        mask = torch.cat([mask, new], 1)
+    return replace(state, merge_map=torch.cat([state.merge_map, rows.expand(B, T)], 1),
+                   cos=torch.cat([state.cos, cos_new], 1), sin=torch.cat([state.sin, sin_new], 1),
+                   positions=torch.cat([state.positions, stored_positions(new_pos)], 1), rows=state.rows + T, compact_mask=mask)
+
+
+def _run_language_model(lm, patch: Patch, x, old: Optional[VTUCacheState], state: VTUCacheState, n_unique, cache,
+                        use_cache, attention_mask, kwargs):
+    """The language model's own forward on ``x`` — the compact prompt, or the
+    new tokens of a call on a filled cache (``old`` is the cache's state
+    before it; ``attention_mask`` that call's mask over all positions)."""
+    B, T, _ = x.shape
+    first_row = 0 if old is None else old.rows
+    rows = (first_row + torch.arange(T, device=x.device)).expand(B, T)
+    if not patch.vtu:  # ablation: compressed positions, ordinary attention over the compact rows
+        if old is None:
+            state.compact_mask = (rows < n_unique[:, None].to(x.device)).long()
+            positions = rows
+        else:  # compressed positions continue after this sample's real tokens so far
+            positions = old.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)
+        return lm(inputs_embeds=x, attention_mask=state.compact_mask, position_ids=positions, use_cache=use_cache,
+                  cache=cache, **kwargs)
+    merge_map = state.merge_map if old is None else _visible_map(state.merge_map, attention_mask)
+    weights = bool(kwargs.get("output_attentions", lm.config.output_attentions)) and \
+        lm.config._attn_implementation == "eager"
+    ctx = VTUContext(merge_map, state.cos, state.sin, decode=old is not None, backend=patch.backend,
+                     deterministic=patch.deterministic, weights=weights)
+    return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
+              cache=cache, **kwargs)
+
+
+def _patched_forward(
+    self, patch: Patch, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, cache=None, return_dict=None, **kwargs,
+):
+    """The base model's ``forward`` of a patched instance (``LlavaModel``,
+    ``LlavaOnevisionModel``): same arguments and output type; the language
+    model runs through its own forward (hidden states, gradient checkpointing,
+    device hooks as usual) on the compact sequence. The KV cache comes as
+    ``cache`` or ``past_key_values``."""
+    from transformers.cache_utils import DynamicCache
+
+    from .outputs import DyMUImageOutputs
+
+    cache = cache if cache is not None else past_key_values
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    lm = self.language_model
+    attention_mask = _padding_mask(attention_mask)
+    vision_kwargs = {n: kwargs.pop(n) for n in patch.family.vision_kwargs if n in kwargs}
+    modalities = patch.family.modalities
+    encoded = {m.name: (mm_encoder_outputs or {}).get(m.name) for m in modalities}
+    for m in modalities:
+        if vision_kwargs.get(m.pixels) is not None and encoded[m.name] is not None:
+            raise ValueError(f"You cannot specify both {m.pixels} and mm_encoder_outputs at the same time")
+    embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+    if use_cache is None:
+        use_cache = lm.config.use_cache
+    if use_cache and cache is None:
+        cache = DynamicCache(config=lm.config)
+    def placeholders(m):
+        return _placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr))
+
+    old = cache_state(cache)
+    if old is not None:  # a generation step, or new text on a filled cache
+        for m in modalities:
+            given = vision_kwargs.get(m.pixels) is not None or encoded[m.name] is not None
+            if given and bool(placeholders(m).any()):
+                raise ValueError(
+                    f"new {m.name} placeholders on a DyMU KV cache that already holds a prompt: {m.name}s can only "
+                    f"enter with the first forward on an empty cache; start a new generation (empty cache) with all "
+                    f"{m.name}s"
+                )
+        state, n_unique, x = _decode_state(self, patch, old, embeds, position_ids, attention_mask), None, embeds
+    else:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
+        items = []
+        for m in modalities:
+            pixels = vision_kwargs.get(m.pixels)
+            if encoded[m.name] is None and pixels is not None:
+                encoded[m.name] = m.encode(self, patch, pixels, embeds.dtype, vision_kwargs)
+            if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
+                raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
+            items.append(encoded[m.name].merged_images() if encoded[m.name] is not None else None)
+        T = embeds.shape[1]
+        mask = attention_mask[:, -T:] if attention_mask is not None else None
+        x, state, n_unique = _prefill_state(self, patch, [placeholders(m) for m in modalities], embeds, mask,
+                                            position_ids, items, tuple(m.name for m in modalities), input_ids,
+                                            vision_kwargs)
+    out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, attention_mask, kwargs)
+    if use_cache:
+        set_cache_state(cache, state)
+    full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
+    hidden_states = None if out.hidden_states is None else tuple(full(h) for h in out.hidden_states)
+    result = patch.family.output_class()(
+        last_hidden_state=full(out.last_hidden_state), hidden_states=hidden_states, attentions=out.attentions,
+        cache=cache if use_cache else None, **{f"{m.name}_outputs": encoded[m.name] for m in modalities},
+    )
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return result if return_dict else result.to_tuple()  # as transformers' @can_return_tuple does
