@@ -1,5 +1,7 @@
 // Python bindings of dymu_kernels._C (pybind11). TORCH_EXTENSION_NAME is set
 // by torch.utils.cpp_extension (setup.py) and by CMakeLists.txt.
+#include <torch/extension.h>
+
 #include "dymu_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -136,10 +136,10 @@ void merge_kernel(const std::vector<MergePlan>& plans, const scalar_t* x, const 
 
 }  // namespace
 
-std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch::Tensor& size,
-                                            const torch::Tensor& lengths, const torch::Tensor& pos_map,
-                                            const torch::Tensor& node_idx, const torch::Tensor& merge_mask,
-                                            const torch::Tensor& node_max, bool cls_token) {
+std::vector<at::Tensor> merge_tokens_cpu(const at::Tensor& x, const at::Tensor& size,
+                                            const at::Tensor& lengths, const at::Tensor& pos_map,
+                                            const at::Tensor& node_idx, const at::Tensor& merge_mask,
+                                            const at::Tensor& node_max, bool cls_token) {
   for (const auto* t : {&x, &size, &lengths, &pos_map, &node_idx, &merge_mask, &node_max})
     TORCH_CHECK(t->device().is_cpu(), "merge_tokens_cpu: all inputs must be CPU tensors");
   TORCH_CHECK(x.dim() == 3, "merge_tokens_cpu: x must be [B, N, C], got ", x.sizes());
@@ -172,8 +172,8 @@ std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch:
                             cls_token ? nullptr : score64.data_ptr<double>() + b * n_a);
   });
 
-  auto out_x = torch::empty_like(x_c);
-  auto out_size = torch::empty_like(size_c);
+  auto out_x = at::empty_like(x_c);
+  auto out_size = at::empty_like(size_c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "merge_tokens_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, size_c.scalar_type(), "merge_tokens_cpu_size", [&] {
@@ -182,8 +182,8 @@ std::vector<torch::Tensor> merge_tokens_cpu(const torch::Tensor& x, const torch:
     });
   });
 
-  auto new_lengths = torch::empty_like(len64);
-  auto new_pos = torch::empty_like(pos_map, pos_map.options().dtype(at::kLong));
+  auto new_lengths = at::empty_like(len64);
+  auto new_pos = at::empty_like(pos_map, pos_map.options().dtype(at::kLong));
   auto pos64 = pos_map.to(at::kLong).contiguous();
   const int64_t N0 = pos_map.size(1);
   for (int64_t b = 0; b < B; ++b) {

@@ -45,7 +45,7 @@ void segment_mean_kernel(const scalar_t* src, const index_t* index, scalar_t* ou
 
 }  // namespace
 
-torch::Tensor segment_mean_cpu(const torch::Tensor& src, const torch::Tensor& index, int64_t num_segments) {
+at::Tensor segment_mean_cpu(const at::Tensor& src, const at::Tensor& index, int64_t num_segments) {
   TORCH_CHECK(src.device().is_cpu() && index.device().is_cpu(), "segment_mean_cpu: src and index must be CPU tensors");
   TORCH_CHECK(src.dim() == 4, "segment_mean_cpu: src must be [B, G, N, F], got ", src.sizes());
   TORCH_CHECK(index.dim() == 2, "segment_mean_cpu: index must be [B, N], got ", index.sizes());
@@ -62,7 +62,7 @@ torch::Tensor segment_mean_cpu(const torch::Tensor& src, const torch::Tensor& in
   }
   auto src_c = src.contiguous();
   auto index_c = index.contiguous();
-  auto out = torch::empty({B, G, num_segments, F}, src.options());
+  auto out = at::empty({B, G, num_segments, F}, src.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "segment_mean_cpu", [&] {
     if (index_c.scalar_type() == at::kInt) {

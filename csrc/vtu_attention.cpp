@@ -171,7 +171,7 @@ struct Rows {
 };
 
 template <typename scalar_t>
-Rows<scalar_t> rows_of(const torch::Tensor& t) {
+Rows<scalar_t> rows_of(const at::Tensor& t) {
   return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
@@ -210,8 +210,8 @@ Scratch& thread_scratch() {
   return scratch;
 }
 
-inline torch::Tensor view2d(float* p, int64_t rows, int64_t cols) {
-  return torch::from_blob(p, {rows, cols}, torch::TensorOptions().dtype(torch::kFloat32));
+inline at::Tensor view2d(float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // Online-softmax attention of `nq` prepared query rows (scratch.q, already
@@ -335,8 +335,8 @@ struct Problem {
   bool half_table;
 };
 
-void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& merge_map, const torch::Tensor& cos, const torch::Tensor& sin,
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& merge_map, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t q_rows, const char* fn) {
   for (const auto* t : {&q, &k, &v, &merge_map, &cos, &sin})
     TORCH_CHECK(t->device().is_cpu(), fn, ": all inputs must be CPU tensors");
@@ -364,11 +364,11 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   }
 }
 
-torch::Tensor last_dim_contiguous(const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 template <typename scalar_t, typename index_t>
-KeySource<scalar_t, index_t> key_source(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& map,
-                                        const torch::Tensor& cos, const torch::Tensor& sin, const Problem& pb,
+KeySource<scalar_t, index_t> key_source(const at::Tensor& k, const at::Tensor& v, const at::Tensor& map,
+                                        const at::Tensor& cos, const at::Tensor& sin, const Problem& pb,
                                         int64_t b) {
   return {rows_of<scalar_t>(k),
           rows_of<scalar_t>(v),
@@ -381,8 +381,8 @@ KeySource<scalar_t, index_t> key_source(const torch::Tensor& k, const torch::Ten
 }
 
 template <typename scalar_t, typename index_t>
-void prefill_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& map,
-                    const torch::Tensor& cos, const torch::Tensor& sin, const Problem& pb, bool causal,
+void prefill_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& map,
+                    const at::Tensor& cos, const at::Tensor& sin, const Problem& pb, bool causal,
                     float* o_full) {
   const int64_t n_blocks = (pb.N + kQueryBlock - 1) / kQueryBlock;
   const auto qrows = rows_of<scalar_t>(q);
@@ -416,8 +416,8 @@ void prefill_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch:
 }
 
 template <typename scalar_t, typename index_t>
-void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& map,
-                   const torch::Tensor& cos, const torch::Tensor& sin, const Problem& pb, int64_t T,
+void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& map,
+                   const at::Tensor& cos, const at::Tensor& sin, const Problem& pb, int64_t T,
                    scalar_t* out) {
   const auto qrows = rows_of<scalar_t>(q);
   // One task per (sample, KV head): the heads that share it are the rows of
@@ -450,8 +450,8 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::
   });
 }
 
-Problem make_problem(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& merge_map,
-                     const torch::Tensor& cos, double scale) {
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& merge_map,
+                     const at::Tensor& cos, double scale) {
   Problem pb;
   pb.B = q.size(0);
   pb.H = q.size(1);
@@ -468,15 +468,15 @@ Problem make_problem(const torch::Tensor& q, const torch::Tensor& k, const torch
 
 }  // namespace
 
-torch::Tensor vtu_attention_cpu(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
-                                const torch::Tensor& merge_map, const torch::Tensor& cos, const torch::Tensor& sin,
+at::Tensor vtu_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                const at::Tensor& merge_map, const at::Tensor& cos, const at::Tensor& sin,
                                 double scale, bool causal) {
   check_inputs(q_in, k_in, v_in, merge_map, cos, sin, k_in.size(2), "vtu_attention_cpu");
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto map = merge_map.contiguous();
   const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const Problem pb = make_problem(q, k, map, cos_c, scale);
-  auto o_full = torch::empty({pb.B, pb.H, pb.N, pb.D}, q.options().dtype(torch::kFloat32));
+  auto o_full = at::empty({pb.B, pb.H, pb.N, pb.D}, q.options().dtype(at::kFloat));
   if (o_full.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vtu_attention_cpu", [&] {
       if (map.scalar_type() == at::kInt)
@@ -489,9 +489,9 @@ torch::Tensor vtu_attention_cpu(const torch::Tensor& q_in, const torch::Tensor& 
   return segment_mean_cpu(o_full, map, pb.U).to(q.scalar_type());
 }
 
-torch::Tensor vtu_decode_attention_cpu(const torch::Tensor& q_in, const torch::Tensor& k_in,
-                                       const torch::Tensor& v_in, const torch::Tensor& merge_map,
-                                       const torch::Tensor& cos, const torch::Tensor& sin, double scale) {
+at::Tensor vtu_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                       const at::Tensor& v_in, const at::Tensor& merge_map,
+                                       const at::Tensor& cos, const at::Tensor& sin, double scale) {
   const int64_t T = q_in.dim() == 4 ? q_in.size(2) : 0;
   check_inputs(q_in, k_in, v_in, merge_map, cos, sin, T, "vtu_decode_attention_cpu");
   TORCH_CHECK(T <= merge_map.size(1), "vtu_decode_attention_cpu: more new tokens than positions");
@@ -499,7 +499,7 @@ torch::Tensor vtu_decode_attention_cpu(const torch::Tensor& q_in, const torch::T
   const auto map = merge_map.contiguous();
   const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const Problem pb = make_problem(q, k, map, cos_c, scale);
-  auto out = torch::empty({pb.B, pb.H, T, pb.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = at::empty({pb.B, pb.H, T, pb.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vtu_decode_attention_cpu", [&] {
     if (map.scalar_type() == at::kInt)

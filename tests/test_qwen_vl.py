@@ -1,8 +1,9 @@
 """DyMU in tiny random Qwen2.5-VL and Qwen2-VL models (M-RoPE, windowed ViT,
-2×2 patch merger; merging after the merger): equal to the unpatched model
-when nothing merges — images of different grids, videos, image + video,
-padded batches, generate() — and consistent across batches and backends when
-it does."""
+2×2 patch merger; merging inside the tower on units and after the merger):
+equal to the unpatched model when nothing merges — images of different
+grids, videos, image + video, padded batches, generate() — consistent across
+batches and backends when it does, and the in-tower stage equal to a plainly
+written expand → attend → average of the stock blocks."""
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from dymu_kernels.hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu 
 
 IMG, VID, VSTART, VEND = 290, 291, 292, 293
 ROW = 3 * 2 * 14 * 14  # one patch row of pixel_values (channels x temporal patch x 14 x 14)
-NO_MERGE = [float("inf")] * 2
+INF = float("inf")
+NO_MERGE = {"vit": [INF] * 4, "merger": [INF] * 2}  # both stages, nothing merged
+MERGE = {"vit": [0.3] * 4, "merger": [0.05]}
 KINDS = ["qwen2_5_vl", "qwen2_vl"]
 SUPPRESS = [IMG, VID, VSTART, 2]  # placeholders, and eos (so every sample makes all its tokens)
 _MODELS = {}
@@ -90,18 +93,23 @@ PROMPTS = {
 }
 
 
+CASES = [(name, NO_MERGE) for name in PROMPTS] + [("image and video", [INF] * 4),
+                                                   ("image and video", {"merger": [INF]})]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", list(PROMPTS))
-def test_nothing_merged_equals_unpatched(gen, kind, name):
+@pytest.mark.parametrize("name,stages", CASES, ids=[f"{n}-{'both' if isinstance(t, dict) and len(t) == 2 else 'vit' if isinstance(t, list) else 'merger'}" for n, t in CASES])
+def test_nothing_merged_equals_unpatched(gen, kind, name, stages):
     """Logits, every hidden state and greedy generate() equal the unpatched
-    model's (the model's own M-RoPE positions over the full sequence)."""
+    model's (the model's own M-RoPE positions over the full sequence), with
+    either merge stage or both."""
     model = tiny_qwen(kind)
     kwargs = batch([sample(gen, PROMPTS[name])])
     gen_kwargs = dict(kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
     with torch.no_grad():
         ref = model(**kwargs, output_hidden_states=True)
         seq = model.generate(**gen_kwargs)
-        apply_dymu(model, NO_MERGE, backend="torch")
+        apply_dymu(model, stages, backend="torch")
         out = model(**kwargs, output_hidden_states=True)
         torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=2e-5)
         for h, h_ref in zip(out.hidden_states, ref.hidden_states, strict=True):
@@ -140,7 +148,7 @@ def test_merging_batch_equals_each_alone_and_cpp_equals_torch(gen, kind):
     the C++ merge equals the reference; the cache holds unique rows."""
     model = tiny_qwen(kind)
     samples = [sample(gen, PROMPTS["two images"]), sample(gen, PROMPTS["image and video"])]
-    thresholds = [0.05, 0.05]
+    thresholds = MERGE
     with torch.no_grad():
         apply_dymu(model, thresholds, backend="torch")
         kwargs = batch(samples)
@@ -166,16 +174,17 @@ def test_merging_batch_equals_each_alone_and_cpp_equals_torch(gen, kind):
 
 def test_stats_per_image_and_frame_pair(gen):
     """dymu_stats counts each image and each video frame pair (a set of
-    h/2 x w/2 tokens), after each merge round; fixed r merges r per round."""
+    h/2 x w/2 units), after each vision block and merge round; fixed r
+    merges r units per set and block."""
     model = tiny_qwen("qwen2_5_vl")
     kwargs = batch([sample(gen, [("image", (1, 4, 8)), ("image", (1, 10, 6)), ("video", (3, 4, 6))])])
     with torch.no_grad():
-        apply_dymu(model, r=[3, 2], backend="cpp")
+        apply_dymu(model, {"merger": [INF]}, r=[2, 1, 1, 0], backend="cpp")
         model(**kwargs)
     images, video = dymu_stats(model, "image"), dymu_stats(model, "video")
-    assert images.num_patches == [8, 15] and images.tokens_kept == [3, 10]
-    assert images.tokens_per_layer == [[5, 3], [12, 10]]
-    assert video.num_patches == [6, 6, 6] and video.tokens_kept == [1, 1, 1]
+    assert images.num_patches == [8, 15] and images.tokens_kept == [4, 11]
+    assert images.tokens_per_layer == [[6, 5, 4, 4, 4], [13, 12, 11, 11, 11]]
+    assert video.num_patches == [6, 6, 6] and video.tokens_kept == [2, 2, 2]
 
 
 def test_processor_pixels_and_placeholder_counts():
@@ -204,8 +213,82 @@ def test_unsupported_settings_raise(gen):
     with pytest.raises(ValueError, match="no published thresholds"):
         apply_dymu(model)
     with pytest.raises(ValueError, match="one threshold per round"):
-        apply_dymu(model, [])
+        apply_dymu(model, {"merger": []})
+    with pytest.raises(ValueError, match="stages \\['tower'\\] unknown"):
+        apply_dymu(model, {"tower": [0.5] * 4})
+    with pytest.raises(ValueError, match="4 encoder blocks"):
+        apply_dymu(model, [0.5, 0.5])
     apply_dymu(model, NO_MERGE, backend="torch")
     ids, pixels = sample(gen, PROMPTS["image"])
     with pytest.raises(ValueError, match="image_grid_thw"):
         model.model.get_image_features(pixels["image"][0][0])
+
+
+def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each row replaced by the mean of the rows in its group (plainly)."""
+    out = torch.empty_like(values)
+    for g in groups.unique():
+        members = groups == g
+        out[members] = values[members].mean(0)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vit_stage_equals_plain_expand_attend_average(gen, kind, monkeypatch):
+    """With merging, the in-tower stage equals the stock blocks run plainly on
+    the expanded sequence: every patch carries its unit's vector, the stock
+    attention module attends over all patches (its own windows / segments,
+    2-D RoPE), outputs are averaged over each merged group, the merges the
+    stage chose are applied (size-weighted: a mean over the original units),
+    then the stock MLP; the stock merger on the result gives the tokens."""
+    from dymu_kernels.families import qwen_vit
+
+    model = tiny_qwen(kind)
+    visual = model.model.visual
+    grid = torch.tensor([[1, 6, 10], [2, 4, 6]])
+    pixels = randn(int(grid.prod(-1).sum()), ROW, gen=gen)
+    maps = []  # each block's merge: the set-local map before and after
+
+    def spy(x, size, lengths, pos_map, metric, threshold=None, **kwargs):
+        out = real(x, size, lengths, pos_map, metric, threshold, **kwargs)
+        maps.append((pos_map.clone(), out.pos_map.clone()))
+        return out
+
+    real = qwen_vit.dtome_merge
+    monkeypatch.setattr(qwen_vit, "dtome_merge", spy)
+    with torch.no_grad():
+        state, last, _, sizes = qwen_vit.QwenUnitDToMe(visual, [0.3] * 4, backend="torch", trim=False)(pixels, grid)
+        inputs = []  # what each stock block gets: (hidden states, segments, rotary tables)
+        hooks = [blk.register_forward_pre_hook(lambda m, a, k: inputs.append((a[0], k["cu_seqlens"],
+                                                                              k["position_embeddings"])),
+                                               with_kwargs=True) for blk in visual.blocks]
+        stock = visual(pixels, grid_thw=grid)
+        for h in hooks:
+            h.remove()
+        assert len(maps) == len(visual.blocks) and any((b != a).any() for a, b in maps)
+        valid = torch.arange(maps[0][0].shape[1])[None] < torch.tensor(sizes)[:, None]
+        sets = torch.arange(len(sizes))[:, None].expand_as(valid)[valid]
+
+        def groups(pos_map):  # window-order units -> a global group id
+            return sets * 1000 + pos_map[valid]
+
+        x = inputs[0][0]  # [L, C], window order
+        L, C = x.shape
+        for blk, (_, cu, rotary), (before, after) in zip(visual.blocks, inputs, maps):
+            y = x + blk.attn(blk.norm1(x), cu_seqlens=cu, position_embeddings=rotary)
+            y = group_mean(group_mean(y.view(-1, 4 * C), groups(before)), groups(after)).view(L, C)
+            x = y + blk.mlp(blk.norm2(y))
+        torch.testing.assert_close(last, x, atol=1e-5, rtol=1e-5)
+        tokens = visual.merger(x)  # window order; the stage's map is in raster order
+        if hasattr(visual, "fullatt_block_indexes"):
+            tokens = tokens[torch.argsort(stock_window_index(visual, grid))]
+        ours = state.x.gather(1, state.pos_map.clamp_min(0)[..., None].expand(-1, -1, state.x.shape[-1]))[valid]
+        torch.testing.assert_close(ours, tokens, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tokens, stock.pooler_output, atol=1e-3)  # merging changed the tokens
+
+
+def stock_window_index(visual, grid):
+    from transformers import vision_utils
+
+    return vision_utils.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                window_size=visual.window_size, patch_size=visual.patch_size)[0]

@@ -19,12 +19,12 @@ output is then the input, in its order.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..ops.dtome import dtome_merge
-from ..reference.dtome import init_merge_state, trim_state
+from ..reference.dtome import MergeState, init_merge_state, trim_state
 from .encoder import DToMeVisionOutput
 from .thresholds import Thresholds, resolve_thresholds
 
@@ -80,9 +80,16 @@ class DToMeRounds:
         the merged sets (``features``, ``size``, ``lengths``, ``pos_map``
         ``[n, P_max]`` from each original token to its merged slot) and the
         tokens left after each round."""
-        state = init_merge_state(x, lengths.to(x.device))
+        state, per_round = self.merge(init_merge_state(x, lengths.to(x.device)))
+        return DToMeVisionOutput(features=state.x, size=state.size, lengths=state.lengths, pos_map=state.pos_map,
+                                 tokens_per_layer=per_round)
+
+    def merge(self, state: MergeState) -> Tuple[MergeState, List[torch.Tensor]]:
+        """The rounds on a merge state (tokens that may already stand for
+        several originals: sizes and ``pos_map`` carry on); also the tokens
+        left after each round."""
         per_round: List[torch.Tensor] = []
-        trims = self.trims_on(x.device)
+        trims = self.trims_on(state.x.device)
         for i in range(self.num_layers):
             threshold = None if self.thresholds is None else self.thresholds[i]
             r = None if self.r is None else self.r[i]
@@ -91,5 +98,4 @@ class DToMeRounds:
             if trims:
                 state = trim_state(state)
             per_round.append(state.lengths)
-        return DToMeVisionOutput(features=state.x, size=state.size, lengths=state.lengths, pos_map=state.pos_map,
-                                 tokens_per_layer=per_round)
+        return state, per_round

@@ -1,6 +1,7 @@
 """Qwen2.5-VL (``model_type`` ``qwen2_5_vl``): Qwen2-VL's layout, positions
-and merge stage (:mod:`.qwen2_vl`) over a tower with 112-px windows; the
-stage after the merger does not look into the tower, so it is the same."""
+and merge stages (:mod:`.qwen2_vl`) over a tower with 112-px windows and
+full-attention blocks, which the in-tower stage (:mod:`.qwen_vit`) takes
+from the tower itself (its window order and segments)."""
 
 from __future__ import annotations
 

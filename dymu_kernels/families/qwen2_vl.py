@@ -1,13 +1,16 @@
 """Qwen2-VL (``model_type`` ``qwen2_vl``): a windowless ViT with a 2×2
 ``PatchMerger``, and a Qwen2 language model with M-RoPE. Qwen2.5-VL
 (:mod:`.qwen2_5_vl`) differs only in its tower (windows, RMSNorm, SwiGLU),
-which this stage does not look into.
+which :mod:`.qwen_vit` reads from the tower itself.
 
 Where DToMe merges: the merger concatenates each 2×2 unit of four patches,
-so merging acts on its *outputs* — the language model's visual tokens —
-in DToMe rounds (:class:`~dymu_kernels.core.rounds.DToMeRounds`): per image,
-and per video frame pair (one temporal slice of the grid). transformers' own
-tower runs unchanged, so nothing merged is the unpatched model exactly.
+so merging acts on whole units, per image and per video frame pair (one
+temporal slice of the grid), in two stages (either or both,
+:class:`QwenDToMe`): inside the tower (:mod:`.qwen_vit`: every block on
+unique units, attention expanded to every patch; saves the tower and the
+language model) and after the merger (DToMe rounds on its outputs,
+:class:`~dymu_kernels.core.rounds.DToMeRounds`). Nothing merged is the
+unpatched model.
 
 Positions are the model's own (:class:`MRopePositions`): M-RoPE t/h/w
 positions of the full (virtual) sequence from ``compute_3d_position_ids``,
@@ -24,6 +27,7 @@ import torch
 
 from ..core.compact import MergedImages
 from ..core.rounds import DToMeRounds
+from ..reference.dtome import init_merge_state
 from .spec import Family, ItemCounts, Modality, Patch
 
 # Arguments of a Qwen2-VL-type forward that only its vision side (and its positions) read.
@@ -74,21 +78,71 @@ class MRopePositions:
         return (start[:, None] + torch.arange(T, device=previous.device)).expand(3, B, T)
 
 
+class QwenDToMe:
+    """The two DToMe stages of a Qwen2-VL-type model, either or both:
+    ``vit`` (:class:`~.qwen_vit.QwenUnitDToMe`: inside the tower, on 2×2
+    units; what saves the tower) and ``rounds``
+    (:class:`~dymu_kernels.core.rounds.DToMeRounds`: on the merger's
+    outputs, continuing from the tower's merge state)."""
+
+    def __init__(self, vit, rounds):
+        self.vit, self.rounds = vit, rounds
+        self.thresholds = (None if vit is None else vit.thresholds, None if rounds is None else rounds.thresholds)
+        self.r = (None if vit is None else vit.r, None if rounds is None else rounds.r)
+        self.trim = (vit or rounds).trim
+
+    def __call__(self, visual, pixels: torch.Tensor, grid: torch.Tensor):
+        """``(merge state over each set's original units in raster order,
+        the tower's last hidden state, the tokens left after each block /
+        round, units per set)``."""
+        unit = visual.spatial_merge_size ** 2
+        if self.vit is not None:
+            state, last, per_layer, sizes = self.vit(pixels, grid)
+        else:  # transformers' own tower, then the rounds on its outputs
+            out = visual(pixels.type(visual.dtype), grid_thw=grid)
+            set_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0])
+            sizes = set_units.tolist()  # one host read, as the unpatched split
+            tokens = torch.nn.utils.rnn.pad_sequence(list(torch.split(out.pooler_output, sizes)), batch_first=True)
+            state, last, per_layer = init_merge_state(tokens, set_units.to(tokens.device)), out.last_hidden_state, []
+        if self.rounds is not None:
+            state, per_round = self.rounds.merge(state)
+            per_layer = per_layer + per_round
+        return state, last, per_layer, sizes
+
+
 def build_encoder(family, inner, thresholds, r, backend, trim):
-    """``Family.build_encoder``: DToMe rounds on the merger's outputs.
-    ``thresholds``: one per round; ``r``: merges per set (int: one round, or
-    one per round)."""
+    """``Family.build_encoder``: the DToMe stages asked for.
+
+    ``thresholds``: per vision block (a list, file or :class:`Thresholds`:
+    merging inside the tower), or ``{"vit": per block, "merger": one per
+    round}`` for either or both stages; ``r``: units merged per set and
+    vision block (the fixed-r ablation)."""
+    from .qwen_vit import QwenUnitDToMe
+
     if r is None and isinstance(thresholds, str) and thresholds == "default":
         raise ValueError(
-            f"no published thresholds for {family.class_name}: pass thresholds calibrated on your images, one per "
-            "merge round after the patch merger (e.g. apply_dymu(model, [0.9, 0.85])), or r=N"
+            f"no published thresholds for {family.class_name}: pass thresholds calibrated on your images (one per "
+            "vision block, and/or {'merger': one per round after the patch merger}), or r=N"
         )
-    rounds = DToMeRounds(None if r is not None else thresholds, r=r, backend=backend, trim=trim)
-    return rounds, None
+    stages = thresholds if isinstance(thresholds, dict) else {"vit": thresholds}
+    unknown = sorted(set(stages) - {"vit", "merger"})
+    if unknown:
+        raise ValueError(f"thresholds stages {unknown} unknown: use 'vit' (per vision block) and/or 'merger' "
+                         "(one per round after the patch merger)")
+    vit_thresholds = None if r is not None else stages.get("vit")
+    vit = None
+    if vit_thresholds is not None or r is not None:
+        vit = QwenUnitDToMe(inner.visual, vit_thresholds, r=r, backend=backend, trim=trim)
+    rounds = None
+    if stages.get("merger") is not None:
+        rounds = DToMeRounds(stages["merger"], backend=backend, trim=trim)
+    if vit is None and rounds is None:
+        raise ValueError("thresholds={} asks for no DToMe stage: give 'vit' and/or 'merger' thresholds")
+    return QwenDToMe(vit, rounds), None
 
 
 def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tensor], modality: str):
-    """The tower's tokens of every item, merged per frame pair, as
+    """Every item's merged tokens (images; videos per frame pair) as
     :class:`~dymu_kernels.hf.outputs.DyMUImageOutputs` (one item per image /
     video, its placeholders in the processor's order)."""
     from ..hf.outputs import image_outputs
@@ -96,31 +150,25 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
     if grid is None:
         raise ValueError(f"Qwen2-VL {modality}s need their {modality}_grid_thw (as the processor returns it)")
     visual = inner.visual
-    out = visual(pixels.type(visual.dtype), grid_thw=grid)
-    unit = visual.spatial_merge_size ** 2
     grid = grid.long()
-    per_set = grid[:, 1] * grid[:, 2] // unit  # tokens per frame pair (images: one "pair")
-    set_sizes = per_set.repeat_interleave(grid[:, 0]).tolist()  # one host read, as the unpatched split
-    sets = torch.split(out.pooler_output, set_sizes)
-    x = torch.nn.utils.rnn.pad_sequence(list(sets), batch_first=True)
-    merged = patch.encoder(x, torch.tensor(set_sizes, device=x.device))
-    patch.counts[modality] = ItemCounts(merged.lengths, merged.tokens_per_layer, set_sizes)
+    merged, last, per_layer, set_sizes = patch.encoder(visual, pixels, grid)
+    patch.counts[modality] = ItemCounts(merged.lengths, per_layer, set_sizes)
     sets_per_item = grid[:, 0].tolist()
-    placeholders = (grid.prod(-1) // unit).tolist()
+    placeholders = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
     if all(t == 1 for t in sets_per_item):  # images: one set per item
-        slots = merged.pos_map.long().masked_fill(~_valid(set_sizes, merged.pos_map.shape[1], x.device), -1)
-        items = MergedImages(merged.features, merged.lengths.long(), slots)
+        slots = merged.pos_map.long().masked_fill(~_valid(set_sizes, merged.pos_map.shape[1], merged.pos_map.device), -1)
+        items = MergedImages(merged.x, merged.lengths.long(), slots)
     else:  # a video item joins its frame pairs: unique rows in order, maps offset
         uniques, maps, s = [], [], 0
         for t in sets_per_item:
             counts = merged.lengths[s:s + t].long()
             offsets = torch.cumsum(counts, 0) - counts
-            uniques.append(torch.cat([merged.features[s + j, : int(counts[j])] for j in range(t)]))
+            uniques.append(torch.cat([merged.x[s + j, : int(counts[j])] for j in range(t)]))
             maps.append(torch.cat([merged.pos_map[s + j, : set_sizes[s + j]].long() + offsets[j] for j in range(t)]))
             s += t
         items = MergedImages.stack(uniques, maps)
     lengths = None if len(set(placeholders)) == 1 else placeholders
-    return image_outputs(items, lengths, last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
+    return image_outputs(items, lengths, last_hidden_state=last)
 
 
 def _valid(sizes, capacity: int, device) -> torch.Tensor:

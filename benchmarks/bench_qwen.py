@@ -1,0 +1,211 @@
+"""Qwen2.5-VL end to end on this device: stock vs DyMU, a photograph and a video.
+
+    python3 benchmarks/bench_qwen.py            # CPU: Qwen2.5-VL-3B widths, 8 + 4 layers
+    python3 benchmarks/bench_qwen.py --quick    # tiny widths: a smoke test of seconds
+
+A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` with the widths
+of Qwen2.5-VL-3B (tower: 1280 wide, 16 heads, 112-px windows with a
+full-attention block every 4; language model: 2048 wide, 16 heads, 2 KV
+heads, M-RoPE), cut to ``--vision-layers`` / ``--lm-layers`` blocks so a CPU
+run takes minutes. Two prompts, each with 20 text tokens: one 448 × 448
+photograph through the model's own image processor (32 × 32 patches, 256
+placeholders) and an 8-frame 252 × 252 video panning over it (4 frame pairs
+of 18 × 18 patches, 324 placeholders).
+
+Configs, side by side in one run (stock first and last): DyMU merging inside
+the tower a fixed ``r`` units per block and image / frame pair (``--r``: two
+levels), and per-block thresholds calibrated on 8 photographs for the heavier
+level. Per prompt and config: the unique tokens the language model runs on,
+the tower time (``get_image_features`` / ``get_video_features``) and the
+prefill time (median and min–max of ``--samples`` runs after a warm-up), the
+FLOPs of both (FlopCounterMode: the bound a time ratio can reach) and the
+KV-cache bytes. Rows: ``benchmarks/results/qwen_<device>.jsonl`` (device,
+versions, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import add_run_args, check_run_args, print_table, sample_times, write_rows  # noqa: E402
+
+IMG, VID, VSTART, VEND = 151655, 151656, 151652, 151653
+WIDTHS = {
+    "3b": {"vision": dict(hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048),
+           "text": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [16, 24, 24]})},
+    "quick": {"vision": dict(hidden_size=64, num_heads=2, intermediate_size=96, out_hidden_size=64),
+              "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})},
+}
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
+
+
+def build(widths: str, vision_layers: int, lm_layers: int, seed: int):
+    import transformers
+
+    w = WIDTHS[widths]
+    full = sorted({min(i, vision_layers - 1) for i in range(3, vision_layers, 4)} | {vision_layers - 1})
+    vision = dict(w["vision"], depth=vision_layers, fullatt_block_indexes=full, window_size=112, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
+    text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=152064, max_position_embeddings=32768)
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMG,
+                                           video_token_id=VID, vision_start_token_id=VSTART,
+                                           vision_end_token_id=VEND)
+    torch.manual_seed(seed)
+    return transformers.Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448)
+
+
+def photographs(names, size: int):
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for n in names:
+        a = getattr(skimage.data, n)()
+        a = a if a.ndim == 3 else a[..., None].repeat(3, -1)
+        out.append(Image.fromarray(a[..., :3]).convert("RGB").resize((size, size)))
+    return out
+
+
+def video_rows(frames: torch.Tensor, proc):
+    """``frames [T, 3, H, W]`` (0..1) as the processor lays a video out: normalised, rows of
+    ``2 × 14 × 14`` patches of each frame pair in 2×2-unit order; and its grid."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (proc.image_mean, proc.image_std))
+    x = (frames - mean) / std
+    T, C, H, W = x.shape
+    t, h, w = T // 2, H // 14, W // 14
+    x = x.reshape(t, 2, C, h // 2, 2, 14, w // 2, 2, 14).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * h * w, C * 2 * 14 * 14), torch.tensor([[t, h, w]])
+
+
+def prompts(seed: int):
+    """``{"image": kwargs, "video": kwargs}`` (see module doc)."""
+    gen = torch.Generator().manual_seed(seed)
+    proc = processor()
+    photo = photographs(["astronaut"], 448)[0]
+    enc = proc(images=[photo], return_tensors="pt")
+    frames = torch.tensor(list(photo.getdata()), dtype=torch.float32).view(448, 448, 3).permute(2, 0, 1) / 255
+    video, video_grid = video_rows(torch.stack([frames[:, 20 * f: 20 * f + 252, 20 * f: 20 * f + 252]
+                                                for f in range(8)]), proc)
+    text = torch.randint(3, 1000, (20,), generator=gen)
+
+    def ids(token, count):
+        seq = torch.cat([text[:10], torch.tensor([VSTART]), torch.full((count,), token), torch.tensor([VEND]),
+                         text[10:]])[None]
+        return seq, (seq == IMG).long() + 2 * (seq == VID).long()
+
+    image_ids, image_types = ids(IMG, int(enc["image_grid_thw"].prod()) // 4)
+    video_ids, video_types = ids(VID, int(video_grid.prod()) // 4)
+    return {"image": dict(input_ids=image_ids, mm_token_type_ids=image_types, pixel_values=enc["pixel_values"],
+                          image_grid_thw=enc["image_grid_thw"]),
+            "video": dict(input_ids=video_ids, mm_token_type_ids=video_types, pixel_values_videos=video,
+                          video_grid_thw=video_grid)}
+
+
+def calibrate(model, r: int, blocks: int):
+    """Per-block thresholds for ``r`` merges per block on average, from 8 photographs."""
+    from dymu_kernels import calibrate_thresholds
+    from dymu_kernels.families.qwen_vit import QwenUnitDToMe
+
+    enc = processor()(images=photographs(PHOTOS, 448), return_tensors="pt")
+    tower = QwenUnitDToMe(model.model.visual)
+    return calibrate_thresholds(lambda batch, policy: tower(*batch, policy=policy),
+                                [(enc["pixel_values"], enc["image_grid_thw"])], r, num_layers=blocks, progress=False)
+
+
+def measure(model, name: str, inputs, args):
+    from bench_e2e import count_flops
+
+    from dymu_kernels.hf import kv_cache_bytes
+
+    def prefill():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    if name == "image":
+        def tower():
+            return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    else:
+        def tower():
+            return model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+
+    with torch.inference_mode():
+        out = prefill()
+        rows = int(out.past_key_values.layers[0].get_seq_length())
+        kv = kv_cache_bytes(out.past_key_values)
+        del out
+        t_prefill = sample_times(prefill, "cpu", samples=args.samples, warmup=0)
+        t_tower = sample_times(tower, "cpu", samples=args.samples, warmup=1)
+        flops, tower_flops = count_flops(prefill), count_flops(tower)
+    return {"op": "qwen_prefill", "prompt": name, "positions": inputs["input_ids"].shape[1], "lm_tokens": rows,
+            "prefill_s": t_prefill["median"], "prefill_min": t_prefill["min"], "prefill_max": t_prefill["max"],
+            "tower_s": t_tower["median"], "tower_min": t_tower["min"], "tower_max": t_tower["max"],
+            "n_samples": t_prefill["n_samples"], "gflops": flops / 1e9, "tower_gflops": tower_flops / 1e9,
+            "kv_mib": kv["bytes"] / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vision-layers", type=int, default=8)
+    p.add_argument("--lm-layers", type=int, default=4)
+    p.add_argument("--r", type=int, nargs=2, default=[12, 24], help="units merged per block and set: two levels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny widths, 4 + 2 layers")
+    add_run_args(p, samples=3)
+    args = p.parse_args(argv)
+    check_run_args(p, args)
+    if args.quick:
+        args.vision_layers, args.lm_layers = 4, 2
+    from dymu_kernels.hf import apply_dymu, remove_dymu
+
+    widths = "quick" if args.quick else "3b"
+    model = build(widths, args.vision_layers, args.lm_layers, args.seed)
+    inputs = prompts(args.seed)
+    thresholds = calibrate(model, max(args.r), args.vision_layers)
+    print("thresholds calibrated for r =", max(args.r), ":", ", ".join(f"{t:.3f}" for t in thresholds.thresholds))
+    configs = [("stock", None), *[(f"r={r}", dict(r=r)) for r in args.r], ("thresholds", dict(thresholds=thresholds)),
+               ("stock (last)", None)]
+    rows = []
+    for config, kwargs in configs:
+        if kwargs is not None:
+            apply_dymu(model, backend="auto", **kwargs)
+        for name, kw in inputs.items():
+            row = measure(model, name, kw, args)
+            rows.append({"config": config, "vision_layers": args.vision_layers, "lm_layers": args.lm_layers,
+                         "widths": "quick" if args.quick else "qwen2.5-vl-3b", **row})
+            print(f"  {config:>12} {name:<5} prefill {row['prefill_s']:.3f} s, tower {row['tower_s']:.3f} s, "
+                  f"LM tokens {row['lm_tokens']}", flush=True)
+        remove_dymu(model)
+    for r in rows:
+        # Ratios against the first stock run; the last one shows how far the machine drifted meanwhile.
+        first, last = (next(s for s in rows if s["config"] == c and s["prompt"] == r["prompt"])
+                       for c in ("stock", "stock (last)"))
+        r["speedup"] = first["prefill_s"] / r["prefill_s"]
+        r["flop_bound"] = first["gflops"] / r["gflops"]
+        r["tower_speedup"] = first["tower_s"] / r["tower_s"]
+        r["tower_flop_bound"] = first["tower_gflops"] / r["tower_gflops"]
+        r["stock_drift"] = last["prefill_s"] / first["prefill_s"]
+    print_table(rows, ["config", "prompt", "positions", "lm_tokens", "prefill_s", "prefill_min", "prefill_max",
+                       "speedup", "flop_bound", "tower_s", "tower_speedup", "tower_flop_bound", "kv_mib",
+                       "stock_drift"])
+    if not args.no_save:
+        print("rows appended to", write_rows(f"qwen_{'quick' if args.quick else 'cpu'}", rows, args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
