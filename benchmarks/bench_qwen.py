@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_qwen.py            # CPU: Qwen2.5-VL-3B widths, 8 + 4 layers
     python3 benchmarks/bench_qwen.py --quick    # tiny widths: a smoke test of seconds
+    python3 benchmarks/bench_qwen.py --device cuda --dtype bfloat16 --vision-layers 32 --lm-layers 36   # GPU, whole 3B
 
 A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` with the widths
 of Qwen2.5-VL-3B (tower: 1280 wide, 16 heads, 112-px windows with a
@@ -117,7 +118,7 @@ def prompts(seed: int):
                           video_grid_thw=video_grid)}
 
 
-def calibrate(model, r: int, blocks: int):
+def calibrate(model, r: int, blocks: int, device, dtype):
     """Per-block thresholds for ``r`` merges per block on average, from 8 photographs."""
     from dymu_kernels import calibrate_thresholds
     from dymu_kernels.families.qwen_vit import QwenUnitDToMe
@@ -125,10 +126,12 @@ def calibrate(model, r: int, blocks: int):
     enc = processor()(images=photographs(PHOTOS, 448), return_tensors="pt")
     tower = QwenUnitDToMe(model.model.visual)
     return calibrate_thresholds(lambda batch, policy: tower(*batch, policy=policy),
-                                [(enc["pixel_values"], enc["image_grid_thw"])], r, num_layers=blocks, progress=False)
+                                [(enc["pixel_values"].to(device, dtype), enc["image_grid_thw"].to(device))], r,
+                                num_layers=blocks, progress=False)
 
 
 def measure(model, name: str, inputs, args):
+    device = args.device
     from bench_e2e import count_flops
 
     from dymu_kernels.hf import kv_cache_bytes
@@ -148,8 +151,8 @@ def measure(model, name: str, inputs, args):
         rows = int(out.past_key_values.layers[0].get_seq_length())
         kv = kv_cache_bytes(out.past_key_values)
         del out
-        t_prefill = sample_times(prefill, "cpu", samples=args.samples, warmup=0)
-        t_tower = sample_times(tower, "cpu", samples=args.samples, warmup=1)
+        t_prefill = sample_times(prefill, device, samples=args.samples, warmup=0)
+        t_tower = sample_times(tower, device, samples=args.samples, warmup=1)
         flops, tower_flops = count_flops(prefill), count_flops(tower)
     return {"op": "qwen_prefill", "prompt": name, "positions": inputs["input_ids"].shape[1], "lm_tokens": rows,
             "prefill_s": t_prefill["median"], "prefill_min": t_prefill["min"], "prefill_max": t_prefill["max"],
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--lm-layers", type=int, default=4)
     p.add_argument("--r", type=int, nargs=2, default=[12, 24], help="units merged per block and set: two levels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--quick", action="store_true", help="tiny widths, 4 + 2 layers")
     add_run_args(p, samples=3)
     args = p.parse_args(argv)
@@ -173,9 +178,11 @@ def main(argv=None) -> int:
     from dymu_kernels.hf import apply_dymu, remove_dymu
 
     widths = "quick" if args.quick else "3b"
-    model = build(widths, args.vision_layers, args.lm_layers, args.seed)
-    inputs = prompts(args.seed)
-    thresholds = calibrate(model, max(args.r), args.vision_layers)
+    dtype = getattr(torch, args.dtype)
+    model = build(widths, args.vision_layers, args.lm_layers, args.seed).to(args.device, dtype)
+    inputs = {name: {k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
+                     for k, v in kw.items()} for name, kw in prompts(args.seed).items()}
+    thresholds = calibrate(model, max(args.r), args.vision_layers, args.device, dtype)
     print("thresholds calibrated for r =", max(args.r), ":", ", ".join(f"{t:.3f}" for t in thresholds.thresholds))
     configs = [("stock", None), *[(f"r={r}", dict(r=r)) for r in args.r], ("thresholds", dict(thresholds=thresholds)),
                ("stock (last)", None)]
@@ -186,6 +193,7 @@ def main(argv=None) -> int:
         for name, kw in inputs.items():
             row = measure(model, name, kw, args)
             rows.append({"config": config, "vision_layers": args.vision_layers, "lm_layers": args.lm_layers,
+                         "dtype": args.dtype,
                          "widths": "quick" if args.quick else "qwen2.5-vl-3b", **row})
             print(f"  {config:>12} {name:<5} prefill {row['prefill_s']:.3f} s, tower {row['tower_s']:.3f} s, "
                   f"LM tokens {row['lm_tokens']}", flush=True)
@@ -203,7 +211,8 @@ def main(argv=None) -> int:
                        "speedup", "flop_bound", "tower_s", "tower_speedup", "tower_flop_bound", "kv_mib",
                        "stock_drift"])
     if not args.no_save:
-        print("rows appended to", write_rows(f"qwen_{'quick' if args.quick else 'cpu'}", rows, args.results_dir))
+        name = f"qwen_{'quick' if args.quick else args.device}"
+        print("rows appended to", write_rows(name, rows, args.results_dir))
     return 0
 
 

@@ -12,8 +12,10 @@ CLI::
 
 ``--model`` is a LLaVA or LLaVA-OneVision checkpoint (its CLIP / SigLIP tower is
 calibrated for the blocks the model reads, ``vision_feature_layer``; every
-AnyRes crop counts as one calibration image, as every crop merges) or a CLIP /
-SigLIP checkpoint (all blocks, or ``--num-layers``). ``--level low|mid|high`` are the paper's settings
+AnyRes crop counts as one calibration image, as every crop merges), a
+Qwen2.5-VL or Qwen2-VL checkpoint (its tower's blocks, merging 2×2 units per
+image; ``r`` counts units) or a CLIP / SigLIP checkpoint (all blocks, or
+``--num-layers``). ``--level low|mid|high`` are the paper's settings
 for CLIP ViT-L/14-336, r = 21 / 16 / 8 merges per block on average (about
 89 / 195 / 394 of 576 image tokens kept). Pass the file to
 ``apply_dymu(model, "low.json")``.
@@ -62,19 +64,23 @@ def _open(item):
     return item
 
 
-def _tower_batch(processor, images) -> torch.Tensor:
+def _tower_batch(processor, images):
     """``[n, 3, H, W]`` tower inputs of ``images``. AnyRes processors
     (LLaVA-OneVision) give ``[images, crops, 3, H, W]`` padded with all-zero
     crops: every real crop is calibrated (as the model merges every crop), the
-    padding is dropped."""
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    padding is dropped. Qwen2-VL-type processors give patch rows and grids:
+    ``(pixel_values [L, 1176], image_grid_thw [n, 3])``."""
+    out = processor(images=images, return_tensors="pt")
+    if "image_grid_thw" in out:
+        return out["pixel_values"], out["image_grid_thw"]
+    pixels = out["pixel_values"]
     if pixels.dim() == 5:
         pixels = pixels.flatten(0, 1)
         pixels = pixels[pixels.flatten(1).abs().amax(1) > 0]
     return pixels
 
 
-def pixel_batches(images: Iterable, processor, batch_size: int) -> Iterator[torch.Tensor]:
+def pixel_batches(images: Iterable, processor, batch_size: int) -> Iterator:
     """Tower batches of up to ``batch_size`` images (all their crops), made by ``processor``."""
     batch = []
     for item in images:
@@ -132,13 +138,23 @@ def calibrate_tower(
     param = next(encoder.parameters(), None)
     device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     dtype = dtype or (param.dtype if param is not None else torch.float32)
-    batches = (b.to(device=device, dtype=dtype) for b in pixel_batches(images, processor, batch_size))
-    return calibrate_thresholds(encoder, batches, r, num_layers=encoder.num_layers,
+
+    def moved(batch):  # pixels in the tower's dtype; grids (Qwen) stay integers
+        if isinstance(batch, tuple):
+            return batch[0].to(device=device, dtype=dtype), batch[1].to(device)
+        return batch.to(device=device, dtype=dtype)
+
+    def run(batch, policy):
+        return encoder(*batch, policy=policy) if isinstance(batch, tuple) else encoder(batch, policy)
+
+    batches = (moved(b) for b in pixel_batches(images, processor, batch_size))
+    return calibrate_thresholds(run, batches, r, num_layers=encoder.num_layers,
                                 schedule=schedule, model=model, progress=progress, total=total)
 
 
 def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[torch.dtype] = None):
-    """``(encoder, processor)`` for a LLaVA or CLIP checkpoint (hub id or path)."""
+    """``(encoder, processor)`` for a LLaVA, LLaVA-OneVision, Qwen2.5-VL /
+    Qwen2-VL, CLIP or SigLIP checkpoint (hub id or path)."""
     import transformers
 
     from .core.encoder import DToMeVisionEncoder
@@ -149,6 +165,14 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
             "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}
     towers = {"clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
               "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel}
+    qwens = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
+    if config.model_type in qwens:
+        from .families.qwen_vit import QwenUnitDToMe
+
+        vlm = qwens[config.model_type].from_pretrained(model_id, **kwargs)
+        processor = transformers.AutoImageProcessor.from_pretrained(model_id)
+        return QwenUnitDToMe(vlm.model.visual.eval()), processor
     if config.model_type in vlms:
         from .families.towers import _vision_blocks
 
@@ -159,14 +183,15 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
         tower = towers[config.model_type].from_pretrained(model_id, **kwargs)
     else:
         raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected a LLaVA, "
-                         f"LLaVA-OneVision, CLIP or SigLIP one")
+                         f"LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, CLIP or SigLIP one")
     processor = transformers.AutoImageProcessor.from_pretrained(model_id)
     return DToMeVisionEncoder(tower.eval(), num_layers=num_layers), processor
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m dymu_kernels.calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="LLaVA, LLaVA-OneVision, CLIP or SigLIP checkpoint: hub id or path")
+    parser.add_argument("--model", required=True,
+                        help="LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, CLIP or SigLIP checkpoint: hub id or path")
     parser.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--level", choices=sorted(LEVELS), help="paper setting: low/mid/high = r 21/16/8")

@@ -165,3 +165,40 @@ def test_onevision_checkpoint_calibrates_every_crop(photo_dir, tmp_path):
         counts = torch.stack(scored(crops).tokens_per_layer, 1).double()
     before = torch.cat([torch.full_like(counts[:, :1], 36), counts[:, :-1]], 1)
     assert torch.all(((before - counts).mean(0) - 5).abs() <= 1)
+
+
+def test_cli_calibrates_a_saved_qwen2_5_vl(photo_dir, tmp_path):
+    """The CLI on a saved Qwen2.5-VL checkpoint: the tower's blocks on 2x2
+    units, pixels and grids from the model's own image processor; the file
+    equals the API's result, patches the model, and its thresholds merge
+    about r units per image and block on the calibration images."""
+    from test_qwen_vl import tiny_qwen
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = tiny_qwen("qwen2_5_vl")
+    model_dir = tmp_path / "qwen"
+    model.save_pretrained(model_dir)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(model_dir)
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, "-m", "dymu_kernels.calibrate", "--model", str(model_dir), "--images", str(photo_dir),
+           "--r", "3", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "calibrated 4 blocks on 8 images" in run.stdout
+    from_cli = Thresholds.load(out)
+    encoder, proc = load_tower(str(model_dir))
+    expected = calibrate_tower(encoder, photo_dir, 3, processor=proc, batch_size=4, model=str(model_dir),
+                               progress=False)
+    assert from_cli == expected
+    apply_dymu(model, out)
+    assert model._dymu.encoder.vit.thresholds == from_cli.thresholds
+    from dymu_kernels.families.qwen_vit import QwenUnitDToMe
+
+    enc = proc(images=[Image.open(p).convert("RGB") for p in image_files(photo_dir)], return_tensors="pt")
+    with torch.no_grad():
+        state, _, per_block, sizes = QwenUnitDToMe(model.model.visual, from_cli)(enc["pixel_values"],
+                                                                                 enc["image_grid_thw"])
+    merged = [sum(sizes) - int(n.sum()) for n in per_block]  # units merged after each block, all images
+    expected_merged = [3 * len(sizes) * (i + 1) for i in range(4)]
+    for got, want in zip(merged, expected_merged):
+        assert abs(got - want) <= 0.5 * want, (merged, expected_merged)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import randn
 
-from dymu_kernels.core.compact import MergedImages, build_compact_sequence
+from dymu_kernels.core.compact import MergedItems, build_compact_sequence
 
 IMG, VID = 99, 98
 
@@ -50,7 +50,7 @@ def items(gen, sizes, dim=8):
         slot = torch.cat([torch.arange(u), torch.randint(0, u, (p - u,), generator=gen)])
         slots.append(slot[torch.randperm(p, generator=gen)])
         feats.append(randn(u, dim, gen=gen))
-    return MergedImages.stack(feats, slots)
+    return MergedItems.stack(feats, slots)
 
 
 def test_items_of_different_sizes_and_two_modalities_equal_the_loop(gen):

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from dymu_kernels import reference as ref  # noqa: E402
 from dymu_kernels.hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
-from dymu_kernels.core.compact import MergedImages, build_compact_sequence  # noqa: E402
+from dymu_kernels.core.compact import MergedItems, build_compact_sequence  # noqa: E402
 
 IMG = 99  # image placeholder id
 P = 16  # patches per image (28 px / 7 px)
@@ -280,8 +280,8 @@ def test_build_compact_sequence_equals_per_image_loop(gen):
                             prompt(3, pre=2, post=3, start=5))
     feats, counts, slots = random_merged_images(gen, 6, P - 2, 8)  # U_cap < P: a trimmed tower
     embeds = randn(*ids.shape, 8, gen=gen)
-    got = build_compact_sequence(ids == IMG, mask, embeds, MergedImages(feats, counts, slots))
-    expected = loop_layout(ids, mask, embeds, {IMG: MergedImages(feats, counts, slots)})
+    got = build_compact_sequence(ids == IMG, mask, embeds, MergedItems(feats, counts, slots))
+    expected = loop_layout(ids, mask, embeds, {IMG: MergedItems(feats, counts, slots)})
     assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
     assert torch.equal(got[0], expected[0])
 
@@ -291,7 +291,7 @@ def test_build_compact_sequence_rejects_images_split_across_prompts(gen):
     ids[0, -3], ids[1, 1] = IMG, 7  # sample 0 has P + 1 placeholders, sample 1 has P - 1
     feats, counts, slots = random_merged_images(gen, 2, P, 8)
     with pytest.raises(ValueError, match="the placeholders of image 1 span two samples"):
-        build_compact_sequence(ids == IMG, mask, randn(*ids.shape, 8, gen=gen), MergedImages(feats, counts, slots))
+        build_compact_sequence(ids == IMG, mask, randn(*ids.shape, 8, gen=gen), MergedItems(feats, counts, slots))
 
 
 def test_text_only_calls_and_placeholder_mismatch(gen):

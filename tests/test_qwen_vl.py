@@ -292,3 +292,59 @@ def stock_window_index(visual, grid):
 
     return vision_utils.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                 window_size=visual.window_size, patch_size=visual.patch_size)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_and_a_second_turn_equal_unpatched(gen, kind):
+    """generate() with a static cache, and a second turn of new text on the
+    first turn's cache (positions continue after the image's M-RoPE
+    positions), equal the unpatched model with nothing merged."""
+    model = tiny_qwen(kind)
+    kwargs = batch([sample(gen, PROMPTS["image and video"])])
+    more = torch.tensor([[9, 10, 11]])
+
+    def run():
+        static = model.generate(**kwargs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS,
+                                cache_implementation="static")
+        first = model.generate(**kwargs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS,
+                               return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, more], 1)
+        types = torch.nn.functional.pad(kwargs["mm_token_type_ids"], (0, ids.shape[1] - kwargs["input_ids"].shape[1]))
+        second = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                                cache=first.past_key_values, max_new_tokens=3, do_sample=False,
+                                suppress_tokens=SUPPRESS)
+        return static, second
+
+    with torch.no_grad():
+        expected = run()
+        apply_dymu(model, NO_MERGE, backend="torch")
+        got = run()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_bench_qwen_quick_rows(tmp_path):
+    """benchmarks/bench_qwen.py --quick writes rows for every config and prompt;
+    merging keeps fewer language-model tokens and costs fewer FLOPs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_qwen.py"), "--quick", "--samples",
+                           "3", "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "qwen_quick.jsonl")]
+    assert [(r["config"], r["prompt"]) for r in rows] == [
+        (c, p) for c in ("stock", "r=12", "r=24", "thresholds", "stock (last)") for p in ("image", "video")]
+    by = {(r["config"], r["prompt"]): r for r in rows}
+    for prompt in ("image", "video"):
+        stock = by[("stock", prompt)]
+        assert stock["lm_tokens"] == stock["positions"] and stock["flop_bound"] == 1.0
+        assert by[("r=24", prompt)]["lm_tokens"] < by[("r=12", prompt)]["lm_tokens"] < stock["lm_tokens"]
+        for config in ("r=12", "r=24", "thresholds"):
+            r = by[(config, prompt)]
+            assert r["flop_bound"] > 1.0 and r["tower_flop_bound"] > 1.0 and r["kv_mib"] < stock["kv_mib"]
+            assert r["prefill_min"] <= r["prefill_s"] <= r["prefill_max"] and r["n_samples"] == 3
+    assert rows[0]["commit"] and rows[0]["device"].startswith("cpu")

@@ -16,7 +16,7 @@ import torch
 
 
 @dataclass
-class MergedImages:
+class MergedItems:
     """Merged, projected visual items (images, or videos) in placeholder order.
 
     Items may have different placeholder counts ``P_i`` (AnyRes images,
@@ -27,25 +27,25 @@ class MergedImages:
     counts: torch.Tensor  # [n] unique tokens per item
     slots: torch.Tensor  # [n, P_max] unique token of each placeholder; -1 = none (padding)
 
-    def select(self, index: List[int]) -> "MergedImages":
+    def select(self, index: List[int]) -> "MergedItems":
         """The items in the order ``index`` (repeats allowed)."""
         idx = torch.tensor(index, dtype=torch.long)
-        return MergedImages(*(t[idx.to(t.device)] for t in (self.features, self.counts, self.slots)))
+        return MergedItems(*(t[idx.to(t.device)] for t in (self.features, self.counts, self.slots)))
 
     @staticmethod
-    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]) -> "MergedImages":
+    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]) -> "MergedItems":
         """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map), padded into one batch."""
         counts = torch.tensor([f.shape[0] for f in features], device=features[0].device)
         feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)
         maps = torch.nn.utils.rnn.pad_sequence([m.long() for m in slots], batch_first=True, padding_value=-1)
-        return MergedImages(feats, counts, maps)
+        return MergedItems(feats, counts, maps)
 
 
 @dataclass
 class _Items:
     """Where one modality's placeholders are (flat, batch-major positions)."""
 
-    images: MergedImages
+    images: MergedItems
     pos: torch.Tensor  # [n, P_max] position of each placeholder (clamped where there is none)
     has: torch.Tensor  # [n, P_max] bool: placeholder j exists (j < P_i)
 
@@ -69,7 +69,7 @@ class _Layout:
     n_max: int  # host: compact capacity, max(n_unique) and at least 1
 
 
-def _plan_layout(masks, attention_mask, modalities: List[Optional[MergedImages]]) -> _Layout:
+def _plan_layout(masks, attention_mask, modalities: List[Optional[MergedItems]]) -> _Layout:
     """The :class:`_Layout` of a prompt batch; one host sync. Not yet checked
     against the items (a mismatch gives a meaningless layout, no error)."""
     B, N = masks[0].shape
@@ -169,7 +169,7 @@ def build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items
             modality (e.g. images and videos).
         attention_mask: ``[B, N]`` (0 = padding) or None.
         text_embeds: ``[B, N, C]`` token embeddings of the prompt.
-        items: the merged items of each modality (a :class:`MergedImages`, or
+        items: the merged items of each modality (a :class:`MergedItems`, or
             a list matching ``placeholder_masks``), in placeholder order
             (batch-major, as transformers consumes them); any
             ``U_cap >= max(counts)``. None for a modality without items: its

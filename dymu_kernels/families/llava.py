@@ -5,7 +5,7 @@ patches in order."""
 
 from __future__ import annotations
 
-from ..core.compact import MergedImages
+from ..core.compact import MergedItems
 from .spec import Family, Modality, Patch
 from .towers import clip_like_encoder, merged_tower
 
@@ -19,7 +19,7 @@ def encode_images(self, patch: Patch, pixel_values, dtype, vision_kwargs=None):
     from ..hf.outputs import image_outputs
 
     feats, counts, slots, tower = merged_tower(self, patch, pixel_values, dtype, vision_kwargs=vision_kwargs)
-    return image_outputs(MergedImages(feats, counts, slots), **tower)
+    return image_outputs(MergedItems(feats, counts, slots), **tower)
 
 
 def patched_image_features(self, patch: Patch, modality: Modality, pixel_values, image_sizes=None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.compact import MergedImages
+from ..core.compact import MergedItems
 from ..core.maps import pack_image_maps, pool_video_maps
 from .llava import VISION_KWARGS, patched_image_features
 from .spec import Family, Modality, Patch
@@ -63,7 +63,7 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
         uniques.append(unique)
         maps.append(slot_map)
         start += n
-    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
+    return image_outputs(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
 
 
 def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
@@ -79,7 +79,7 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
         unique, slot_map = pool_video_maps(feats[sl], counts[sl], slots[sl], inner.image_newline)
         uniques.append(unique)
         maps.append(slot_map)
-    return image_outputs(MergedImages.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
+    return image_outputs(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
 
 
 def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, vision_feature_layer=None,

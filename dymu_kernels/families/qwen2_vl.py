@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..core.compact import MergedImages
+from ..core.compact import MergedItems
 from ..core.rounds import DToMeRounds
 from ..reference.dtome import init_merge_state
 from .spec import Family, ItemCounts, Modality, Patch
@@ -36,15 +36,18 @@ VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video
 
 
 def _three_axes(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """The caller's positions as M-RoPE's ``[3, B, N]``: ``[B, N]`` (text
-    positions on every axis), ``[3, B, N]``, or ``[4, B, N]`` (generate():
-    a text row first)."""
+    """The caller's positions as M-RoPE's ``[3, B, N]``, read as the language
+    model reads them: ``[B, N]`` or ``[1, B, N]`` (the same positions on every
+    axis; generate() continuing a cache passes the latter), ``[3, B, N]``, or
+    ``[4, B, N]`` (generate(): a text row first)."""
     if position_ids.dim() == 2:
-        return position_ids[None].expand(3, batch, -1)
-    if position_ids.dim() != 3 or position_ids.shape[0] not in (3, 4):
-        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected [B, N], [3, B, N] or "
-                         "[4, B, N] (M-RoPE)")
-    return position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+        position_ids = position_ids[None]
+    if position_ids.dim() != 3 or position_ids.shape[0] not in (1, 3, 4):
+        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected [B, N], [1 | 3 | 4, B, N] "
+                         "(M-RoPE)")
+    if position_ids.shape[0] == 4:
+        return position_ids[1:]
+    return position_ids.expand(3, batch, -1)
 
 
 class MRopePositions:
@@ -157,7 +160,7 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
     placeholders = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
     if all(t == 1 for t in sets_per_item):  # images: one set per item
         slots = merged.pos_map.long().masked_fill(~_valid(set_sizes, merged.pos_map.shape[1], merged.pos_map.device), -1)
-        items = MergedImages(merged.x, merged.lengths.long(), slots)
+        items = MergedItems(merged.x, merged.lengths.long(), slots)
     else:  # a video item joins its frame pairs: unique rows in order, maps offset
         uniques, maps, s = [], [], 0
         for t in sets_per_item:
@@ -166,7 +169,7 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
             uniques.append(torch.cat([merged.x[s + j, : int(counts[j])] for j in range(t)]))
             maps.append(torch.cat([merged.pos_map[s + j, : set_sizes[s + j]].long() + offsets[j] for j in range(t)]))
             s += t
-        items = MergedImages.stack(uniques, maps)
+        items = MergedItems.stack(uniques, maps)
     lengths = None if len(set(placeholders)) == 1 else placeholders
     return image_outputs(items, lengths, last_hidden_state=last)
 

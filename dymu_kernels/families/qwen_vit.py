@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.thresholds import thresholds_argument
 from ..ops.dtome import dtome_merge
@@ -60,7 +61,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out
 
 
-class QwenUnitDToMe:
+class QwenUnitDToMe(nn.Module):
     """DToMe in every block of a Qwen2-VL / Qwen2.5-VL vision tower (module doc).
 
     Args:
@@ -76,6 +77,7 @@ class QwenUnitDToMe:
 
     def __init__(self, visual, thresholds=None, *, r: Union[None, int, Sequence[int]] = None,
                  backend: str = "auto", trim: Union[str, bool] = "auto"):
+        super().__init__()
         self.visual = visual
         self.num_layers = len(visual.blocks)
         if thresholds is not None and r is not None:
@@ -108,7 +110,7 @@ class QwenUnitDToMe:
                 patch_size=visual.patch_size)
         return position_ids, cu_full.to(device), window_index, None if cu_window is None else cu_window.to(device)
 
-    def __call__(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None):
+    def forward(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None):
         """Merged unique units of every set after the merger, as a merge state
         ``(x [n, P, C_out], size, lengths, pos_map [n, P0])`` — ``pos_map`` over
         each set's original units in *raster* order (the placeholders') —

@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..core.compact import MergedImages
+from ..core.compact import MergedItems
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
     merged_slots: Optional[torch.Tensor] = None  # [n_img, P] unique token of each placeholder
     image_rows: Optional[tuple] = None  # the pooler_output tensors as encoded, in image order
 
-    def merged_images(self) -> MergedImages:
+    def merged_items(self) -> MergedItems:
         """The merged images in ``pooler_output`` order (after any repetition)."""
         index = {id(t): i for i, t in enumerate(self.image_rows)}
         order = [index.get(id(t)) for t in self.pooler_output]
@@ -53,7 +53,7 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
                 "image features were changed after the DyMU-patched get_image_features encoded them (re-sliced, e.g. "
                 "by prefill chunking, or rebuilt); pass pixel_values, or the unchanged output"
             )
-        images = MergedImages(self.merged_features, self.merged_counts, self.merged_slots)
+        images = MergedItems(self.merged_features, self.merged_counts, self.merged_slots)
         return images if order == list(range(len(self.image_rows))) else images.select(order)
 
 
@@ -65,7 +65,7 @@ def tower_outputs(encoder, out) -> dict:
     return {"last_hidden_state": encoder.last_hidden_state(out), "hidden_states": out.hidden_states}
 
 
-def image_outputs(merged: MergedImages, lengths: Optional[List[int]] = None, *,
+def image_outputs(merged: MergedItems, lengths: Optional[List[int]] = None, *,
                   last_hidden_state: Optional[torch.Tensor] = None,
                   hidden_states: Optional[tuple] = None) -> DyMUImageOutputs:
     """The output for merged items: ``pooler_output`` holds, per item, one row

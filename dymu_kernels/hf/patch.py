@@ -367,7 +367,7 @@ def _patched_forward(
                 encoded[m.name] = m.encode(self, patch, pixels, embeds.dtype, vision_kwargs)
             if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
                 raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
-            items.append(encoded[m.name].merged_images() if encoded[m.name] is not None else None)
+            items.append(encoded[m.name].merged_items() if encoded[m.name] is not None else None)
         T = embeds.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None else None
         x, state, n_unique = _prefill_state(self, patch, [placeholders(m) for m in modalities], embeds, mask,
