@@ -19,8 +19,17 @@ runs) for one image and 66 text tokens (N = 642 positions), batch 1:
   halved — the same formula for SDPA and VTU (``bench_e2e.flop_mapping``).
 
 The FLOP ratio is the bound end-to-end prefill timings are compared with
-(``bench_e2e.py`` counts the same way on real runs). Writes
-``benchmarks/results/flops_model.jsonl`` and ``flops_model.md``.
+(``bench_e2e.py`` counts the same way on real runs).
+
+**Qwen2.5-VL-7B** (one 448 × 448 image: 1024 patches = 256 units / language-model
+tokens, and 66 text tokens), DyMU inside the tower with fixed ``r`` units per
+block: block i runs its norms, ``qkv``, ``proj`` and MLP on the ``256 - r·i``
+unique units left (four patch rows each; the MLP after the block's merge), its
+attention over all 1024 patches in the tower's own segments (16 windows of 64
+patches, whole image in the full-attention blocks), the unit matching; the
+merger runs on the units left; the language model as above.
+
+Writes ``benchmarks/results/flops_model.jsonl`` and ``flops_model.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +48,22 @@ from bench_e2e import SIZES, TEXT_AFTER, TEXT_BEFORE, flop_mapping, llava_config
 from common import RESULTS_DIR, environment, write_rows  # noqa: E402
 
 SETTINGS = {"low": 21, "mid": 16, "high": 8}  # fixed-r merges per block (docs/design.md §1.2)
+QWEN_SETTINGS = {"low": 6, "mid": 4, "high": 2}  # units merged per block: 64 / 128 / 192 of 256 kept
+QWEN_GRID = (1, 32, 32)  # a 448 x 448 image
+QWEN_WIDTHS = {
+    "7b": dict(name="Qwen2.5-VL-7B", vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                                                 out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+               text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]})),
+    "quick": dict(name="tiny Qwen2.5-VL", vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
+                                                      out_hidden_size=64, fullatt_block_indexes=[1, 3]),
+                  text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=300,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": [2, 3, 3]})),
+}
 
 
 def _flops(fn) -> int:
@@ -113,6 +138,95 @@ def dymu_flops(model, r: int) -> Dict[str, int]:
             "image_tokens": kept, "lm_tokens": text + kept}
 
 
+def qwen_config(size: str):
+    import transformers
+
+    spec = QWEN_WIDTHS[size]
+    vision = dict(spec["vision"], window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(spec["text"]),
+                                         image_token_id=spec["text"]["vocab_size"] - 1)
+
+
+def meta_qwen(size: str):
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(size),
+                                                                            attn_implementation="sdpa").eval()
+
+
+def _qwen_segments(visual, grid: torch.Tensor):
+    """Each block's attention segments (lengths in patches), as the tower makes them."""
+    from transformers import vision_utils
+
+    full, _ = vision_utils.get_vision_attention_seqlens(grid, visual.config)
+    _, windows = vision_utils.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                     window_size=visual.window_size, patch_size=visual.patch_size)
+    return [(full if i in visual.fullatt_block_indexes else windows).diff().tolist()
+            for i in range(len(visual.blocks))]
+
+
+def _qwen_tower_flops(visual, grid, units_per_block: List[int], dymu: bool) -> int:
+    """The tower on the meta device: patch embedding; per block the token-wise
+    work on ``units_per_block[i]`` units (MLP on block i + 1's count when DyMU
+    merged in between), attention over every patch in the block's segments,
+    DyMU's unit matching; the merger on the units left."""
+    import torch.nn.functional as F
+
+    from dymu_kernels.reference.dtome import bipartite_match
+
+    C, H = visual.config.hidden_size, visual.config.num_heads
+    L = int(grid.prod())
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    flops = _flops(lambda: visual.patch_embed(meta(L, 3 * 2 * 14 * 14)))
+    for i, (blk, segments) in enumerate(zip(visual.blocks, _qwen_segments(visual, grid))):
+        rows, after = 4 * units_per_block[i], 4 * units_per_block[i + 1]
+        flops += _flops(lambda: blk.attn.qkv(blk.norm1(meta(rows, C))))
+        flops += _flops(lambda: [F.scaled_dot_product_attention(*(meta(1, H, n, C // H) for _ in range(3)))
+                                 for n in segments if n > 0])
+        flops += _flops(lambda: blk.attn.proj(meta(rows, C)))
+        if dymu:
+            u = units_per_block[i]
+            flops += _flops(lambda: bipartite_match(meta(1, H, u, C // H), torch.tensor([u], device="meta"),
+                                                    cls_token=False))
+        flops += _flops(lambda: blk.mlp(blk.norm2(meta(after, C))))
+    return flops + _flops(lambda: visual.merger(meta(4 * units_per_block[-1], C)))
+
+
+def qwen_flops(model, r: int = 0) -> Dict[str, int]:
+    """Tower and language-model prefill FLOPs of one 448 × 448 image and 66
+    text tokens; ``r`` units merged per block (0: the stock model)."""
+    visual = model.model.visual
+    grid = torch.tensor([QWEN_GRID])
+    units = int(grid.prod()) // 4
+    blocks = len(visual.blocks)
+    per_block = [units - r * i for i in range(blocks + 1)]
+    vision = _qwen_tower_flops(visual, grid, per_block, dymu=r > 0)
+    kept = per_block[-1]
+    text = TEXT_BEFORE + TEXT_AFTER
+    image = torch.arange(units) * kept // units + TEXT_BEFORE
+    merge_map = torch.cat([torch.arange(TEXT_BEFORE), image, torch.arange(TEXT_AFTER) + TEXT_BEFORE + kept])
+    return {"vision": vision, "lm": _lm_flops(model, text + kept, merge_map.to(torch.int32)[None]),
+            "image_tokens": kept, "lm_tokens": text + kept}
+
+
+def qwen_table(size: str = "7b") -> List[Dict[str, object]]:
+    model = meta_qwen(size)
+    stock = qwen_flops(model)
+    rows = []
+    configs = [("stock", stock)] + [(f"DyMU {k} (r={r} units/block)", qwen_flops(model, r))
+                                    for k, r in QWEN_SETTINGS.items()]
+    for name, counts in configs:
+        total, stock_total = counts["vision"] + counts["lm"], stock["vision"] + stock["lm"]
+        rows.append({"op": "model_flops", "model": QWEN_WIDTHS[size]["name"], "size": f"qwen-{size}",
+                     "lm_layers": model.config.text_config.num_hidden_layers, "config": name,
+                     "image_tokens": counts["image_tokens"], "lm_tokens": counts["lm_tokens"],
+                     "vision_gflops": counts["vision"] / 1e9, "lm_gflops": counts["lm"] / 1e9,
+                     "total_gflops": total / 1e9, "vision_ratio": counts["vision"] / stock["vision"],
+                     "lm_ratio": counts["lm"] / stock["lm"], "total_ratio": total / stock_total})
+    return rows
+
+
 def table(size: str, lm_layers: int) -> List[Dict[str, object]]:
     model = meta_llava(size, lm_layers)
     stock = stock_flops(model)
@@ -131,7 +245,8 @@ def table(size: str, lm_layers: int) -> List[Dict[str, object]]:
 def markdown(rows: List[Dict[str, object]]) -> str:
     r0 = rows[0]
     lines = [f"### {r0['model']}, {r0['lm_layers']} LM layers: prefill of one image + 66 text tokens (GFLOPs)", "",
-             "| config | image tokens | LM tokens | vision + projector | × stock | LM prefill | × stock | total | × stock |",
+             "| config | image tokens | LM tokens | vision tower (+ projector / merger) | × stock | LM prefill | × stock | "
+             "total | × stock |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['image_tokens']} | {r['lm_tokens']} | {r['vision_gflops']:.1f} | "
@@ -146,8 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     parts, all_rows = [], []
-    for size in ("7b", "small"):
-        rows = table(size, SIZES[size]["lm_layers"])
+    for rows in (table("7b", SIZES["7b"]["lm_layers"]), table("small", SIZES["small"]["lm_layers"]), qwen_table("7b")):
         all_rows += rows
         parts.append(markdown(rows))
         print(parts[-1], flush=True)

@@ -55,3 +55,29 @@ def test_table_rows_and_markdown():
     assert ratios == sorted(ratios) and ratios[-1] < 1  # fewer tokens kept, fewer FLOPs
     assert [r["image_tokens"] for r in rows] == [256, 256 - 5 * 21, 256 - 5 * 16, 256 - 5 * 8]
     assert "| DyMU low (r=21) | 151 |" in tables.markdown(rows)
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_qwen_meta_counts_equal_a_real_patched_run(r):
+    """The Qwen2.5-VL table's tower and language-model FLOPs (meta device,
+    fixed r units per block) equal FlopCounterMode on real forwards of the same
+    tiny random model, stock (r = 0) and patched with fixed r."""
+    from dymu_kernels.hf import apply_dymu
+
+    expected = tables.qwen_flops(tables.meta_qwen("quick"), r)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(tables.qwen_config("quick"),
+                                                                         attn_implementation="sdpa").eval()
+    grid = torch.tensor([tables.QWEN_GRID])
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14)
+    if r:
+        apply_dymu(model, r=r, backend="torch")
+    with torch.no_grad():
+        vision = tables._flops(lambda: model.model.get_image_features(pixels, grid))
+        feats = model.model.get_image_features(pixels, grid)
+    assert vision == expected["vision"]
+    units = int(grid.prod()) // 4
+    assert [n.shape[0] for n in feats.pooler_output] == [units]
+    if r:
+        kept = units - r * len(model.model.visual.blocks)
+        assert int(feats.merged_counts[0]) == kept == expected["image_tokens"]

@@ -138,9 +138,7 @@ class QwenUnitDToMe(nn.Module):
         fullatt = set(getattr(visual, "fullatt_block_indexes", range(self.num_layers)))
         for i, blk in enumerate(visual.blocks):
             cu = cu_full if (window_index is None or i in fullatt) else cu_window
-            state = self._block(blk, state, valid, cos, sin, cu, i, unit, policy)
-            if trims:
-                state = trim_state(state)
+            state = self._block(blk, state, valid, cos, sin, cu, i, unit, policy, trims)
             per_block.append(state.lengths)
         n, P = state.x.shape[:2]
         last = state.x.view(n, P, unit, C).gather(
@@ -153,7 +151,8 @@ class QwenUnitDToMe(nn.Module):
             pos_map = torch.full_like(pos_map, -1).masked_scatter(valid, flat)
         return MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sizes
 
-    def _block(self, blk, state: MergeState, valid, cos, sin, cu, i: int, unit: int, policy=None) -> MergeState:
+    def _block(self, blk, state: MergeState, valid, cos, sin, cu, i: int, unit: int, policy=None,
+               trims: bool = False) -> MergeState:
         attn = blk.attn
         n, P, _ = state.x.shape
         C = state.x.shape[-1] // unit
@@ -176,5 +175,7 @@ class QwenUnitDToMe(nn.Module):
             threshold = None if self.thresholds is None else self.thresholds[i]
             r = None if self.r is None else self.r[i]
             state = dtome_merge(*state, keys, threshold, r=r, cls_token=False, backend=self.backend)
+        if trims:  # the MLP runs on the units left after this block's merge
+            state = trim_state(state)
         x = state.x.view(n, -1, unit, C)
         return state._replace(x=(x + blk.mlp(blk.norm2(x))).flatten(2))
