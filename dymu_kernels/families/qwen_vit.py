@@ -47,17 +47,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """Attention within each segment ``cu_seqlens[i] : cu_seqlens[i + 1]`` of
-    ``q, k, v [L, H, Dh]`` -> ``[L, H, Dh]``: segments of equal length run as
-    one batched ``scaled_dot_product_attention`` call (windows mostly share
-    one length), each as the tower's per-segment call computes it."""
-    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ``q, k, v [L, H, Dh]`` -> ``[L, H, Dh]``, each segment as the tower's own
+    per-segment ``scaled_dot_product_attention`` computes it. Consecutive
+    segments of equal length (the windows, mostly) run as one batched call on
+    views of the inputs (no copies)."""
+    bounds = cu_seqlens.tolist()  # one host read, as the tower's own split
     out = torch.empty_like(q)
-    for length in lengths.unique().tolist():  # one host read, as the tower's own split
-        if length == 0:
-            continue
-        idx = starts[lengths == length][:, None] + torch.arange(length, device=q.device)  # [S, length]
-        qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [S, H, length, Dh]
-        out[idx] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(1, 2)
+    i = 0
+    while i < len(bounds) - 1:
+        length = bounds[i + 1] - bounds[i]
+        j = i + 1
+        while j < len(bounds) - 1 and bounds[j + 1] - bounds[j] == length:
+            j += 1
+        if length > 0:
+            start, end = bounds[i], bounds[j]
+            qs, ks, vs = (t[start:end].view(j - i, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # [S, H, length, Dh]
+            out[start:end].view(j - i, length, *q.shape[1:]).copy_(o.transpose(1, 2))
+        i = j
     return out
 
 
@@ -158,15 +165,16 @@ class QwenUnitDToMe(nn.Module):
         C = state.x.shape[-1] // unit
         H = attn.num_heads
         Dh = C // H
-        qkv = attn.qkv(blk.norm1(state.x.view(n, P, unit, C)))  # [n, P, unit, 3C]: unique units only
-        slots = state.pos_map.clamp_min(0).long()
-        full = qkv.gather(1, slots[..., None, None].expand(-1, -1, unit, 3 * C))[valid]  # [U0, unit, 3C]
-        q, k, v = full.reshape(-1, 3, H, Dh).unbind(1)  # [L, H, Dh] each, window order
+        qkv = attn.qkv(blk.norm1(state.x.view(-1, C))).view(n, P, unit, 3 * C)  # unique units only
+        # Every original unit's unique row (window order): one gather to every patch position.
+        rows = (torch.arange(n, device=qkv.device)[:, None] * P + state.pos_map.clamp_min(0))[valid]
+        full = qkv.view(n * P, unit * 3 * C).index_select(0, rows)  # [U0, unit * 3C]
+        q, k, v = full.view(-1, 3, H, Dh).unbind(1)  # [L, H, Dh] each
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         o = segment_attention(q, k, v, cu, attn.scaling)  # [L, H, Dh]
         per_unit = o.new_zeros(n, valid.shape[1], unit * C).masked_scatter(valid[..., None], o.reshape(-1, unit * C))
         mean = segment_mean(per_unit, state.pos_map.masked_fill(~valid, -1), P)  # [n, P, unit * C]
-        x = state.x + attn.proj(mean.view(n, P, unit, C)).view(n, P, unit * C)
+        x = state.x + attn.proj(mean.view(-1, C)).view(n, P, unit * C)
         state = state._replace(x=x)
         keys = qkv[..., C:2 * C].reshape(n, P, unit, H, Dh).mean(2).transpose(1, 2)  # [n, H, P, Dh]: the metric
         if policy is not None:  # calibration: the policy chooses the merges (reference ops; not a hot path)
@@ -177,5 +185,5 @@ class QwenUnitDToMe(nn.Module):
             state = dtome_merge(*state, keys, threshold, r=r, cls_token=False, backend=self.backend)
         if trims:  # the MLP runs on the units left after this block's merge
             state = trim_state(state)
-        x = state.x.view(n, -1, unit, C)
-        return state._replace(x=(x + blk.mlp(blk.norm2(x))).flatten(2))
+        x = state.x.reshape(-1, C)  # every patch row of every unique unit
+        return state._replace(x=(x + blk.mlp(blk.norm2(x))).view(state.x.shape))
