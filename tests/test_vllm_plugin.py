@@ -190,7 +190,10 @@ def test_engine_refusals():
              # enable_mm_embeds on for both after the config hooks ran) or load a prefix that can end in an image.
              "model_config.multimodal_config.enable_mm_embeds": (True, "enable_mm_embeds=False \\(no --enable-mm-embeds\\)"),
              "ec_transfer_config": (types.SimpleNamespace(is_ec_consumer=True), "encoder-cache transfer consumer"),
-             "kv_transfer_config": (types.SimpleNamespace(is_kv_consumer=True), "KV-cache transfer consumer")}
+             "kv_transfer_config": (types.SimpleNamespace(is_kv_consumer=True), "KV-cache transfer consumer"),
+             # Prompts as embeddings have no token ids to find images by; the async scheduler is not the plugin's.
+             "model_config.enable_prompt_embeds": (True, "enable_prompt_embeds=False"),
+             "scheduler_config.async_scheduling": (True, "async_scheduling=False")}
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             check_engine(_engine(**{path: value}))

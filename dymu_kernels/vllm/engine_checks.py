@@ -3,7 +3,8 @@
 Every input kind the plugin cannot merge is refused here, once, for the whole
 engine — never per request inside an engine step, where an error would take
 the server down: precomputed image embeddings (``--enable-mm-embeds``, and the
-disaggregated roles that accept them: encoder-cache transfer, KV consumers).
+disaggregated roles that accept them: encoder-cache transfer, KV consumers),
+and prompts given as embeddings (``--enable-prompt-embeds``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def unsupported_settings(vllm_config) -> List[str]:
     if mm is not None and getattr(mm, "enable_mm_embeds", False):
         out.append("enable_mm_embeds=False (no --enable-mm-embeds): DyMU merges inside the vision tower, so it "
                    "cannot merge precomputed image embeddings (image_embeds inputs); send images")
+    if getattr(model, "enable_prompt_embeds", False):
+        out.append("enable_prompt_embeds=False (no --enable-prompt-embeds): a request given as embeddings has no "
+                   "token ids, from which DyMU finds the images' positions and groups")
     ec = getattr(vllm_config, "ec_transfer_config", None)
     if ec is not None and getattr(ec, "is_ec_consumer", False):
         out.append("no encoder-cache transfer consumer (ec_transfer_config): its image embeddings come from "
@@ -56,6 +60,9 @@ def unsupported_settings(vllm_config) -> List[str]:
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         out.append("pipeline_parallel_size=1: the unique rows cannot cross pipeline stages")
+    if getattr(sched, "async_scheduling", False):
+        out.append("async_scheduling=False (no --async-scheduling): DyMU serves with its own synchronous scheduler "
+                   f"({SCHEDULER}), which never ends a step inside an image")
     if getattr(sched, "scheduler_cls", None) not in (None, SCHEDULER):
         out.append(f"no custom scheduler_cls (--scheduler-cls): DyMU serves with {SCHEDULER}, which never "
                    "ends a step inside an image")
