@@ -348,3 +348,25 @@ def test_bench_qwen_quick_rows(tmp_path):
             assert r["flop_bound"] > 1.0 and r["tower_flop_bound"] > 1.0 and r["kv_mib"] < stock["kv_mib"]
             assert r["prefill_min"] <= r["prefill_s"] <= r["prefill_max"] and r["n_samples"] == 3
     assert rows[0]["commit"] and rows[0]["device"].startswith("cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_embeds_without_positions_as_transformers(gen, kind):
+    """inputs_embeds without input_ids or position_ids: the positions are what
+    transformers makes of it (its compute_3d_position_ids: the 1-D fallback,
+    or its last rope_deltas), so the patched model equals the unpatched one."""
+    model = tiny_qwen(kind)
+    kwargs = batch([sample(gen, PROMPTS["image"])])
+    ids = kwargs.pop("input_ids")
+    kwargs["inputs_embeds"] = model.get_input_embeddings()(ids)
+    outs = []
+    with torch.no_grad():
+        for patch in (None, NO_MERGE):
+            if patch is not None:
+                apply_dymu(model, patch, backend="torch")
+            model.model.rope_deltas = None  # a fresh model: no positions from an earlier prompt
+            fresh = model(**kwargs).logits
+            model(input_ids=ids, **{k: v for k, v in kwargs.items() if k != "inputs_embeds"})  # sets rope_deltas
+            outs.append((fresh, model(**kwargs).logits))
+    for got, expected in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)

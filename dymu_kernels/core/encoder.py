@@ -62,6 +62,23 @@ class DToMeVisionOutput:
     hidden_states: Optional[Tuple[Optional[torch.Tensor], ...]] = None
 
 
+def check_trim(trim: Union[str, bool]) -> Union[str, bool]:
+    """``trim`` as a DToMe tower takes it: ``"auto"``, True or False (else ValueError)."""
+    if not (isinstance(trim, bool) or trim == "auto"):
+        raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
+    return trim
+
+
+def trims_on(trim: Union[str, bool], device: torch.device) -> bool:
+    """Whether a merged forward on ``device`` trims the padded capacity after
+    each merge (``trim``: see :class:`DToMeVisionEncoder`). ``"auto"`` never
+    trims under ``torch.compile`` either: each trim reads a length back, which
+    would split the compiled graph once per block."""
+    if trim == "auto":
+        return device.type != "cuda" and not torch.compiler.is_compiling()
+    return trim
+
+
 def unmerge_tokens(x: torch.Tensor, pos_map: torch.Tensor) -> torch.Tensor:
     """``[B, N_cap, C]`` merged tokens -> ``[B, N0, C]``: each original token's merged token."""
     return x.gather(1, pos_map.long()[..., None].expand(-1, -1, x.shape[-1]))
@@ -149,17 +166,10 @@ class DToMeVisionEncoder(nn.Module):
             r = r[: self.num_layers]
         self.r = r
         self.backend = backend
-        if not (isinstance(trim, bool) or trim == "auto"):
-            raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
-        self.trim = trim
+        self.trim = check_trim(trim)
 
     def trims_on(self, device: torch.device) -> bool:
-        """Whether a forward on ``device`` trims the capacity after each block.
-        ``"auto"`` never trims under ``torch.compile`` either: each trim reads
-        a length back, which would split the compiled graph once per block."""
-        if self.trim == "auto":
-            return device.type != "cuda" and not torch.compiler.is_compiling()
-        return self.trim
+        return trims_on(self.trim, device)
 
     def _block(self, layer: nn.Module, state: MergeState, i: int, policy=None, merge: bool = True) -> MergeState:
         attn = layer.self_attn

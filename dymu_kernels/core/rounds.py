@@ -25,7 +25,7 @@ import torch
 
 from ..ops.dtome import dtome_merge
 from ..reference.dtome import MergeState, init_merge_state, trim_state
-from .encoder import DToMeVisionOutput
+from .encoder import DToMeVisionOutput, check_trim, trims_on
 from .thresholds import Thresholds, resolve_thresholds
 
 
@@ -49,8 +49,7 @@ class DToMeRounds:
                  trim: Union[str, bool] = "auto"):
         if (thresholds is None) == (r is None):
             raise ValueError("give thresholds (one per round) or r (fixed merges per round), exactly one")
-        if trim not in ("auto", True, False):
-            raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
+        check_trim(trim)
         if r is not None:
             if isinstance(r, bool) or not isinstance(r, (int, list, tuple)):
                 raise ValueError(f"r must be an int or one int per round, got {r!r}")
@@ -73,7 +72,7 @@ class DToMeRounds:
         self.trim = trim
 
     def trims_on(self, device: torch.device) -> bool:
-        return self.trim is True or (self.trim == "auto" and device.type == "cpu")
+        return trims_on(self.trim, device)
 
     def __call__(self, x: torch.Tensor, lengths: torch.Tensor) -> DToMeVisionOutput:
         """Merge ``x [n, P_max, C]`` (set ``i`` holds ``lengths[i]`` tokens):

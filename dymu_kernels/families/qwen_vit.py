@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.encoder import check_trim, trims_on
 from ..core.thresholds import thresholds_argument
 from ..ops.dtome import dtome_merge
 from ..ops.segment import segment_mean
@@ -89,8 +90,7 @@ class QwenUnitDToMe(nn.Module):
         self.num_layers = len(visual.blocks)
         if thresholds is not None and r is not None:
             raise ValueError("give thresholds (one per vision block) or r (units merged per block), not both")
-        if trim not in ("auto", True, False):
-            raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
+        check_trim(trim)
         self.thresholds = None if thresholds is None else thresholds_argument(thresholds, self.num_layers)
         if r is not None:
             r = [int(r)] * self.num_layers if isinstance(r, int) else [int(v) for v in r]
@@ -101,7 +101,7 @@ class QwenUnitDToMe(nn.Module):
         self.backend, self.trim = backend, trim
 
     def trims_on(self, device: torch.device) -> bool:
-        return self.trim is True or (self.trim == "auto" and device.type == "cpu")
+        return trims_on(self.trim, device)
 
     def _layout(self, grid: torch.Tensor, L: int, device):
         """Positions, segments, window order and the sets of the tower's input."""
