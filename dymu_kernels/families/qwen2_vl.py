@@ -161,15 +161,18 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
     if all(t == 1 for t in sets_per_item):  # images: one set per item
         slots = merged.pos_map.long().masked_fill(~_valid(set_sizes, merged.pos_map.shape[1], merged.pos_map.device), -1)
         items = MergedItems(merged.x, merged.lengths.long(), slots)
-    else:  # a video item joins its frame pairs: unique rows in order, maps offset
-        uniques, maps, s = [], [], 0
-        for t in sets_per_item:
-            counts = merged.lengths[s:s + t].long()
-            offsets = torch.cumsum(counts, 0) - counts
-            uniques.append(torch.cat([merged.x[s + j, : int(counts[j])] for j in range(t)]))
-            maps.append(torch.cat([merged.pos_map[s + j, : set_sizes[s + j]].long() + offsets[j] for j in range(t)]))
-            s += t
-        items = MergedItems.stack(uniques, maps)
+    else:  # a video item joins its frame pairs: unique rows in order, maps offset (no per-frame loop)
+        counts = merged.lengths.long()
+        sets = grid[:, 0].to(counts.device)
+        first_set = torch.cumsum(sets, 0) - sets
+        set_start = torch.cumsum(counts, 0) - counts  # over all sets
+        item_of_set = torch.repeat_interleave(torch.arange(len(sets), device=counts.device), sets)
+        offset = set_start - set_start[first_set][item_of_set]  # a set's first unique row within its item
+        unique_rows = merged.x[torch.arange(merged.x.shape[1], device=counts.device)[None] < counts[:, None]]
+        valid = _valid(set_sizes, merged.pos_map.shape[1], counts.device)
+        slot_maps = (merged.pos_map.long() + offset[:, None])[valid]
+        per_item = torch.zeros(len(sets), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
+        items = MergedItems.stack(torch.split(unique_rows, per_item.tolist()), torch.split(slot_maps, placeholders))
     lengths = None if len(set(placeholders)) == 1 else placeholders
     return image_outputs(items, lengths, last_hidden_state=last)
 
