@@ -39,7 +39,7 @@ D = 128, causal; N = 642 full positions = 66 text + 576 image, N_un = 66 +
   rotated K/V (N + 1 rows; its decode step is the unpatched model's);
 - the DToMe merge of one CLIP ViT-L/14-336 block (N = 577, C = 1024, 16 heads
   x 64, threshold mode, CLS): ``_metric_kernel``, ``_match_kernel``,
-  ``_plan_kernel``, ``_merge_kernel`` and the torch glue between them, for
+  ``_plan_count_kernel``, ``_plan_kernel``, ``_merge_kernel`` and the torch glue between them, for
   B = 1 and 32;
 - the whole vision tower as ``bench_dtome.py`` runs it (24 blocks, fixed r),
   ``trim=True`` vs ``trim=False``: the roofline time trimming saves and the
@@ -489,6 +489,7 @@ def dtome_merge_kernels(v: ViTShape) -> List[Kernel]:
     metric_bn = max(1, min(64, 8192 // pow2(dh)))
     P = "dymu_kernels"
     shape = f"N={N} C={C} heads={H}"
+    plan_block, tiles = dtome_triton.plan_tiles(na)
     ks = [
         Kernel(P, "_metric_kernel (head mean, L2 norm)", reads=B * H * N * dh * BF16, writes=B * N * dh * FP32,
                flops=B * N * dh * (H + 4), unit="fp32", triton="_metric_kernel",
@@ -497,9 +498,12 @@ def dtome_merge_kernels(v: ViTShape) -> List[Kernel]:
                writes=B * na * (FP32 + I64 + I8), flops=2 * B * na * nb * dh, unit="fp32", triton="_match_kernel",
                variant=dict(CLS=1, USE_THRESHOLD=1, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=min(pow2(dh), block_d)),
                grid=dtome_triton.match_grid(B, na, block_a)),
-        Kernel(P, "_plan_kernel (prefix sums, new slots)", reads=B * na * (I8 + I64) + B * I32,
-               writes=B * N * I64 * 2 + B * I64 * 2, triton="_plan_kernel",
-               variant=dict(BY_SCORE=0, BLOCK=pow2(na)), grid=dtome_triton.plan_grid(B)),
+        Kernel(P, "_plan_count_kernel (kept / merged per tile)", reads=B * na * I8 + B * I32,
+               writes=2 * B * tiles * I64, triton="_plan_count_kernel",
+               variant=dict(BY_SCORE=0, BLOCK=plan_block), grid=dtome_triton.plan_grid(B, tiles)),
+        Kernel(P, "_plan_kernel (prefix sums, new slots)", reads=B * na * (I8 + I64) + B * I32 + B * tiles * I64,
+               writes=B * N * I64 * 2, triton="_plan_kernel",
+               variant=dict(BY_SCORE=0, BLOCK=plan_block), grid=dtome_triton.plan_grid(B, tiles)),
     ]
     nb1, nb2 = nb + 1, nb + 2
     # zeros(home); merge.bool(); arange; *2; lengths.long(); <; &; where; sort (3); zeros; ones_like;
@@ -509,7 +513,11 @@ def dtome_merge_kernels(v: ViTShape) -> List[Kernel]:
     glue_w = (B * na * BOOL + na * I64 + na * I64 + B * I64 + B * na * BOOL + B * na * BOOL
               + B * na * I64 + 2 * B * na * I64 + B * nb1 * I64 + B * na * I64 + B * nb1 * I64 + B * nb2 * I64
               + B * nb1 * I64)
-    ks.insert(2, Kernel(P, "torch: zeros(home) (before the plan kernel)", writes=B * N * I64))
+    ks.insert(2, Kernel(P, "torch: zeros(home) (before the plan kernels)", writes=B * N * I64))
+    # Between the plan kernels: kept per image, the tiles' exclusive scan, merged per image, new lengths
+    # (sum, cumsum, sub, sum, lengths.long, // 2, add).
+    ks.insert(4, Kernel(P, "torch: tile scan, new lengths", reads=5 * B * tiles * I64 + B * I32 + 3 * B * I64,
+                        writes=2 * B * tiles * I64 + 5 * B * I64, launches=7))
     ks.append(Kernel(P, "torch: valid/key, stable sort, counts, cumsum", reads=glue_r, writes=glue_w,
                      launches=15))
     ks.append(Kernel(P, "_merge_kernel (size-weighted gather)",

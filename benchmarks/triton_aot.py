@@ -171,11 +171,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def dtome_cases(quick: bool) -> Iterator[Tuple[str, Callable[[], object]]]:
     """DToMe merge of one block: CLIP-L shape (C=1024, 16 heads of 64) plus a
     wide metric (one head of 1024) and a long sequence."""
-    # Quick (CI): the larger BLOCK of the two LLaVA-class shapes (its limits bind first).
-    shapes = [(1025, 768, 12)] if quick else [(577, 1024, 16), (1025, 768, 12), (50, 64, 1), (4097, 1024, 1)]
+    # Quick (CI): the larger BLOCK of the two LLaVA-class shapes (its limits bind first), and a
+    # 16k-token image (Qwen-VL's largest: the plan runs in tiles) in fp32.
+    shapes = [(1025, 768, 12), (16385, 64, 1)] if quick else [(577, 1024, 16), (1025, 768, 12), (50, 64, 1),
+                                                              (4097, 1024, 1), (16385, 64, 1)]
     for n, c, heads in shapes:
         for name, dtype in DTYPES.items():
-            if quick and name == "fp16":
+            if quick and (name == "fp16" or (n > 4097 and name != "fp32")):
                 continue
 
             def case(n=n, c=c, heads=heads, dtype=dtype):

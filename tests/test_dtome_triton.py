@@ -155,3 +155,22 @@ def test_triton_merge_step_identical_to_reference_with_tied_scores(gen, cls_toke
     assert_same_merge(out, ref, torch.float32)
     with pytest.raises(ValueError, match="needs node_max"):
         dtome_triton.merge_tokens(MergeState(*dev[:4]), dev[4], dev[5], cls_token=False)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+@pytest.mark.parametrize("mode", [dict(threshold=None), dict(r=40), dict(threshold=float("inf"))])
+def test_triton_plan_in_several_tiles_matches_reference(gen, monkeypatch, cls_token, mode):
+    """Images longer than one plan tile (here forced: 64 A slots a tile, so a
+    577-token image runs in 5): kept A tokens ranked across tiles, rule (a)
+    (nothing merged: unchanged) and rule (b) (score order) over the whole
+    image, padded images in the batch; equal to the reference."""
+    from dymu_kernels.ops import dtome_triton
+
+    monkeypatch.setattr(dtome_triton, "PLAN_BLOCK_MAX", 64)
+    assert dtome_triton.plan_tiles(289) == (64, 5)
+    args = mixed_batch(gen, 577, 32, torch.float32, B=3)
+    kwargs = dict(mode)
+    if "threshold" in kwargs and kwargs["threshold"] is None:
+        kwargs["threshold"] = threshold_with_margin(args[4], args[2], 0.5)
+    out, ref = run_both(args, cls_token=cls_token, **kwargs)
+    assert_same_merge(out, ref, torch.float32)

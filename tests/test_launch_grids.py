@@ -40,6 +40,7 @@ def test_dtome_grids_within_cuda_limits_at_large_batch(B):
     assert within_cuda_limits(dtome_triton.metric_grid(B, 577, 64))
     assert within_cuda_limits(dtome_triton.match_grid(B, 289, 64))
     assert within_cuda_limits(dtome_triton.plan_grid(B))
+    assert within_cuda_limits(dtome_triton.plan_grid(B, dtome_triton.plan_tiles(8193)[1]))  # 16k-token images
     assert within_cuda_limits(dtome_triton.merge_grid(B, 577, 1024, 16, 256))
 
 

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ALL_KERNELS = {
-    "_metric_kernel", "_match_kernel", "_plan_kernel", "_merge_kernel",
+    "_metric_kernel", "_match_kernel", "_plan_count_kernel", "_plan_kernel", "_merge_kernel",
     "_vtu_fwd_kernel", "_segment_mean_kernel", "_decode_combine_kernel",
 }
 

@@ -9,8 +9,10 @@ asynchronously so a whole merged ViT forward can be captured in a CUDA graph:
                         max/argmax (first index wins ties), threshold test —
                         the score matrix is never written to memory.
    (fixed-r ToMe mode ranks the [B, N/2] scores with torch.sort instead.)
-3. ``_plan_kernel``     one program per image: prefix sums over kept A tokens
-                        give every old slot its new slot in the official
+3. ``_plan_count_kernel`` / ``_plan_kernel``: per image, tiles of up to
+                        ``PLAN_BLOCK_MAX`` A slots; the counts of kept A tokens
+                        per tile are prefix-summed on the device, then each
+                        tile gives every old slot its new slot in the official
                         order (docs/design.md §1.1: an image merging nothing is
                         unchanged; kept A tokens by position with CLS, else
                         in score order, sorted by torch beforehand), and every
@@ -107,13 +109,40 @@ def _match_kernel(
 
 
 @triton.jit
-def _plan_kernel(
-    merge_ptr, idx_ptr, order_ptr, len_ptr, dest_ptr, home_ptr, new_len_ptr, n_kept_ptr,
-    N, N_A, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
+def _plan_count_kernel(
+    merge_ptr, order_ptr, len_ptr, tile_kept_ptr, tile_merged_ptr,
+    N_A, N_TILES, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    # One program per (image, tile of BLOCK A slots in the compaction order):
+    # how many A tokens of the tile are kept and how many merge.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N_TILES
     L = tl.load(len_ptr + b).to(tl.int64)
-    p = tl.arange(0, BLOCK).to(tl.int64)
+    p = (pid % N_TILES) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    in_range = p < N_A
+    if BY_SCORE:
+        i = tl.load(order_ptr + b * N_A + p, mask=in_range, other=0)
+    else:
+        i = p
+    a_ok = (2 * i < L) & in_range
+    merged = (tl.load(merge_ptr + b * N_A + i, mask=in_range, other=0) != 0) & a_ok
+    kept = a_ok & tl.where(merged, False, True)
+    tl.store(tile_kept_ptr + pid, tl.sum(kept.to(tl.int64), axis=0))
+    tl.store(tile_merged_ptr + pid, tl.sum(merged.to(tl.int64), axis=0))
+
+
+@triton.jit
+def _plan_kernel(
+    merge_ptr, idx_ptr, order_ptr, len_ptr, dest_ptr, home_ptr, tile_off_ptr, n_kept_ptr, n_merged_ptr,
+    N, N_A, N_TILES, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per (image, tile): the tile's kept A tokens are ranked after
+    # those of earlier tiles (``tile_off``: an exclusive prefix sum of
+    # ``_plan_count_kernel``'s counts), so any length runs in tiles of BLOCK.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N_TILES
+    L = tl.load(len_ptr + b).to(tl.int64)
+    p = (pid % N_TILES) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     in_range = p < N_A
     # The A tokens are compacted in a chosen order (rule (b)): by position
     # with a CLS token, else the score order computed by the launcher.
@@ -125,10 +154,11 @@ def _plan_kernel(
     merged = (tl.load(merge_ptr + b * N_A + i, mask=in_range, other=0) != 0) & a_ok
     kept = a_ok & tl.where(merged, False, True)
     kept_i = kept.to(tl.int64)
-    rank = tl.cumsum(kept_i, axis=0) - kept_i  # exclusive prefix sum: new slot of a kept A token
-    n_kept = tl.sum(kept_i, axis=0)
+    # Exclusive prefix sum: the new slot of a kept A token.
+    rank = tl.load(tile_off_ptr + pid) + tl.cumsum(kept_i, axis=0) - kept_i
+    n_kept = tl.load(n_kept_ptr + b)
     # Rule (a): an image that merges nothing keeps every token where it is.
-    unchanged = tl.sum(merged.to(tl.int64), axis=0) == 0
+    unchanged = tl.load(n_merged_ptr + b) == 0
     target = tl.load(idx_ptr + b * N_A + i, mask=in_range, other=0)
     slot_a = tl.where(unchanged, 2 * i, rank)
     dest_a = tl.where(kept, slot_a, tl.where(merged, n_kept + target, -1))
@@ -139,8 +169,6 @@ def _plan_kernel(
     tl.store(dest_ptr + b * N + 2 * j + 1, tl.where(b_ok, slot_b, -1), mask=2 * j + 1 < N)
     tl.store(home_ptr + b * N + slot_a, 2 * i, mask=kept)
     tl.store(home_ptr + b * N + slot_b, 2 * j + 1, mask=b_ok)
-    tl.store(new_len_ptr + b, n_kept + L // 2)
-    tl.store(n_kept_ptr + b, n_kept)
 
 
 @triton.jit
@@ -198,8 +226,19 @@ def match_grid(B: int, n_a: int, block_a: int):
     return launch_grid("_match_kernel", B, triton.cdiv(n_a, block_a))
 
 
-def plan_grid(B: int):
-    return launch_grid("_plan_kernel", B)
+# A slots one plan program holds: any longer image runs in several tiles
+# (BLOCK=16384 in one program spilled ~1.8 KB of registers per thread).
+PLAN_BLOCK_MAX = 2048
+
+
+def plan_tiles(n_a: int):
+    """``(BLOCK, tiles)`` of the plan kernels for ``n_a`` A slots per image."""
+    block = min(pow2(n_a), PLAN_BLOCK_MAX)
+    return block, triton.cdiv(n_a, block)
+
+
+def plan_grid(B: int, tiles: int = 1):
+    return launch_grid("_plan_kernel", B * tiles)
 
 
 def merge_grid(B: int, N: int, C: int, block_r: int, block_c: int):
@@ -280,18 +319,27 @@ def merge_tokens(
     size_c = size.contiguous()
     dest = torch.empty((B, N), device=dev, dtype=torch.int64)
     home = torch.zeros((B, N), device=dev, dtype=torch.int64)
-    new_len = torch.empty((B,), device=dev, dtype=torch.int64)
-    n_kept = torch.empty((B,), device=dev, dtype=torch.int64)
     # Rule (b) without CLS: the reference's own stable sort (on the device, no
     # host sync) so that equal scores give the reference's order exactly.
     order = score_order(node_max).contiguous() if not cls_token else node_idx
-    block = pow2(n_a)
-    # One program holds a whole image's A slots: more warps for long sequences
-    # keep the per-thread share in registers (BLOCK=4096 spilled with 4 warps).
-    _plan_kernel[plan_grid(B)](
-        merge, node_idx, order, lengths, dest, home, new_len, n_kept, N, n_a,
-        BY_SCORE=not cls_token, BLOCK=block, num_warps=min(16, max(4, block // 256)),
+    # Tiles of at most PLAN_BLOCK_MAX A slots (more warps for larger tiles keep
+    # each thread's share in registers); their counts are scanned on the device.
+    block, tiles = plan_tiles(n_a)
+    warps = min(16, max(4, block // 256))
+    tile_kept = torch.empty((B, tiles), device=dev, dtype=torch.int64)
+    tile_merged = torch.empty((B, tiles), device=dev, dtype=torch.int64)
+    _plan_count_kernel[plan_grid(B, tiles)](
+        merge, order, lengths, tile_kept, tile_merged, n_a, tiles,
+        BY_SCORE=not cls_token, BLOCK=block, num_warps=warps,
     )
+    n_kept = tile_kept.sum(1)
+    tile_off = (torch.cumsum(tile_kept, 1) - tile_kept).contiguous()
+    n_merged = tile_merged.sum(1)
+    _plan_kernel[plan_grid(B, tiles)](
+        merge, node_idx, order, lengths, dest, home, tile_off, n_kept, n_merged, N, n_a, tiles,
+        BY_SCORE=not cls_token, BLOCK=block, num_warps=warps,
+    )
+    new_len = n_kept + lengths.long() // 2
 
     # Sources grouped by destination, in slot order within a group (stable sort).
     valid_merge = merge.bool() & (torch.arange(n_a, device=dev)[None, :] * 2 < lengths[:, None].long())
