@@ -109,13 +109,10 @@ def _match_kernel(
 
 
 @triton.jit
-def _plan_count_kernel(
-    merge_ptr, order_ptr, len_ptr, tile_kept_ptr, tile_merged_ptr,
-    N_A, N_TILES, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # One program per (image, tile of BLOCK A slots in the compaction order):
-    # how many A tokens of the tile are kept and how many merge.
-    pid = tl.program_id(0).to(tl.int64)
+def _plan_tile(merge_ptr, order_ptr, len_ptr, pid, N_A, N_TILES, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr):
+    """The tile of program ``pid``: image ``b``, its A slots ``i`` (in the
+    compaction order: by position with a CLS token, else the score order the
+    launcher sorted, rule (b)), which of them merge and which stay."""
     b = pid // N_TILES
     L = tl.load(len_ptr + b).to(tl.int64)
     p = (pid % N_TILES) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -127,6 +124,17 @@ def _plan_count_kernel(
     a_ok = (2 * i < L) & in_range
     merged = (tl.load(merge_ptr + b * N_A + i, mask=in_range, other=0) != 0) & a_ok
     kept = a_ok & tl.where(merged, False, True)
+    return b, L, p, i, in_range, merged, kept
+
+
+@triton.jit
+def _plan_count_kernel(
+    merge_ptr, order_ptr, len_ptr, tile_kept_ptr, tile_merged_ptr,
+    N_A, N_TILES, BY_SCORE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per (image, tile of BLOCK A slots): how many of its A tokens stay and how many merge.
+    pid = tl.program_id(0).to(tl.int64)
+    _, _, _, _, _, merged, kept = _plan_tile(merge_ptr, order_ptr, len_ptr, pid, N_A, N_TILES, BY_SCORE, BLOCK)
     tl.store(tile_kept_ptr + pid, tl.sum(kept.to(tl.int64), axis=0))
     tl.store(tile_merged_ptr + pid, tl.sum(merged.to(tl.int64), axis=0))
 
@@ -140,19 +148,8 @@ def _plan_kernel(
     # those of earlier tiles (``tile_off``: an exclusive prefix sum of
     # ``_plan_count_kernel``'s counts), so any length runs in tiles of BLOCK.
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // N_TILES
-    L = tl.load(len_ptr + b).to(tl.int64)
-    p = (pid % N_TILES) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    in_range = p < N_A
-    # The A tokens are compacted in a chosen order (rule (b)): by position
-    # with a CLS token, else the score order computed by the launcher.
-    if BY_SCORE:
-        i = tl.load(order_ptr + b * N_A + p, mask=in_range, other=0)
-    else:
-        i = p
-    a_ok = (2 * i < L) & in_range
-    merged = (tl.load(merge_ptr + b * N_A + i, mask=in_range, other=0) != 0) & a_ok
-    kept = a_ok & tl.where(merged, False, True)
+    b, L, p, i, in_range, merged, kept = _plan_tile(merge_ptr, order_ptr, len_ptr, pid, N_A, N_TILES, BY_SCORE,
+                                                    BLOCK)
     kept_i = kept.to(tl.int64)
     # Exclusive prefix sum: the new slot of a kept A token.
     rank = tl.load(tile_off_ptr + pid) + tl.cumsum(kept_i, axis=0) - kept_i
