@@ -115,6 +115,14 @@ def _lm_flops(model, n_compact: int, merge_map: torch.Tensor) -> int:
             step()
 
 
+def _image_merge_map(positions: int, kept: int) -> torch.Tensor:
+    """``[1, N]`` merge map of the prompt: text, then the image's ``positions``
+    on ``kept`` unique tokens, then text, as the compact layout has it."""
+    image = torch.arange(positions) * kept // positions + TEXT_BEFORE
+    merge_map = torch.cat([torch.arange(TEXT_BEFORE), image, torch.arange(TEXT_AFTER) + TEXT_BEFORE + kept])
+    return merge_map.to(torch.int32)[None]
+
+
 def dymu_flops(model, r: int) -> Dict[str, int]:
     from dymu_kernels.core.encoder import DToMeVisionEncoder
     from dymu_kernels.reference.dtome import init_merge_state
@@ -131,10 +139,7 @@ def dymu_flops(model, r: int) -> Dict[str, int]:
     kept = patches - blocks * r
     vision += _flops(lambda: model.model.multi_modal_projector(torch.empty(1, kept, cfg.hidden_size, device="meta")))
     text = TEXT_BEFORE + TEXT_AFTER
-    # Merge map: text, then the image's 576 positions on `kept` unique tokens, as the compact layout has it.
-    image = torch.arange(patches) * kept // patches + TEXT_BEFORE
-    merge_map = torch.cat([torch.arange(TEXT_BEFORE), image, torch.arange(TEXT_AFTER) + TEXT_BEFORE + kept])
-    return {"vision": vision, "lm": _lm_flops(model, text + kept, merge_map.to(torch.int32)[None]),
+    return {"vision": vision, "lm": _lm_flops(model, text + kept, _image_merge_map(patches, kept)),
             "image_tokens": kept, "lm_tokens": text + kept}
 
 
@@ -204,9 +209,7 @@ def qwen_flops(model, r: int = 0) -> Dict[str, int]:
     vision = _qwen_tower_flops(visual, grid, per_block, dymu=r > 0)
     kept = per_block[-1]
     text = TEXT_BEFORE + TEXT_AFTER
-    image = torch.arange(units) * kept // units + TEXT_BEFORE
-    merge_map = torch.cat([torch.arange(TEXT_BEFORE), image, torch.arange(TEXT_AFTER) + TEXT_BEFORE + kept])
-    return {"vision": vision, "lm": _lm_flops(model, text + kept, merge_map.to(torch.int32)[None]),
+    return {"vision": vision, "lm": _lm_flops(model, text + kept, _image_merge_map(units, kept)),
             "image_tokens": kept, "lm_tokens": text + kept}
 
 

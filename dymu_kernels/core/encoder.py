@@ -69,6 +69,17 @@ def check_trim(trim: Union[str, bool]) -> Union[str, bool]:
     return trim
 
 
+def per_block_r(r: Union[None, int, Sequence[int]], num_layers: int) -> Optional[List[int]]:
+    """Fixed-r merging as one count per block (an int for every block, or one
+    per block; extra entries dropped); None stays None. ValueError otherwise."""
+    if r is None:
+        return None
+    r = [int(r)] * num_layers if isinstance(r, int) else [int(v) for v in r]
+    if len(r) < num_layers or min(r) < 0:
+        raise ValueError(f"r must be a non-negative int or one per block ({num_layers}), got {r}")
+    return r[:num_layers]
+
+
 def trims_on(trim: Union[str, bool], device: torch.device) -> bool:
     """Whether a merged forward on ``device`` trims the padded capacity after
     each merge (``trim``: see :class:`DToMeVisionEncoder`). ``"auto"`` never
@@ -159,12 +170,7 @@ class DToMeVisionEncoder(nn.Module):
         if thresholds is not None and r is not None:
             raise ValueError("give thresholds (DyMU) or r (ToMe), not both")
         self.thresholds = resolve_thresholds(thresholds, self.num_layers)
-        if r is not None:
-            r = [int(r)] * self.num_layers if isinstance(r, int) else [int(v) for v in r]
-            if len(r) < self.num_layers or min(r) < 0:
-                raise ValueError(f"r must be a non-negative int or one per block ({self.num_layers}), got {r}")
-            r = r[: self.num_layers]
-        self.r = r
+        self.r = per_block_r(r, self.num_layers)
         self.backend = backend
         self.trim = check_trim(trim)
 

@@ -28,6 +28,7 @@ import torch
 from ..core.compact import MergedItems
 from ..core.rounds import DToMeRounds
 from ..reference.dtome import init_merge_state
+from .qwen_vit import QwenUnitDToMe, pad_sets, set_mask
 from .spec import Family, ItemCounts, Modality, Patch
 
 # Arguments of a Qwen2-VL-type forward that only its vision side (and its positions) read.
@@ -91,7 +92,7 @@ class QwenDToMe:
     def __init__(self, vit, rounds):
         self.vit, self.rounds = vit, rounds
         self.thresholds = (None if vit is None else vit.thresholds, None if rounds is None else rounds.thresholds)
-        self.r = (None if vit is None else vit.r, None if rounds is None else rounds.r)
+        self.r = None if vit is None else vit.r  # (fixed r merges inside the tower only)
         self.trim = (vit or rounds).trim
 
     def __call__(self, visual, pixels: torch.Tensor, grid: torch.Tensor):
@@ -103,10 +104,8 @@ class QwenDToMe:
             state, last, per_layer, sizes = self.vit(pixels, grid)
         else:  # transformers' own tower, then the rounds on its outputs
             out = visual(pixels.type(visual.dtype), grid_thw=grid)
-            set_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0])
-            sizes = set_units.tolist()  # one host read, as the unpatched split
-            tokens = torch.nn.utils.rnn.pad_sequence(list(torch.split(out.pooler_output, sizes)), batch_first=True)
-            state, last, per_layer = init_merge_state(tokens, set_units.to(tokens.device)), out.last_hidden_state, []
+            tokens, set_units, sizes = pad_sets(out.pooler_output, grid, unit)
+            state, last, per_layer = init_merge_state(tokens, set_units), out.last_hidden_state, []
         if self.rounds is not None:
             state, per_round = self.rounds.merge(state)
             per_layer = per_layer + per_round
@@ -120,8 +119,6 @@ def build_encoder(family, inner, thresholds, r, backend, trim):
     merging inside the tower), or ``{"vit": per block, "merger": one per
     round}`` for either or both stages; ``r``: units merged per set and
     vision block (the fixed-r ablation)."""
-    from .qwen_vit import QwenUnitDToMe
-
     if r is None and isinstance(thresholds, str) and thresholds == "default":
         raise ValueError(
             f"no published thresholds for {family.class_name}: pass thresholds calibrated on your images (one per "
@@ -159,7 +156,8 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
     sets_per_item = grid[:, 0].tolist()
     placeholders = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
     if all(t == 1 for t in sets_per_item):  # images: one set per item
-        slots = merged.pos_map.long().masked_fill(~_valid(set_sizes, merged.pos_map.shape[1], merged.pos_map.device), -1)
+        slots = merged.pos_map.long().masked_fill(~set_mask(merged.lengths.new_tensor(set_sizes),
+                                                                    merged.pos_map.shape[1]), -1)
         items = MergedItems(merged.x, merged.lengths.long(), slots)
     else:  # a video item joins its frame pairs: unique rows in order, maps offset (no per-frame loop)
         counts = merged.lengths.long()
@@ -169,16 +167,12 @@ def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tens
         item_of_set = torch.repeat_interleave(torch.arange(len(sets), device=counts.device), sets)
         offset = set_start - set_start[first_set][item_of_set]  # a set's first unique row within its item
         unique_rows = merged.x[torch.arange(merged.x.shape[1], device=counts.device)[None] < counts[:, None]]
-        valid = _valid(set_sizes, merged.pos_map.shape[1], counts.device)
+        valid = set_mask(counts.new_tensor(set_sizes), merged.pos_map.shape[1])
         slot_maps = (merged.pos_map.long() + offset[:, None])[valid]
         per_item = torch.zeros(len(sets), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
         items = MergedItems.stack(torch.split(unique_rows, per_item.tolist()), torch.split(slot_maps, placeholders))
     lengths = None if len(set(placeholders)) == 1 else placeholders
     return image_outputs(items, lengths, last_hidden_state=last)
-
-
-def _valid(sizes, capacity: int, device) -> torch.Tensor:
-    return torch.arange(capacity, device=device)[None] < torch.tensor(sizes, device=device)[:, None]
 
 
 def encode_images(inner, patch: Patch, pixel_values, dtype, vision_kwargs):

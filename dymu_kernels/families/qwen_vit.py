@@ -24,13 +24,13 @@ positions, segments and window order; the block's own modules do the rest.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.encoder import check_trim, trims_on
+from ..core.encoder import check_trim, per_block_r, trims_on
 from ..core.thresholds import thresholds_argument
 from ..ops.dtome import dtome_merge
 from ..ops.segment import segment_mean
@@ -45,28 +45,55 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """Attention within each segment ``cu_seqlens[i] : cu_seqlens[i + 1]`` of
-    ``q, k, v [L, H, Dh]`` -> ``[L, H, Dh]``, each segment as the tower's own
-    per-segment ``scaled_dot_product_attention`` computes it. Consecutive
-    segments of equal length (the windows, mostly) run as one batched call on
-    views of the inputs (no copies)."""
-    bounds = cu_seqlens.tolist()  # one host read, as the tower's own split
-    out = torch.empty_like(q)
-    i = 0
+def segment_runs(cu_seqlens: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """The segments ``cu_seqlens[i] : cu_seqlens[i + 1]`` as runs of equal
+    length, ``(start, end, length)`` (the windows mostly share one length);
+    one host read, made once per forward for each kind of block."""
+    bounds = cu_seqlens.tolist()
+    runs, i = [], 0
     while i < len(bounds) - 1:
         length = bounds[i + 1] - bounds[i]
         j = i + 1
         while j < len(bounds) - 1 and bounds[j + 1] - bounds[j] == length:
             j += 1
         if length > 0:
-            start, end = bounds[i], bounds[j]
-            qs, ks, vs = (t[start:end].view(j - i, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # [S, H, length, Dh]
-            out[start:end].view(j - i, length, *q.shape[1:]).copy_(o.transpose(1, 2))
+            runs.append((bounds[i], bounds[j], length))
         i = j
+    return runs
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: List[Tuple[int, int, int]],
+                      scale: float) -> torch.Tensor:
+    """Attention within each segment of ``q, k, v [L, H, Dh]`` -> ``[L, H, Dh]``,
+    each as the tower's own per-segment ``scaled_dot_product_attention``
+    computes it; a run of equal-length segments (:func:`segment_runs`) is one
+    batched call on views of the inputs (no copies)."""
+    out = torch.empty_like(q)
+    for start, end, length in runs:
+        count = (end - start) // length
+        qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # [count, H, length, Dh]
+        out[start:end].view(count, length, *q.shape[1:]).copy_(o.transpose(1, 2))
     return out
+
+
+def pad_sets(rows: torch.Tensor, grid: torch.Tensor, unit: int):
+    """The rows of every set (an image, or one video frame pair) padded into
+    one batch, a 2×2 unit per slot: ``rows`` holds, set after set, each
+    unit's consecutive rows (its ``unit`` patches in the tower, its one token
+    after the merger). Returns ``(padded [n, P0, rows per unit * C], units per
+    set [n], the same as a list)`` — the list is one host read, as the
+    unpatched model's own split."""
+    set_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0])
+    sizes = set_units.tolist()
+    total = sum(sizes)
+    sets = torch.split(rows.reshape(total, rows.shape[0] // total * rows.shape[-1]), sizes)
+    return torch.nn.utils.rnn.pad_sequence(list(sets), batch_first=True), set_units.to(rows.device), sizes
+
+
+def set_mask(set_units: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[n, capacity]``: which slots of a padded batch of sets hold a unit."""
+    return torch.arange(capacity, device=set_units.device)[None] < set_units[:, None]
 
 
 class QwenUnitDToMe(nn.Module):
@@ -92,18 +119,13 @@ class QwenUnitDToMe(nn.Module):
             raise ValueError("give thresholds (one per vision block) or r (units merged per block), not both")
         check_trim(trim)
         self.thresholds = None if thresholds is None else thresholds_argument(thresholds, self.num_layers)
-        if r is not None:
-            r = [int(r)] * self.num_layers if isinstance(r, int) else [int(v) for v in r]
-            if len(r) < self.num_layers or min(r) < 0:
-                raise ValueError(f"r must be a non-negative int or one per vision block ({self.num_layers}), got {r}")
-            r = r[: self.num_layers]
-        self.r = r
+        self.r = per_block_r(r, self.num_layers)
         self.backend, self.trim = backend, trim
 
     def trims_on(self, device: torch.device) -> bool:
         return trims_on(self.trim, device)
 
-    def _layout(self, grid: torch.Tensor, L: int, device):
+    def _layout(self, grid: torch.Tensor):
         """Positions, segments, window order and the sets of the tower's input."""
         from transformers import vision_utils as vu
 
@@ -115,7 +137,7 @@ class QwenUnitDToMe(nn.Module):
             window_index, cu_window = vu.get_vision_window_index(
                 grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
                 patch_size=visual.patch_size)
-        return position_ids, cu_full.to(device), window_index, None if cu_window is None else cu_window.to(device)
+        return position_ids, cu_full, window_index, cu_window
 
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None):
         """Merged unique units of every set after the merger, as a merge state
@@ -128,24 +150,23 @@ class QwenUnitDToMe(nn.Module):
         x = visual.patch_embed(pixels.type(visual.dtype))  # [L, C]
         L, C = x.shape
         unit = visual.spatial_merge_size ** 2
-        position_ids, cu_full, window_index, cu_window = self._layout(grid, L, x.device)
+        position_ids, cu_full, window_index, cu_window = self._layout(grid)
         cos, sin = visual.rotary_pos_emb(x, position_ids)
         if window_index is not None:
             x = visual.permute_input_for_window_attn(x, window_index, seq_len=L)
             cos, sin = (visual.permute_input_for_window_attn(t, window_index, seq_len=L) for t in (cos, sin))
-        set_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0])  # [n] units per set
-        sizes = set_units.tolist()
         # Sets are contiguous in window order (windows never cross a frame pair).
-        units = torch.nn.utils.rnn.pad_sequence(list(torch.split(x.view(L // unit, unit * C), sizes)),
-                                                batch_first=True)
-        state = init_merge_state(units, set_units.to(x.device))
-        valid = torch.arange(state.pos_map.shape[1], device=x.device)[None] < state.lengths[:, None]
+        units, set_units, sizes = pad_sets(x, grid, unit)
+        state = init_merge_state(units, set_units)
+        valid = set_mask(set_units, units.shape[1])
         per_block: List[torch.Tensor] = []
         trims = self.trims_on(x.device)
         fullatt = set(getattr(visual, "fullatt_block_indexes", range(self.num_layers)))
+        runs_full = segment_runs(cu_full)
+        runs_window = runs_full if cu_window is None else segment_runs(cu_window)
         for i, blk in enumerate(visual.blocks):
-            cu = cu_full if (window_index is None or i in fullatt) else cu_window
-            state = self._block(blk, state, valid, cos, sin, cu, i, unit, policy, trims)
+            runs = runs_full if (window_index is None or i in fullatt) else runs_window
+            state = self._block(blk, state, valid, cos, sin, runs, i, unit, policy, trims)
             per_block.append(state.lengths)
         n, P = state.x.shape[:2]
         last = state.x.view(n, P, unit, C).gather(
@@ -158,7 +179,7 @@ class QwenUnitDToMe(nn.Module):
             pos_map = torch.full_like(pos_map, -1).masked_scatter(valid, flat)
         return MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sizes
 
-    def _block(self, blk, state: MergeState, valid, cos, sin, cu, i: int, unit: int, policy=None,
+    def _block(self, blk, state: MergeState, valid, cos, sin, runs, i: int, unit: int, policy=None,
                trims: bool = False) -> MergeState:
         attn = blk.attn
         n, P, _ = state.x.shape
@@ -171,7 +192,7 @@ class QwenUnitDToMe(nn.Module):
         full = qkv.view(n * P, unit * 3 * C).index_select(0, rows)  # [U0, unit * 3C]
         q, k, v = full.view(-1, 3, H, Dh).unbind(1)  # [L, H, Dh] each
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        o = segment_attention(q, k, v, cu, attn.scaling)  # [L, H, Dh]
+        o = segment_attention(q, k, v, runs, attn.scaling)  # [L, H, Dh]
         per_unit = o.new_zeros(n, valid.shape[1], unit * C).masked_scatter(valid[..., None], o.reshape(-1, unit * C))
         mean = segment_mean(per_unit, state.pos_map.masked_fill(~valid, -1), P)  # [n, P, unit * C]
         x = state.x + attn.proj(mean.view(-1, C)).view(n, P, unit * C)
