@@ -142,10 +142,16 @@ def test_padded_batch_and_generate_modes_nothing_merged(gen, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merging_batch_equals_each_alone_and_cpp_equals_torch(gen, kind):
+@pytest.mark.parametrize("bands", [False, True], ids=["sets", "bands"])
+def test_merging_batch_equals_each_alone_and_cpp_equals_torch(gen, kind, bands, monkeypatch):
     """With merging: each sample of a left-padded batch (images of different
     grids, a video) gets its single-prompt logits, greedy tokens and counts;
-    the C++ merge equals the reference; the cache holds unique rows."""
+    the C++ merge equals the reference; the cache holds unique rows — also
+    when images and frame pairs match in bands (here beyond 6 units)."""
+    from dymu_kernels.families import qwen_vit
+
+    if bands:
+        monkeypatch.setattr(qwen_vit, "MATCH_UNITS", 6)
     model = tiny_qwen(kind)
     samples = [sample(gen, PROMPTS["two images"]), sample(gen, PROMPTS["image and video"])]
     thresholds = MERGE
@@ -185,6 +191,91 @@ def test_stats_per_image_and_frame_pair(gen):
     assert images.num_patches == [8, 15] and images.tokens_kept == [4, 11]
     assert images.tokens_per_layer == [[6, 5, 4, 4, 4], [13, 12, 11, 11, 11]]
     assert video.num_patches == [6, 6, 6] and video.tokens_kept == [2, 2, 2]
+
+
+def test_match_sets_bands_of_window_rows():
+    """Images / frame pairs beyond max_units units match in bands of whole
+    unit rows, a multiple of the window height, at most max_units units where
+    a window row allows it; smaller ones are one set (the default bound keeps
+    every image up to 4096 LM tokens whole)."""
+    from dymu_kernels.families.qwen_vit import MATCH_UNITS, match_sets
+
+    sets = match_sets(torch.tensor([[1, 6, 10], [2, 20, 8], [1, 4, 4]]), 2, window_units=2, max_units=9)
+    # 3x5 units: a window row (2 unit rows, 10 units) is the least band; 10x4 units: bands of 2 rows (8 units).
+    assert sets.units == [10, 5] + [8] * 10 + [4]
+    assert sets.frames == [2, 5, 5, 1] and sets.frame_units == [15, 40, 40, 4] and sets.items == [2, 10, 1]
+    assert match_sets(torch.tensor([[1, 6, 10]]), 2, 1, max_units=9).units == [5, 5, 5]
+    assert MATCH_UNITS == 4096
+    assert match_sets(torch.tensor([[1, 128, 128]]), 2, 4).units == [4096]
+    assert match_sets(torch.tensor([[1, 256, 256]]), 2, 4).units == [4096] * 4  # 16k LM tokens
+    assert match_sets(torch.tensor([[1, 250, 262]]), 2, 4).units == [28 * 131] * 4 + [13 * 131]
+    with pytest.raises(ValueError, match="max_units=0"):
+        match_sets(torch.tensor([[1, 4, 4]]), 2, max_units=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bands_nothing_merged_and_r_per_band(gen, kind, monkeypatch):
+    """Bands (beyond 6 units here): nothing merged still equals the unpatched
+    model (images, a video, both stages); fixed r merges r units per band and
+    block, and dymu_stats sums an image's bands."""
+    from dymu_kernels.families import qwen_vit
+
+    monkeypatch.setattr(qwen_vit, "MATCH_UNITS", 6)
+    model = tiny_qwen(kind)
+    kwargs = batch([sample(gen, PROMPTS["two images"] + [("video", (2, 6, 6))])])
+    with torch.no_grad():
+        ref = model(**kwargs).logits
+        apply_dymu(model, NO_MERGE, backend="cpp")
+        torch.testing.assert_close(model(**kwargs).logits, ref, atol=2e-5, rtol=2e-5)
+        blocks = len(model.model.visual.blocks)
+        apply_dymu(model, {"merger": [INF]}, r=[1] + [0] * (blocks - 1), backend="cpp")
+        model(**kwargs)
+    # 2x4 units: one band (a window row of the 2.5 tower is 2 unit rows); 5x3: bands of 2 rows (2.5) / 2 rows;
+    # video frame pairs of 3x3 units: bands of 2 rows (2.5) / 2 rows.
+    bands = {"qwen2_5_vl": ([1, 3], [2, 2]), "qwen2_vl": ([2, 3], [2, 2])}[kind]
+    images, video = dymu_stats(model, "image"), dymu_stats(model, "video")
+    assert images.num_patches == [8, 15] and images.tokens_kept == [8 - bands[0][0], 15 - bands[0][1]]
+    assert video.num_patches == [9, 9] and video.tokens_kept == [9 - b for b in bands[1]]
+    assert images.tokens_per_layer[1] == [15 - bands[0][1]] * (blocks + 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tower_hidden_states_as_transformers(gen, kind):
+    """get_image_features / get_video_features give the tower's hidden states
+    as transformers does: the last one at every patch, and with
+    output_hidden_states=True every block's input and the last — equal to
+    the stock tower's with nothing merged (either stage); with merging, each
+    patch carries its unit's row and the first entry is the unmerged input."""
+    model = tiny_qwen(kind)
+    grid = torch.tensor([[1, 6, 10], [1, 4, 8]])
+    pixels = randn(int(grid.prod(-1).sum()), ROW, gen=gen)
+    video_grid = torch.tensor([[2, 4, 6]])
+    video = randn(int(video_grid.prod()), ROW, gen=gen)
+    inner = model.model
+
+    def run(**kwargs):
+        return (inner.get_image_features(pixels, grid, **kwargs), inner.get_video_features(video, video_grid, **kwargs))
+
+    with torch.no_grad():
+        refs, ref_lasts = run(output_hidden_states=True), run()
+        for stages in (NO_MERGE, {"merger": [INF]}):
+            apply_dymu(model, stages, backend="torch")
+            for got, got_last, ref, ref_last in zip(run(output_hidden_states=True), run(), refs, ref_lasts):
+                assert got_last.hidden_states is None
+                torch.testing.assert_close(got_last.last_hidden_state, ref_last.last_hidden_state, atol=2e-5,
+                                           rtol=2e-5)
+                assert len(got.hidden_states) == len(ref.hidden_states) == len(inner.visual.blocks) + 1
+                for h, h_ref in zip(got.hidden_states, ref.hidden_states):
+                    torch.testing.assert_close(h, h_ref, atol=2e-5, rtol=2e-5)
+                assert got.last_hidden_state is got.hidden_states[-1]
+        apply_dymu(model, MERGE, backend="torch")
+        merged = inner.get_image_features(pixels, grid, output_hidden_states=True)
+    assert torch.equal(merged.hidden_states[0], refs[0].hidden_states[0])
+    last = merged.hidden_states[-1]
+    assert last.shape == refs[0].last_hidden_state.shape and not torch.allclose(last, refs[0].last_hidden_state)
+    units = last.view(-1, 4 * last.shape[-1]).unique(dim=0).shape[0]  # distinct unit rows at the patches
+    after_tower = [n[len(inner.visual.blocks) - 1] for n in dymu_stats(model, "image").tokens_per_layer]
+    assert units == sum(after_tower) < last.shape[0] // 4
 
 
 def test_processor_pixels_and_placeholder_counts():
@@ -234,7 +325,8 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_vit_stage_equals_plain_expand_attend_average(gen, kind, monkeypatch):
+@pytest.mark.parametrize("match_units", [4096, 6], ids=["sets", "bands"])
+def test_vit_stage_equals_plain_expand_attend_average(gen, kind, match_units, monkeypatch):
     """With merging, the in-tower stage equals the stock blocks run plainly on
     the expanded sequence: every patch carries its unit's vector, the stock
     attention module attends over all patches (its own windows / segments,
@@ -257,7 +349,9 @@ def test_vit_stage_equals_plain_expand_attend_average(gen, kind, monkeypatch):
     real = qwen_vit.dtome_merge
     monkeypatch.setattr(qwen_vit, "dtome_merge", spy)
     with torch.no_grad():
-        state, last, _, sizes = qwen_vit.QwenUnitDToMe(visual, [0.3] * 4, backend="torch", trim=False)(pixels, grid)
+        state, last, _, sets = qwen_vit.QwenUnitDToMe(visual, [0.3] * 4, backend="torch", trim=False,
+                                                         match_units=match_units)(pixels, grid)
+        sizes = sets.units
         inputs = []  # what each stock block gets: (hidden states, segments, rotary tables)
         hooks = [blk.register_forward_pre_hook(lambda m, a, k: inputs.append((a[0], k["cu_seqlens"],
                                                                               k["position_embeddings"])),
@@ -370,3 +464,34 @@ def test_inputs_embeds_without_positions_as_transformers(gen, kind):
             outs.append((fresh, model(**kwargs).logits))
     for got, expected in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_compile_of_the_whole_model(gen):
+    """torch.compile of the forward with merging in both stages (image +
+    video; aot_eager: the trace through every op's fake, without inductor's
+    minutes of codegen here): the forward equals eager, and generate() with
+    the compiled forward and a static cache equals eager generate(); every
+    graph break is a data-dependent size (grids, segment lengths, token
+    counts — as the unpatched model's own vision code has) — none at a kernel
+    (all torch.library ops with fakes)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_qwen("qwen2_5_vl")
+    kwargs = batch([sample(gen, PROMPTS["image and video"])])
+    apply_dymu(model, MERGE, backend="cpp")
+    base = dict(kwargs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected, eager = model(**kwargs).logits, model.generate(**base)
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+        try:
+            got = model(**kwargs).logits
+            reasons = list(counters["graph_break"])
+            compiled = model.generate(**base, cache_implementation="static")
+        finally:
+            del model.forward
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert reasons and all("Data dependent" in r or "Dynamic shape" in r or "Tensor.item()" in r
+                           for r in reasons), reasons
+    assert torch.equal(compiled, eager)

@@ -84,6 +84,20 @@ def test_cpp_non_contiguous_and_auto_dispatch(gen):
 
 
 @needs_ext
+def test_cpp_op_and_fake_under_torch_compile(gen):
+    """The C++ path is a torch.library op whose fake matches the real output
+    (opcheck), so torch.compile traces segment_mean in one graph."""
+    from dymu_kernels.ops.segment import _segment_mean_cpp
+
+    src = randn(2, 3, 17, 8, gen=gen)
+    index = random_index(gen, 2, 17, 6)
+    torch.library.opcheck(_segment_mean_cpp, (src, index, 6))
+    compiled = torch.compile(lambda s, i: dymu_kernels.segment_mean(s, i, 6, backend="cpp"), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(src, index), ref_segment_mean(src, index, 6))
+
+
+@needs_ext
 def test_cpp_checks_its_own_inputs():
     C = _ext.extension()
     with pytest.raises(RuntimeError, match="index values must lie in"):

@@ -28,7 +28,8 @@ import torch
 from ..core.compact import MergedItems
 from ..core.rounds import DToMeRounds
 from ..reference.dtome import init_merge_state
-from .qwen_vit import QwenUnitDToMe, pad_sets, set_mask
+from . import qwen_vit
+from .qwen_vit import QwenUnitDToMe, pad_sets, set_mask, tower_match_sets
 from .spec import Family, ItemCounts, Modality, Patch
 
 # Arguments of a Qwen2-VL-type forward that only its vision side (and its positions) read.
@@ -87,29 +88,32 @@ class QwenDToMe:
     ``vit`` (:class:`~.qwen_vit.QwenUnitDToMe`: inside the tower, on 2×2
     units; what saves the tower) and ``rounds``
     (:class:`~dymu_kernels.core.rounds.DToMeRounds`: on the merger's
-    outputs, continuing from the tower's merge state)."""
+    outputs, continuing from the tower's merge state). Both match within the
+    same sets (:func:`~.qwen_vit.match_sets`: an image or frame pair, or its
+    bands beyond ``match_units`` units)."""
 
-    def __init__(self, vit, rounds):
-        self.vit, self.rounds = vit, rounds
+    def __init__(self, vit, rounds, match_units: int):
+        self.vit, self.rounds, self.match_units = vit, rounds, match_units
         self.thresholds = (None if vit is None else vit.thresholds, None if rounds is None else rounds.thresholds)
         self.r = None if vit is None else vit.r  # (fixed r merges inside the tower only)
         self.trim = (vit or rounds).trim
 
-    def __call__(self, visual, pixels: torch.Tensor, grid: torch.Tensor):
+    def __call__(self, visual, pixels: torch.Tensor, grid: torch.Tensor, hidden_states: bool = False):
         """``(merge state over each set's original units in raster order,
-        the tower's last hidden state, the tokens left after each block /
-        round, units per set)``."""
-        unit = visual.spatial_merge_size ** 2
+        the tower's hidden states (:meth:`~.qwen_vit.QwenUnitDToMe.forward`),
+        the tokens left after each block / round, the sets)``."""
+        sets = tower_match_sets(visual, grid, self.match_units)
         if self.vit is not None:
-            state, last, per_layer, sizes = self.vit(pixels, grid)
-        else:  # transformers' own tower, then the rounds on its outputs
-            out = visual(pixels.type(visual.dtype), grid_thw=grid)
-            tokens, set_units, sizes = pad_sets(out.pooler_output, grid, unit)
-            state, last, per_layer = init_merge_state(tokens, set_units), out.last_hidden_state, []
+            state, tower, per_layer, _ = self.vit(pixels, grid, sets=sets, hidden_states=hidden_states)
+        else:  # transformers' own tower, then the rounds on its outputs (raster order)
+            out = visual(pixels.type(visual.dtype), grid_thw=grid, output_hidden_states=hidden_states)
+            tokens, set_units = pad_sets(out.pooler_output, sets.units)
+            tower = out.hidden_states if hidden_states else out.last_hidden_state
+            state, per_layer = init_merge_state(tokens, set_units), []
         if self.rounds is not None:
             state, per_round = self.rounds.merge(state)
             per_layer = per_layer + per_round
-        return state, last, per_layer, sizes
+        return state, tower, per_layer, sets
 
 
 def build_encoder(family, inner, thresholds, r, backend, trim):
@@ -138,49 +142,65 @@ def build_encoder(family, inner, thresholds, r, backend, trim):
         rounds = DToMeRounds(stages["merger"], backend=backend, trim=trim)
     if vit is None and rounds is None:
         raise ValueError("thresholds={} asks for no DToMe stage: give 'vit' and/or 'merger' thresholds")
-    return QwenDToMe(vit, rounds), None
+    return QwenDToMe(vit, rounds, qwen_vit.MATCH_UNITS), None
 
 
-def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tensor], modality: str):
+def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tensor], modality: str, vision_kwargs):
     """Every item's merged tokens (images; videos per frame pair) as
     :class:`~dymu_kernels.hf.outputs.DyMUImageOutputs` (one item per image /
-    video, its placeholders in the processor's order)."""
+    video, its placeholders in the processor's order); the tower's hidden
+    states at every patch as the stock tower gives them (all of them with
+    ``output_hidden_states``)."""
     from ..hf.outputs import image_outputs
 
     if grid is None:
         raise ValueError(f"Qwen2-VL {modality}s need their {modality}_grid_thw (as the processor returns it)")
     visual = inner.visual
     grid = grid.long()
-    merged, last, per_layer, set_sizes = patch.encoder(visual, pixels, grid)
-    patch.counts[modality] = ItemCounts(merged.lengths, per_layer, set_sizes)
-    sets_per_item = grid[:, 0].tolist()
+    wanted = vision_kwargs.get("output_hidden_states")
+    wanted = bool(visual.config.output_hidden_states if wanted is None else wanted)
+    merged, tower, per_layer, sets = patch.encoder(visual, pixels, grid, hidden_states=wanted)
+    counts = merged.lengths.long()
+    patch.counts[modality] = ItemCounts(*_per_frame(sets, counts, per_layer), sets.frame_units)
     placeholders = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
-    if all(t == 1 for t in sets_per_item):  # images: one set per item
-        slots = merged.pos_map.long().masked_fill(~set_mask(merged.lengths.new_tensor(set_sizes),
-                                                                    merged.pos_map.shape[1]), -1)
-        items = MergedItems(merged.x, merged.lengths.long(), slots)
-    else:  # a video item joins its frame pairs: unique rows in order, maps offset (no per-frame loop)
-        counts = merged.lengths.long()
-        sets = grid[:, 0].to(counts.device)
-        first_set = torch.cumsum(sets, 0) - sets
+    valid = set_mask(counts.new_tensor(sets.units), merged.pos_map.shape[1])
+    if all(n == 1 for n in sets.items):  # one set per item (images below the band size)
+        items = MergedItems(merged.x, counts, merged.pos_map.long().masked_fill(~valid, -1))
+    else:  # an item joins its sets (frame pairs, bands): unique rows in order, maps offset (no per-set loop)
+        per_item = counts.new_tensor(sets.items)
+        first_set = torch.cumsum(per_item, 0) - per_item
         set_start = torch.cumsum(counts, 0) - counts  # over all sets
-        item_of_set = torch.repeat_interleave(torch.arange(len(sets), device=counts.device), sets)
+        item_of_set = torch.repeat_interleave(torch.arange(len(per_item), device=counts.device), per_item)
         offset = set_start - set_start[first_set][item_of_set]  # a set's first unique row within its item
         unique_rows = merged.x[torch.arange(merged.x.shape[1], device=counts.device)[None] < counts[:, None]]
-        valid = set_mask(counts.new_tensor(set_sizes), merged.pos_map.shape[1])
         slot_maps = (merged.pos_map.long() + offset[:, None])[valid]
-        per_item = torch.zeros(len(sets), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
-        items = MergedItems.stack(torch.split(unique_rows, per_item.tolist()), torch.split(slot_maps, placeholders))
+        rows = torch.zeros(len(per_item), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
+        items = MergedItems.stack(torch.split(unique_rows, rows.tolist()), torch.split(slot_maps, placeholders))
     lengths = None if len(set(placeholders)) == 1 else placeholders
-    return image_outputs(items, lengths, last_hidden_state=last)
+    if wanted:
+        return image_outputs(items, lengths, last_hidden_state=tower[-1], hidden_states=tower)
+    return image_outputs(items, lengths, last_hidden_state=tower)
+
+
+def _per_frame(sets, kept: torch.Tensor, per_layer):
+    """Token counts per image / video frame pair (``dymu_stats``' items):
+    the sums over its bands (:func:`~.qwen_vit.match_sets`)."""
+    if len(sets.frames) == len(sets.units):
+        return kept, per_layer
+    frame = torch.repeat_interleave(torch.arange(len(sets.frames), device=kept.device), kept.new_tensor(sets.frames))
+
+    def total(n: torch.Tensor) -> torch.Tensor:
+        return n.new_zeros(len(sets.frames)).index_add_(0, frame, n)
+
+    return total(kept), [total(n) for n in per_layer]
 
 
 def encode_images(inner, patch: Patch, pixel_values, dtype, vision_kwargs):
-    return _encode(inner, patch, pixel_values, vision_kwargs.get("image_grid_thw"), "image")
+    return _encode(inner, patch, pixel_values, vision_kwargs.get("image_grid_thw"), "image", vision_kwargs)
 
 
 def encode_videos(inner, patch: Patch, pixel_values_videos, dtype, vision_kwargs):
-    return _encode(inner, patch, pixel_values_videos, vision_kwargs.get("video_grid_thw"), "video")
+    return _encode(inner, patch, pixel_values_videos, vision_kwargs.get("video_grid_thw"), "video", vision_kwargs)
 
 
 def patched_image_features(self, patch: Patch, modality: Modality, pixel_values, image_grid_thw=None,
@@ -190,7 +210,8 @@ def patched_image_features(self, patch: Patch, modality: Modality, pixel_values,
     finds by name: ``pixel_values``, ``image_grid_thw``)."""
     from ..hf.patch import merged_features
 
-    return merged_features(self, patch, modality, pixel_values, {"image_grid_thw": image_grid_thw}, return_dict)
+    return merged_features(self, patch, modality, pixel_values, {"image_grid_thw": image_grid_thw,
+                           "output_hidden_states": kwargs.get("output_hidden_states")}, return_dict)
 
 
 def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, video_grid_thw=None,
@@ -198,8 +219,8 @@ def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_
     """``get_video_features`` of a patched instance (see :func:`patched_image_features`)."""
     from ..hf.patch import merged_features
 
-    return merged_features(self, patch, modality, pixel_values_videos, {"video_grid_thw": video_grid_thw},
-                           return_dict)
+    return merged_features(self, patch, modality, pixel_values_videos, {"video_grid_thw": video_grid_thw,
+                           "output_hidden_states": kwargs.get("output_hidden_states")}, return_dict)
 
 
 def modalities():

@@ -24,6 +24,7 @@ positions, segments and window order; the block's own modules do the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -77,23 +78,77 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: L
     return out
 
 
-def pad_sets(rows: torch.Tensor, grid: torch.Tensor, unit: int):
-    """The rows of every set (an image, or one video frame pair) padded into
-    one batch, a 2×2 unit per slot: ``rows`` holds, set after set, each
-    unit's consecutive rows (its ``unit`` patches in the tower, its one token
-    after the merger). Returns ``(padded [n, P0, rows per unit * C], units per
-    set [n], the same as a list)`` — the list is one host read, as the
-    unpatched model's own split."""
-    set_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0])
-    sizes = set_units.tolist()
+# Sets (images, video frame pairs) of more units than this are matched in bands
+# (:func:`match_sets`): DToMe's all-pairs scores cost O(P²) per set and block.
+MATCH_UNITS = 4096
+
+
+@dataclass(frozen=True)
+class MatchSets:
+    """The sets DToMe matches within, for a batch of items (:func:`match_sets`)."""
+
+    units: List[int]  # units per matching set, in the tower's order
+    frames: List[int]  # matching sets per image / video frame pair (1, or its bands)
+    frame_units: List[int]  # units per image / video frame pair
+    items: List[int]  # matching sets per item (image or video)
+
+
+def match_sets(grid: torch.Tensor, merge_size: int, window_units: int = 1, max_units: int = MATCH_UNITS) -> MatchSets:
+    """Split every image / video frame pair of ``grid [n, 3]`` (t, h, w in
+    patches) into the sets DToMe matches within: the whole frame pair when it
+    has at most ``max_units`` 2×2 units; otherwise bands of whole unit rows,
+    each a multiple of ``window_units`` rows (the tower's attention windows,
+    so a band is contiguous in raster and window order alike) and at most
+    ``max_units`` units where a window row allows it. A merge never joins
+    units of two bands; at most ``max_units`` units per set bound the scores
+    to O(P · max_units) per block. One host read of the grid."""
+    if max_units < 1:
+        raise ValueError(f"max_units={max_units}: expected a positive number of units")
+    units, frames, frame_units, items = [], [], [], []
+    for t, h, w in grid.tolist():
+        rows, cols = h // merge_size, w // merge_size
+        if rows * cols <= max_units:
+            bands = [rows * cols]
+        else:
+            band = max(1, max_units // cols // window_units) * window_units
+            bands = [band * cols] * (rows // band) + ([rows % band * cols] if rows % band else [])
+        units += bands * t
+        frames += [len(bands)] * t
+        frame_units += [rows * cols] * t
+        items.append(len(bands) * t)
+    return MatchSets(units, frames, frame_units, items)
+
+
+def tower_match_sets(visual, grid: torch.Tensor, max_units: int = MATCH_UNITS) -> MatchSets:
+    """:func:`match_sets` for a Qwen2-VL-type tower (its window height, if it has windows)."""
+    merge = visual.spatial_merge_size
+    window = visual.window_size // merge // visual.patch_size if hasattr(visual, "fullatt_block_indexes") else 1
+    return match_sets(grid, merge, window, max_units)
+
+
+def pad_sets(rows: torch.Tensor, sizes: List[int]):
+    """The rows of every set padded into one batch, a 2×2 unit per slot:
+    ``rows`` holds, set after set, each unit's consecutive rows (its four
+    patches in the tower, its one token after the merger); ``sizes``: units
+    per set (:attr:`MatchSets.units`). Returns ``(padded [n, P0, rows per
+    unit * C], units per set [n])``."""
     total = sum(sizes)
     sets = torch.split(rows.reshape(total, rows.shape[0] // total * rows.shape[-1]), sizes)
-    return torch.nn.utils.rnn.pad_sequence(list(sets), batch_first=True), set_units.to(rows.device), sizes
+    return (torch.nn.utils.rnn.pad_sequence(list(sets), batch_first=True),
+            torch.tensor(sizes, device=rows.device))
 
 
 def set_mask(set_units: torch.Tensor, capacity: int) -> torch.Tensor:
     """``[n, capacity]``: which slots of a padded batch of sets hold a unit."""
     return torch.arange(capacity, device=set_units.device)[None] < set_units[:, None]
+
+
+def _every_patch(state: MergeState, valid: torch.Tensor, unit: int) -> torch.Tensor:
+    """``[L, C]``: every patch's row of its unique unit (window order)."""
+    n, P, D = state.x.shape
+    C = D // unit
+    rows = state.x.view(n, P, unit, C).gather(1, state.pos_map.clamp_min(0)[..., None, None].expand(-1, -1, unit, C))
+    return rows[valid].reshape(-1, C)
 
 
 class QwenUnitDToMe(nn.Module):
@@ -104,6 +159,8 @@ class QwenUnitDToMe(nn.Module):
         thresholds: per-block thresholds (list, file, :class:`Thresholds`).
         r: instead, merge exactly ``r`` units per set and block.
         backend, trim: as :class:`~dymu_kernels.core.encoder.DToMeVisionEncoder`.
+        match_units: images / frame pairs of more units match in bands
+            (:func:`match_sets`).
 
     Neither thresholds nor r: no merging, unless a calibration ``policy`` is
     passed to the call (``policy.select(block, node_max)`` picks the merges,
@@ -111,7 +168,7 @@ class QwenUnitDToMe(nn.Module):
     """
 
     def __init__(self, visual, thresholds=None, *, r: Union[None, int, Sequence[int]] = None,
-                 backend: str = "auto", trim: Union[str, bool] = "auto"):
+                 backend: str = "auto", trim: Union[str, bool] = "auto", match_units: int = MATCH_UNITS):
         super().__init__()
         self.visual = visual
         self.num_layers = len(visual.blocks)
@@ -120,7 +177,7 @@ class QwenUnitDToMe(nn.Module):
         check_trim(trim)
         self.thresholds = None if thresholds is None else thresholds_argument(thresholds, self.num_layers)
         self.r = per_block_r(r, self.num_layers)
-        self.backend, self.trim = backend, trim
+        self.backend, self.trim, self.match_units = backend, trim, match_units
 
     def trims_on(self, device: torch.device) -> bool:
         return trims_on(self.trim, device)
@@ -139,12 +196,16 @@ class QwenUnitDToMe(nn.Module):
                 patch_size=visual.patch_size)
         return position_ids, cu_full, window_index, cu_window
 
-    def forward(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None):
-        """Merged unique units of every set after the merger, as a merge state
-        ``(x [n, P, C_out], size, lengths, pos_map [n, P0])`` — ``pos_map`` over
-        each set's original units in *raster* order (the placeholders') —
-        plus the tower's last hidden state at every patch (window order, as
-        the stock tower returns it) and the units left after each block."""
+    def forward(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None, sets: Optional[MatchSets] = None,
+                hidden_states: bool = False):
+        """Merged unique units of every matching set (``sets``, by default
+        :func:`tower_match_sets` with ``match_units``) after the merger, as a
+        merge state ``(x [n, P, C_out], size, lengths, pos_map [n, P0])`` —
+        ``pos_map`` over each set's original units in *raster* order (the
+        placeholders') — plus the tower's hidden states at every patch
+        (window order, as the stock tower returns them: the last one, or with
+        ``hidden_states`` the input of every block and the last, a tuple),
+        the units left after each block, and the sets."""
         visual = self.visual
         grid = grid.long()
         x = visual.patch_embed(pixels.type(visual.dtype))  # [L, C]
@@ -155,8 +216,10 @@ class QwenUnitDToMe(nn.Module):
         if window_index is not None:
             x = visual.permute_input_for_window_attn(x, window_index, seq_len=L)
             cos, sin = (visual.permute_input_for_window_attn(t, window_index, seq_len=L) for t in (cos, sin))
-        # Sets are contiguous in window order (windows never cross a frame pair).
-        units, set_units, sizes = pad_sets(x, grid, unit)
+        # Sets are contiguous in window order (windows never cross a frame pair or a band).
+        if sets is None:
+            sets = tower_match_sets(visual, grid, self.match_units)
+        units, set_units = pad_sets(x, sets.units)
         state = init_merge_state(units, set_units)
         valid = set_mask(set_units, units.shape[1])
         per_block: List[torch.Tensor] = []
@@ -164,20 +227,24 @@ class QwenUnitDToMe(nn.Module):
         fullatt = set(getattr(visual, "fullatt_block_indexes", range(self.num_layers)))
         runs_full = segment_runs(cu_full)
         runs_window = runs_full if cu_window is None else segment_runs(cu_window)
+        every = [x] if hidden_states else None
         for i, blk in enumerate(visual.blocks):
             runs = runs_full if (window_index is None or i in fullatt) else runs_window
             state = self._block(blk, state, valid, cos, sin, runs, i, unit, policy, trims)
             per_block.append(state.lengths)
+            if hidden_states and i < self.num_layers - 1:
+                every.append(_every_patch(state, valid, unit))
         n, P = state.x.shape[:2]
-        last = state.x.view(n, P, unit, C).gather(
-            1, state.pos_map.clamp_min(0)[..., None, None].expand(-1, -1, unit, C))[valid].reshape(L, C)
+        last = _every_patch(state, valid, unit)
+        if hidden_states:
+            last = tuple(every) + (last,)
         tokens = visual.merger(state.x.reshape(n * P * unit, C)).view(n, P, -1)
         pos_map = state.pos_map
         if window_index is not None:  # the map in raster unit order (the placeholders' order)
             flat = torch.empty_like(pos_map[valid])
             flat[window_index.to(x.device)] = pos_map[valid]
             pos_map = torch.full_like(pos_map, -1).masked_scatter(valid, flat)
-        return MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sizes
+        return MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sets
 
     def _block(self, blk, state: MergeState, valid, cos, sin, runs, i: int, unit: int, policy=None,
                trims: bool = False) -> MergeState:

@@ -15,6 +15,18 @@ from ..reference import segment as ref
 BACKENDS = (CPP, TORCH)
 
 
+@torch.library.custom_op("dymu_kernels::segment_mean_cpp", mutates_args=())
+def _segment_mean_cpp(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """The C++ kernel on ``src [B, G, N, F]`` (contiguous) as an op
+    torch.compile traces (no graph break): ``[B, G, num_segments, F]``."""
+    return _ext.extension().segment_mean(src, index, num_segments)
+
+
+@_segment_mean_cpp.register_fake
+def _(src, index, num_segments):
+    return src.new_empty(src.shape[0], src.shape[1], num_segments, src.shape[3])
+
+
 def segment_mean(src: torch.Tensor, index: torch.Tensor, num_segments: int, *, backend: str = "auto") -> torch.Tensor:
     """Average rows of ``src [B, *G, N, F]`` by ``index [B, N]`` into ``[B, *G, S, F]``.
 
@@ -32,5 +44,5 @@ def segment_mean(src: torch.Tensor, index: torch.Tensor, num_segments: int, *, b
     ref.check_segment_args(src, index, num_segments)
     B, N, F = src.shape[0], src.shape[-2], src.shape[-1]
     flat = src.reshape(B, -1, N, F).contiguous()
-    out = _ext.extension().segment_mean(flat, index.contiguous(), num_segments)
+    out = _segment_mean_cpp(flat, index.contiguous(), num_segments)
     return out.reshape(*src.shape[:-2], num_segments, F)
