@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, VLLM_PYTHON
+from conftest import ROOT, VLLM_PYTHON, randn
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
@@ -39,6 +39,21 @@ def test_tags_round_trip_exactly(dtype, gen):
     assert tagged.shape == (P, C + TAG_COLUMNS) and tagged.dtype == dtype
     embeds, ids = untag_pieces([tagged])
     assert torch.equal(ids[0], slots) and torch.equal(embeds[0], rows[slots])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tags_hold_items_beyond_65535_placeholders(dtype):
+    """A long video's item (here 70,000 placeholders, unique indices past
+    65,535) round-trips exactly in the narrowest dtypes; 2**24 placeholders
+    are refused by name."""
+    P = 70_000
+    slots = torch.arange(P) // 2  # pairs of placeholders share a row
+    slots[-1] = P - 1  # the largest index an item of P can hold
+    rows = torch.zeros(P, 2, dtype=dtype)
+    embeds, ids = untag_pieces([tag_item(rows, slots)])
+    assert torch.equal(ids[0], slots) and embeds[0].shape == (P, 2)
+    with pytest.raises(ValueError, match="16777216 placeholders; tags hold at most 16777215"):
+        tag_item(torch.zeros(2**24, 1, dtype=dtype), torch.zeros(2**24, dtype=torch.long))
 
 
 def test_split_image_raises():
@@ -112,6 +127,123 @@ def test_whole_items_end():
     assert whole_items_end(items, 0, 74) == 74 and whole_items_end(items, 74, 6) == 6  # ends at/between items
     assert whole_items_end(items, 0, 200) == 200
     assert whole_items_end(items, 20, 10) == 10  # starts inside one (refused settings only): left to untag_pieces
+
+
+# --------------------------------------------------------------------------
+# The hooks at vLLM's rotary embedding and attention call
+# --------------------------------------------------------------------------
+
+
+class _Rows(torch.nn.Linear):
+    """A vLLM-style linear layer: returns ``(output, bias)``."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class _Rotary(torch.nn.Module):
+    """``rotary_emb(positions, q, k)`` as vLLM calls it (neox RoPE, head dim 8)."""
+
+    def forward(self, positions, q, k):
+        inv = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+        freqs = positions[:, None].float() * inv
+        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+
+        def rot(x):
+            x = x.view(x.shape[0], -1, 8)
+            x1, x2 = x.chunk(2, -1)
+            return (x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]).flatten(1)
+
+        return rot(q), rot(k)
+
+
+class _Attend(torch.nn.Module):
+    """``attn(q, k, v)``: causal attention over the step's positions (two heads of 8)."""
+
+    def forward(self, q, k, v):
+        q, k, v = (t.view(t.shape[0], 2, 8).transpose(0, 1) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).flatten(1)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, rotary):
+        super().__init__()
+        self.qkv_proj, self.o_proj = _Rows(16, 48), _Rows(16, 16)
+        self.q_norm = torch.nn.LayerNorm(16)
+        self.rotary_emb, self.attn = rotary, _Attend()
+
+    def forward(self, positions, hidden_states):  # vLLM's Qwen2Attention.forward, in short
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([16, 16, 16], -1)
+        q, k = self.rotary_emb(positions, self.q_norm(q), k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, rotary):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.self_attn, self.mlp = _SelfAttention(rotary), torch.nn.Sequential(torch.nn.Linear(16, 32),
+                                                                               torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+    def forward(self, positions, x):
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def test_vtu_hooks_run_the_layers_own_code_on_unique_rows(gen):
+    """Hooked at the rotary embedding and the attention call (one rotary
+    module shared by two layers, as vLLM shares it), the layers' own forward
+    on a step's unique rows equals the layers run on every position with each
+    group's attention outputs averaged (expand -> attend -> average); with no
+    step held, and after the hooks are removed, the layers are unchanged."""
+    from dymu_kernels.vllm.layers import StepHolder, install_vtu_hooks
+
+    torch.manual_seed(0)
+    rotary = _Rotary()
+    layers = torch.nn.ModuleList([_Layer(rotary), _Layer(rotary)])
+    mm = torch.tensor([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)  # text, an image of 5, text, one of 2, text
+    step = step_groups(mm, [torch.tensor([0, 1, 0, 2, 1]), torch.tensor([0, 0])])
+    unique = randn(step.num_unique, 16, gen=gen)
+    positions = torch.arange(mm.shape[0]) + 3
+
+    def run(x):
+        for layer in layers:
+            x = layer(positions, x)
+        return x
+
+    with torch.no_grad():
+        plain_rows = run(step.expand(unique))
+        averaged = [layer.self_attn.attn.register_forward_hook(lambda m, a, out: step.expand(step.average(out)))
+                    for layer in layers]
+        expected = step.compact(run(step.expand(unique)))
+        for h in averaged:
+            h.remove()
+        holder = StepHolder()
+        handles = install_vtu_hooks(layers, holder)
+        assert len(handles) == 1 + 2 * len(layers)
+        with holder.running(step):
+            got = run(unique)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(got, step.compact(plain_rows), atol=1e-3)  # the averaging mattered
+        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)  # nothing held
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)
+
+
+def test_vtu_hooks_refuse_layers_they_do_not_cover():
+    from dymu_kernels.vllm.layers import StepHolder, install_vtu_hooks
+
+    layer = _Layer(_Rotary())
+    layer.self_attn.sinks = torch.nn.Linear(2, 2)  # a part that could mix positions
+    with pytest.raises(TypeError, match=r"layer 0 \(_Layer\) has \['self_attn.sinks'\], which the VTU hooks do not"):
+        install_vtu_hooks([layer], StepHolder())
+    layer = _Layer(_Rotary())
+    del layer.self_attn.rotary_emb
+    with pytest.raises(TypeError, match=r"has no \['self_attn.rotary_emb'\]"):
+        install_vtu_hooks([layer], StepHolder())
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +325,8 @@ def test_engine_refusals():
              "kv_transfer_config": (types.SimpleNamespace(is_kv_consumer=True), "KV-cache transfer consumer"),
              # Prompts as embeddings have no token ids to find images by; the async scheduler is not the plugin's.
              "model_config.enable_prompt_embeds": (True, "enable_prompt_embeds=False"),
+             # vLLM's own video pruning (EVS) drops placeholders after the tower.
+             "model_config.multimodal_config.video_pruning_rate": (0.5, "no video_pruning_rate"),
              "scheduler_config.async_scheduling": (True, "async_scheduling=False")}
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):

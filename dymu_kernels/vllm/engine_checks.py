@@ -46,6 +46,9 @@ def unsupported_settings(vllm_config) -> List[str]:
     if mm is not None and getattr(mm, "enable_mm_embeds", False):
         out.append("enable_mm_embeds=False (no --enable-mm-embeds): DyMU merges inside the vision tower, so it "
                    "cannot merge precomputed image embeddings (image_embeds inputs); send images")
+    if mm is not None and (getattr(mm, "video_pruning_rate", None) or 0) > 0:
+        out.append("no video_pruning_rate (--video-pruning-rate): vLLM's own video token pruning (EVS) drops "
+                   "placeholders after the tower, which DyMU's merge maps and M-RoPE positions do not follow")
     if getattr(model, "enable_prompt_embeds", False):
         out.append("enable_prompt_embeds=False (no --enable-prompt-embeds): a request given as embeddings has no "
                    "token ids, from which DyMU finds the images' positions and groups")

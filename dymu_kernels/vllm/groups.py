@@ -11,7 +11,8 @@ of one image, can hold equal rows).
 The map travels with the encoder output: :func:`tag_item` appends
 ``TAG_COLUMNS`` columns holding each placeholder's unique-token index and the
 item's placeholder count, exactly (base-256 digits are exact in fp32, fp16 and
-bf16). vLLM caches and slices that output per its placeholder ranges and hands
+bf16; three of each hold items of up to 16,777,215 placeholders — long
+videos among them). vLLM caches and slices that output per its placeholder ranges and hands
 the model's ``embed_input_ids`` the pieces scheduled in this step, in
 placeholder order, with the ``is_multimodal`` mask; :func:`untag_pieces`
 strips the columns and :func:`step_groups` turns (piece, unique index) into
@@ -31,13 +32,20 @@ import torch
 
 from ..ops.segment import segment_mean
 
-TAG_COLUMNS = 4  # unique index (2 base-256 digits), item placeholder count (2 digits)
+_DIGITS = 3  # base-256 digits per number
+TAG_COLUMNS = 2 * _DIGITS  # unique index, item placeholder count
 _BASE = 256
-_LIMIT = _BASE * _BASE
+_LIMIT = _BASE ** _DIGITS
 
 
 def _digits(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([values % _BASE, values // _BASE], dim=-1).to(dtype)
+    return torch.stack([values // _BASE ** i % _BASE for i in range(_DIGITS)], dim=-1).to(dtype)
+
+
+def _number(digits: torch.Tensor) -> torch.Tensor:
+    """``[n, _DIGITS]`` digits (as read back from the tags) -> ``[n]`` int64."""
+    weights = torch.tensor([_BASE ** i for i in range(_DIGITS)], device=digits.device)
+    return (digits.double().round().long() * weights).sum(-1)
 
 
 def tag_item(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -63,9 +71,8 @@ def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], Li
     Raises RuntimeError when a piece is not a whole item (see module doc).
     """
     lengths = [piece.shape[0] for piece in pieces]
-    tags = torch.cat([piece[:, -TAG_COLUMNS:] for piece in pieces]).double().round().long()
-    local = tags[:, 0] + _BASE * tags[:, 1]
-    total = tags[:, 2] + _BASE * tags[:, 3]
+    tags = torch.cat([piece[:, -TAG_COLUMNS:] for piece in pieces])
+    local, total = _number(tags[:, :_DIGITS]), _number(tags[:, _DIGITS:])
     expected = torch.repeat_interleave(torch.tensor(lengths, device=total.device),
                                        torch.tensor(lengths, device=total.device))
     # Engine step, but no client reaches it: only the scheduler splits an item; the settings that start a step

@@ -1,49 +1,44 @@
-"""VTU in vLLM's decoder layers (Llama, Qwen2 and their like).
+"""VTU in vLLM's decoder layers, hooked at the two seams where it differs.
 
-A step's tokens arrive as unique rows (see :mod:`dymu_kernels.vllm.groups`).
-Each layer runs its norms, Q/K/V and O projections and MLP on those rows;
-attention runs through vLLM's own attention layer over every position: Q, K
-and V are expanded to the positions, rotated at each position, written to the
-paged KV cache and attended; each group's outputs are then averaged back into
-its row. That is the official release's VTU path (expand -> RoPE attention ->
-average), so outputs equal it; the savings are the token-wise work, while
-attention and the KV cache stay at full length (vLLM fixed the placeholder
-count before the vision tower ran).
+A step's tokens arrive as unique rows (see :mod:`dymu_kernels.vllm.groups`),
+and vLLM's own decoder layers run on them unchanged: norms, Q/K/V and O
+projections, per-head ``q_norm`` / ``k_norm`` and the MLP are row-wise, so
+they compute each unique row once. Only two calls see positions, and there
+module hooks put the VTU path (expand -> RoPE attention -> average, the
+official release's; outputs equal it):
 
-The layers are vLLM's own instances with their class swapped for a subclass
-whose ``forward`` reads the step's groups from a :class:`StepHolder` the
-model fills around its language-model call (vLLM's Qwen2 model passes no
-extra arguments to its layers); with none held the layer runs vLLM's forward
-unchanged (warm-up runs, steps where nothing merged).
+- the rotary embedding, ``rotary_emb(positions, q, k)``: a pre-hook expands
+  the unique rows of ``q`` and ``k`` to every position, so vLLM's rotary
+  (1-D RoPE, M-RoPE alike) rotates each at its own position;
+- the attention layer, ``attn(q, k, v)``: a pre-hook expands ``v`` too, so
+  vLLM's paged attention writes and attends every position; a hook after it
+  averages each group's outputs back into its row for ``o_proj``.
+
+Attention and the KV cache stay at full length (vLLM fixed the placeholder
+count before the vision tower ran). The hooks read the step's groups from a
+:class:`StepHolder` the model fills around its language-model call; with none
+held (warm-up runs, steps where nothing merged) they do nothing. A layer with
+parts outside what the hooks cover is refused at load, by name.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from .groups import StepGroups
 
-_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-_ATTN_PARTS = ("qkv_proj", "rotary_emb", "attn", "o_proj", "q_size", "kv_size")
-
-
-def vtu_self_attention(attn: nn.Module, positions: torch.Tensor, hidden: torch.Tensor, step: StepGroups):
-    """vLLM's self-attention block on unique rows ``hidden [U, C]``: projections
-    per row, attention per position, outputs averaged per row -> ``[U, C]``."""
-    qkv, _ = attn.qkv_proj(hidden)
-    q, k, v = step.expand(qkv).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q, k)
-    out = step.average(attn.attn(q, k, v))
-    out, _ = attn.o_proj(out)
-    return out
+# Children of a decoder layer, and of its self_attn, that work row by row (or are the hooked seams).
+LAYER_PARTS = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+ATTENTION_PARTS = frozenset({"qkv_proj", "q_norm", "k_norm", "rotary_emb", "attn", "o_proj"})
+_SEAMS = ("rotary_emb", "attn")
 
 
 class StepHolder:
-    """The groups of the step the language model is running, shared by its layers."""
+    """The groups of the step the language model is running, shared by the hooks."""
 
     def __init__(self):
         self.step: Optional[StepGroups] = None
@@ -57,48 +52,58 @@ class StepHolder:
             self.step = None
 
 
-class VTUDecoderLayer:
-    """Mixin placed before a vLLM decoder layer class (see module doc)."""
-
-    _dymu_holder: StepHolder
-
-    def forward(self, positions, hidden_states, residual, **kwargs):
-        dymu_step = self._dymu_holder.step
-        if dymu_step is None:
-            return super().forward(positions, hidden_states, residual, **kwargs)
-        if kwargs:  # what vLLM's model code passes (fixed at load), not client data
-            raise TypeError(f"VTU decoder layers take no extra arguments, got {sorted(kwargs)}")
-        # vLLM's pre-norm residual convention, on the unique rows.
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = vtu_self_attention(self.self_attn, positions, hidden_states, dymu_step)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+def check_layer(layer: nn.Module, index: int) -> None:
+    """Raise TypeError naming what a decoder layer has beyond what VTU covers."""
+    attn = getattr(layer, "self_attn", None)
+    extra = sorted(n for n, _ in layer.named_children() if n not in LAYER_PARTS)
+    if attn is not None:
+        extra += sorted(f"self_attn.{n}" for n, _ in attn.named_children() if n not in ATTENTION_PARTS)
+    missing = [n for n in LAYER_PARTS if not hasattr(layer, n)]
+    missing += [f"self_attn.{n}" for n in _SEAMS if attn is not None and not hasattr(attn, n)]
+    if extra or missing:
+        what = (f"has {extra}, which the VTU hooks do not cover" if extra else "") + \
+            (" and " if extra and missing else "") + (f"has no {sorted(missing)}" if missing else "")
+        raise TypeError(f"DyMU's VTU runs Llama/Qwen2-style decoder layers (row-wise parts, attention at "
+                        f"self_attn.rotary_emb and self_attn.attn); layer {index} ({type(layer).__name__}) {what}")
 
 
-_CLASSES: Dict[type, type] = {}
+def install_vtu_hooks(layers, holder: StepHolder) -> List[torch.utils.hooks.RemovableHandle]:
+    """Hook every layer of ``layers`` at its rotary embedding and attention
+    call (module doc), reading ``holder``; returns the hook handles.
 
-
-def install_vtu_layers(layers, holder: StepHolder) -> None:
-    """Swap every layer of ``layers`` to its VTU subclass reading ``holder``.
-
-    Raises TypeError for a layer without the parts VTU runs (a layer kind
-    the plugin does not know: it refuses rather than guess).
+    Raises TypeError for a layer with parts the hooks do not cover.
     """
     for i, layer in enumerate(layers):
-        if isinstance(layer, VTUDecoderLayer):
-            layer._dymu_holder = holder
-            continue
-        missing = [n for n in _LAYER_PARTS if not hasattr(layer, n)]
-        missing += [f"self_attn.{n}" for n in _ATTN_PARTS if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
-        if missing:
-            raise TypeError(f"DyMU's VTU needs Llama/Qwen2-style decoder layers; layer {i} "
-                            f"({type(layer).__name__}) has no {missing}")
-        base = type(layer)
-        if base not in _CLASSES:
-            _CLASSES[base] = type(f"VTU{base.__name__}", (VTUDecoderLayer, base), {"__module__": __name__})
-        layer.__class__ = _CLASSES[base]
-        layer._dymu_holder = holder
+        check_layer(layer, i)
+    handles, seen = [], set()
+
+    def expand_qk(module, args):
+        step = holder.step
+        if step is None:
+            return None
+        positions, q, k = args
+        return positions, step.expand(q), step.expand(k)
+
+    def expand_v(module, args):
+        step = holder.step
+        if step is None:
+            return None
+        q, k, v = args[:3]
+        if q.shape[0] != step.num_tokens or v.shape[0] != step.num_unique:  # fixed by the layer code, not a client
+            raise RuntimeError(f"VTU attention got q of {q.shape[0]} rows and v of {v.shape[0]} for a step of "
+                               f"{step.num_tokens} positions in {step.num_unique} rows: the layer did not call "
+                               "its rotary embedding on q and k before attention")
+        return (q, k, step.expand(v)) + tuple(args[3:])
+
+    def average(module, args, out):
+        step = holder.step
+        return None if step is None else step.average(out)
+
+    for layer in layers:
+        rotary, attn = layer.self_attn.rotary_emb, layer.self_attn.attn
+        if id(rotary) not in seen:  # vLLM shares one rotary module among layers: hook it once
+            seen.add(id(rotary))
+            handles.append(rotary.register_forward_pre_hook(expand_qk))
+        handles.append(attn.register_forward_pre_hook(expand_v))
+        handles.append(attn.register_forward_hook(average))
+    return handles

@@ -11,8 +11,8 @@ LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
   placeholders and tagged with the merge map (:mod:`.groups`);
 - ``embed_input_ids`` strips the tags of the pieces vLLM scheduled in the step
   and keeps the step's groups; ``forward`` runs the language model on the
-  unique rows with VTU decoder layers (:mod:`.layers`) and hands vLLM one row
-  per position.
+  unique rows — vLLM's own decoder layers, hooked at the rotary embedding and
+  the attention call (:mod:`.layers`) — and hands vLLM one row per position.
 
 Without it every method is vLLM's. :class:`ServingStats` counts what was saved.
 """
@@ -29,7 +29,7 @@ from ..families import Patch, families
 from ..families.towers import tower_encoder
 from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
-from .layers import StepHolder, install_vtu_layers
+from .layers import StepHolder, install_vtu_hooks
 from .settings import settings_from_config
 
 
@@ -95,7 +95,7 @@ class DyMUServing:
         # Not a submodule (the tower is registered once, under vision_tower).
         object.__setattr__(self, "_dymu_patch", Patch(encoder, True, s.backend,
                                                        self.config.vision_feature_select_strategy, family))
-        install_vtu_layers(self.language_model.model.layers, self._dymu_holder)
+        install_vtu_hooks(self.language_model.model.layers, self._dymu_holder)
 
     def _dymu_encode(self, modality: str, pixels: torch.Tensor, vision_kwargs: Dict) -> List[torch.Tensor]:
         """Items of one modality -> tagged encoder outputs, one ``[P_i, C + tags]`` per item."""
