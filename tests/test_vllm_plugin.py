@@ -342,6 +342,10 @@ def test_engine_refusals():
     # An architecture the plugin registers but does not serve with DyMU yet: refused whatever the settings.
     with pytest.raises(ValueError, match="does not serve LLaVA-OneVision in vLLM yet"):
         check_engine(_engine(**{"model_config.architecture": "LlavaOnevisionForConditionalGeneration"}))
+    for arch, name in (("Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"), ("Qwen2VLForConditionalGeneration",
+                                                                             "Qwen2-VL")):
+        with pytest.raises(ValueError, match=f"does not serve {name} in vLLM yet"):
+            check_engine(_engine(**{"model_config.architecture": arch}))
     # DyMU off: nothing is refused (vLLM's own LLaVA).
     check_engine(_engine(**{"model_config.hf_config": _cfg(None), "model_config.enforce_eager": False}))
 

@@ -1,10 +1,12 @@
 """DyMU in vLLM: an out-of-tree plugin (``pip install dymu_kernels[vllm]``).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
-in every process it starts. It puts the classes of :mod:`.llava` in place of
-vLLM's ``LlavaForConditionalGeneration`` and
-``LlavaOnevisionForConditionalGeneration`` — vLLM's own classes, unchanged
-unless the model's config has a ``dymu`` entry — and a config hook
+in every process it starts. It puts the classes of :mod:`.llava` and
+:mod:`.qwen` in place of vLLM's ``LlavaForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``
+— vLLM's own classes, unchanged unless the model's config has a ``dymu``
+entry — and a config hook
 that refuses, at load time, engine settings DyMU cannot serve exactly
 (:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
 never splits an image across steps (:mod:`.scheduler`). Serve with::
@@ -27,6 +29,8 @@ from .settings import DyMUSettings, engine_kwargs, settings_from_config
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaOnevisionForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2VLForConditionalGeneration",
 }
 
 __all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]

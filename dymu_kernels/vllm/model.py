@@ -59,10 +59,10 @@ _UNMERGED = object()  # a counted step whose tokens are all distinct rows
 
 
 class DyMUServing:
-    """Mixin before a vLLM LLaVA-family class (see module doc)."""
+    """Mixin before a vLLM multimodal class (see module doc)."""
 
     dymu_family: str  # the key of :func:`dymu_kernels.families.families`
-    dymu_tower: str  # transformers' tower class for the checkpoint's vision config
+    dymu_tower: str  # transformers' tower class for the checkpoint's vision config (a top-level or dotted name)
 
     def _dymu_setup(self, vllm_config) -> None:
         self.dymu = settings_from_config(self.config)
@@ -72,42 +72,55 @@ class DyMUServing:
         if self.dymu is None:
             return
         check_engine(vllm_config)  # the config hook refuses first; this guards direct builds
-        import transformers
-
         family = families()[self.dymu_family]
         text = self.config.text_config
         check_full_attention(text)
         if getattr(text, "use_sliding_window", False):
             raise ValueError("the language model has ['sliding_window'] layers; VTU attention covers full (causal) "
                              "attention only")
-        tower_cls = getattr(transformers, self.dymu_tower)
+        encoder, select_strategy = self._dymu_tower(family)
+        # Not a submodule (the tower is registered once, where the checkpoint's weights load into it).
+        object.__setattr__(self, "_dymu_patch", Patch(encoder, True, self.dymu.backend, select_strategy, family))
+        install_vtu_hooks(self.language_model.model.layers, self._dymu_holder)
+
+    def _transformers_tower(self, family):
+        """transformers' own tower class (``dymu_tower``) built from the
+        checkpoint's vision config, refusing a config of another kind."""
+        import importlib
+
+        module, _, name = self.dymu_tower.rpartition(".")
+        tower_cls = getattr(importlib.import_module(module or "transformers"), name)
         vision_config = self.config.vision_config
         if not isinstance(vision_config, tower_cls.config_class):
             raise ValueError(f"DyMU serves {family.class_name} with a {tower_cls.config_class.__name__} tower; "
                              f"this checkpoint's is {type(vision_config).__name__}")
-        tower = tower_cls(vision_config).eval()
+        return tower_cls(vision_config).eval()
+
+    def _dymu_tower(self, family):
+        """Put the DToMe tower in place of vLLM's; ``(encoder, select strategy)``.
+        A LLaVA-type tower: transformers' CLIP / SigLIP under ``vision_tower``."""
+        tower = self._transformers_tower(family)
         # Checkpoints name the tower's weights vision_tower.vision_model.*; transformers 5
         # keeps the blocks at the model's top level, so hold it under that name.
         self.vision_tower = torch.nn.Module()
         self.vision_tower.vision_model = getattr(tower, "vision_model", tower)
         s = self.dymu
-        encoder = tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend)
-        # Not a submodule (the tower is registered once, under vision_tower).
-        object.__setattr__(self, "_dymu_patch", Patch(encoder, True, s.backend,
-                                                       self.config.vision_feature_select_strategy, family))
-        install_vtu_hooks(self.language_model.model.layers, self._dymu_holder)
+        return (tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend),
+                self.config.vision_feature_select_strategy)
 
     def _dymu_encode(self, modality: str, pixels: torch.Tensor, vision_kwargs: Dict) -> List[torch.Tensor]:
         """Items of one modality -> tagged encoder outputs, one ``[P_i, C + tags]`` per item."""
         patch = self._dymu_patch
         mod = {m.name: m for m in patch.family.modalities}[modality]
-        dtype = next(self.multi_modal_projector.parameters()).dtype
+        projector = getattr(self, "multi_modal_projector", None)  # LLaVA-type: the tower runs in its dtype
+        dtype = next((projector or self).parameters()).dtype
         out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
         rows = out.pooler_output  # per item, each placeholder's unique token: [P_i, C]
         tower = patch.counts[modality]
         st = self.dymu_stats
         st.items_encoded += len(rows)
-        st.tower_tokens += tower.num_patches * tower.kept.shape[0]
+        patches = tower.num_patches  # per item, or one count for all
+        st.tower_tokens += sum(patches) if isinstance(patches, list) else patches * tower.kept.shape[0]
         st.tower_tokens_kept += int(tower.kept.sum())
         st.placeholders += sum(r.shape[0] for r in rows)
         st.unique_rows += int(out.merged_counts.sum())
