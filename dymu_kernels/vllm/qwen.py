@@ -38,6 +38,9 @@ class DyMUQwenServing(DyMUServing):
         self._dymu_setup(vllm_config)
 
     def _dymu_tower(self, family):
+        # vLLM's processor may leave rescaling / normalising to the tower (mm_device_do_normalize, on by
+        # default): keep vLLM's own input norm of the pixels (not a submodule: it has no checkpoint weights).
+        object.__setattr__(self, "_dymu_input_norm", getattr(self.visual, "input_norm", None))
         # Checkpoints name the tower's weights visual.* (vLLM maps model.visual.* there): the same names.
         self.visual = self._transformers_tower(family)
         s = self.dymu
@@ -56,8 +59,11 @@ class DyMUQwenServing(DyMUServing):
                 raise RuntimeError(f"DyMU got {None if parsed is None else parsed['type']!r} {modality} inputs, "
                                    "which the load-time checks exclude (enable_mm_embeds): precomputed embeddings "
                                    "cannot be merged")
+            pixels = parsed[pixels_key]
+            if self._dymu_input_norm is not None:
+                pixels = self._dymu_input_norm(pixels, self.visual.dtype)
             vision_kwargs: Dict = {grid_key: parsed[grid_key]}
-            items += self._dymu_encode(modality, parsed[pixels_key], vision_kwargs)
+            items += self._dymu_encode(modality, pixels, vision_kwargs)
         return items
 
 
