@@ -22,8 +22,8 @@ UNVERIFIED = {
         "DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers model with "
         "dymu_kernels.hf.apply_dymu, or serve without the 'dymu' entry"),
 }
-# Qwen2.5-VL / Qwen2-VL (dymu_kernels.vllm.qwen): the tower's outputs and the step's embeddings equal
-# transformers', but the served tokens with nothing merged do not yet equal stock vLLM's: refused until they do.
+# Qwen2.5-VL / Qwen2-VL (dymu_kernels.vllm.qwen): served by hand (nothing merged == stock vLLM), refused until
+# tests show it per family (merged == patched transformers, batches, chunked prefill, TP=2).
 for _arch, _name in (("Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"), ("Qwen2VLForConditionalGeneration",
                                                                            "Qwen2-VL")):
     UNVERIFIED[_arch] = (f"DyMU does not serve {_name} in vLLM yet (not verified); patch the transformers model "
