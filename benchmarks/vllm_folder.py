@@ -1,4 +1,4 @@
-"""A random transformers LLaVA saved as a folder vLLM serves offline.
+"""Random transformers LLaVA and Qwen-VL models saved as folders vLLM serves offline.
 
 vLLM needs a tokenizer, a processor and the checkpoint names of released
 llava-hf models (vision tower under ``vision_tower.vision_model.*``); a model
@@ -78,3 +78,69 @@ def save_llava_folder(model, path: str):
     return processor
 
 
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>")
+
+
+def qwen_tokenizer():
+    """A byte-level BPE ``Qwen2Tokenizer``: the 256 byte symbols (no merges),
+    then Qwen's special tokens (ids 256-262)."""
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in QWEN_SPECIALS:
+        vocab[token] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS], special_tokens=True)
+    return tok
+
+
+def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
+    """A random tiny Qwen2.5-VL (``kind="qwen2_5_vl"``: windows of 4x4 units,
+    full attention in block 1) or Qwen2-VL (``"qwen2_vl"``) saved under
+    ``path`` with its tokenizer (:func:`qwen_tokenizer`) and processor (image
+    and video processors, 112 × 112 to 112 × 224 px: at most 32 placeholders per
+    image or frame pair, so a small token budget chunks prefill); head dim 64 (vLLM's CPU minimum).
+    Needs transformers' torchvision-based processors. Returns the processor."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                      fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
+        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls, processor_cls = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor
+    elif kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=128)
+        config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls, processor_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
+    else:
+        raise ValueError(f"kind={kind!r}: expected 'qwen2_5_vl' or 'qwen2_vl'")
+    config.architectures = [cls.__name__]  # what vLLM picks its model class by
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # wide logit margins: greedy tokens compare robustly
+    model.generation_config = transformers.GenerationConfig(bos_token_id=ids["<|endoftext|>"],
+                                                            eos_token_id=ids["<|im_end|>"],
+                                                            pad_token_id=ids["<|endoftext|>"], do_sample=False)
+    model.save_pretrained(path)
+    sizes = dict(min_pixels=112 * 112, max_pixels=112 * 224, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+                              video_processor=Qwen2VLVideoProcessor(**sizes, do_sample_frames=False))
+    processor.save_pretrained(path)
+    return processor

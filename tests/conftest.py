@@ -19,6 +19,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The vLLM environment of the plugin's tests (scripts/setup_vllm.sh makes it).
 VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
 
+
+
+def run_vllm_worker(job, folder, name, plugins=None, **env_extra):
+    """Run ``tests/vllm_worker.py`` on ``job`` in the vLLM environment (its
+    doc gives the job's form) and return what it wrote; ``plugins``: the
+    ``VLLM_PLUGINS`` value ("none": vLLM without the plugin)."""
+    import json
+    import subprocess
+
+    job_path, out_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.out.json")
+    json.dump(job, open(job_path, "w"))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_worker.py"), job_path, out_path],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM worker failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.load(open(out_path))
+
+
 # Where Triton kernels are tested: the GPU when there is one.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

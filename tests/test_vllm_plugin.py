@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, VLLM_PYTHON, randn
+from conftest import ROOT, VLLM_PYTHON, randn, run_vllm_worker
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
@@ -342,10 +342,6 @@ def test_engine_refusals():
     # An architecture the plugin registers but does not serve with DyMU yet: refused whatever the settings.
     with pytest.raises(ValueError, match="does not serve LLaVA-OneVision in vLLM yet"):
         check_engine(_engine(**{"model_config.architecture": "LlavaOnevisionForConditionalGeneration"}))
-    for arch, name in (("Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"), ("Qwen2VLForConditionalGeneration",
-                                                                             "Qwen2-VL")):
-        with pytest.raises(ValueError, match=f"does not serve {name} in vLLM yet"):
-            check_engine(_engine(**{"model_config.architecture": arch}))
     # DyMU off: nothing is refused (vLLM's own LLaVA).
     check_engine(_engine(**{"model_config.hf_config": _cfg(None), "model_config.enforce_eager": False}))
 
@@ -445,19 +441,6 @@ def _hf_generate(model, processor, prompt, images):
     return {"tokens": tokens, "logprobs": logprobs}
 
 
-def _run_worker(job, folder, name, plugins=None, **env_extra):
-    job_path, out_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.out.json")
-    json.dump(job, open(job_path, "w"))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_worker.py"), job_path, out_path],
-                          env=env, capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise AssertionError(f"vLLM worker failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.load(open(out_path))
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """What vLLM (without the plugin, and with it in every configuration) and
@@ -494,12 +477,12 @@ def served(tmp_path_factory):
     plugin_job = {"model": model_dir, "onevision_refusal": True, "engines": [
         {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS,
          "rejects": rejects.get(n, {})} for n, d, e, b in ENGINES]}
-    vllm = _run_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
-    vllm.update(_run_worker(plugin_job, folder, "plugin"))
+    vllm = run_vllm_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
+    vllm.update(run_vllm_worker(plugin_job, folder, "plugin"))
     # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
     tp_job = {"model": model_dir, "engines": [{"name": "r8_tp2", "dymu": {"r": R}, "batches": batches(["batch"]),
                                                "engine": {"tensor_parallel_size": 2}, "max_tokens": NEW_TOKENS}]}
-    vllm.update(_run_worker(tp_job, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
+    vllm.update(run_vllm_worker(tp_job, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
 

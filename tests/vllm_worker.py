@@ -4,8 +4,11 @@ Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
 JOB: ``{"model": DIR, "engines": [{"name", "engine": {LLM kwargs}, "dymu": {engine_kwargs} | null,
-"batches": {name: [{"prompt", "images": [PNG paths]}]}, "max_tokens",
-"rejects": {name: {"prompt", "images", "mm_processor_kwargs"}}}]}``. Each engine is
+"batches": {name: [{"prompt", "images": [PNG paths], "videos": [NPY paths of frames]}]}, "max_tokens",
+"ignore_eos", "rejects": {name: {"prompt", "images", "mm_processor_kwargs"}}}]}``, optionally with
+``"qwen_folder": {"kind", "requests": {name: request}, "dump": PT path}``: first save a tiny
+Qwen-VL of that kind at DIR (``benchmarks/vllm_folder.py``) and dump its processor's outputs
+for each request (what transformers is then given). Each engine is
 started once, is sent its rejects first (each one request that must fail), then serves
 all its batches (each batch one ``generate`` call);
 OUT: ``{engine: {batch: [{"tokens", "logprobs"}], "stats": {...} | null, "rejects": {name: error | null}}}``
@@ -35,11 +38,61 @@ def _onevision_refusal():
     return None
 
 
-def main(job_path: str, out_path: str) -> None:
+VIDEO_FPS = 2.0
+
+
+def _video(path):
+    """A video request item: frames ``[T, H, W, 3]`` uint8 and the metadata vLLM's Qwen processors read."""
+    import numpy as np
+
+    frames = np.load(path)
+    n = frames.shape[0]
+    return frames, {"fps": VIDEO_FPS, "duration": n / VIDEO_FPS, "total_num_frames": n,
+                    "frames_indices": list(range(n)), "video_backend": "opencv", "do_sample_frames": False}
+
+
+def _mm_data(req):
     from PIL import Image
+
+    data = {}
+    if req.get("images"):
+        data["image"] = [Image.open(p).convert("RGB") for p in req["images"]]
+    if req.get("videos"):
+        data["video"] = [_video(p) for p in req["videos"]]
+    return data
+
+
+def _qwen_folder(model_dir: str, spec) -> None:
+    """Save the tiny Qwen-VL and dump its processor's outputs per request."""
+    import torch
+    from transformers.video_utils import VideoMetadata
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from vllm_folder import save_qwen_folder
+
+    processor = save_qwen_folder(spec["kind"], model_dir)
+    dumped = {}
+    for name, req in spec["requests"].items():
+        data = _mm_data(req)
+        kwargs = {}
+        if "image" in data:
+            kwargs["images"] = data["image"]
+        if "video" in data:
+            kwargs["videos"] = [frames for frames, _ in data["video"]]
+            kwargs["video_metadata"] = [VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})
+                                        for _, meta in data["video"]]
+            kwargs["do_sample_frames"] = False
+        enc = processor(text=[req["prompt"]], return_tensors="pt", **kwargs)
+        dumped[name] = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    torch.save(dumped, spec["dump"])
+
+
+def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     job = json.load(open(job_path))
+    if job.get("qwen_folder"):
+        _qwen_folder(job["model"], job["qwen_folder"])
     results = {}
     for spec in job["engines"]:
         kwargs = dict(model=job["model"], dtype="float32", seed=0, max_model_len=1024, **spec.get("engine", {}))
@@ -53,11 +106,11 @@ def main(job_path: str, out_path: str) -> None:
         except Exception as e:  # the refusals the tests check
             results[spec["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0)
+        params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0,
+                                ignore_eos=spec.get("ignore_eos", False))
         out = {"rejects": {}}
         for name, req in spec.get("rejects", {}).items():
-            item = {"prompt": req["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB")
-                                                                            for p in req["images"]]}}
+            item = {"prompt": req["prompt"], "multi_modal_data": _mm_data(req)}
             if req.get("mm_processor_kwargs"):
                 item["mm_processor_kwargs"] = req["mm_processor_kwargs"]
             try:
@@ -69,8 +122,8 @@ def main(job_path: str, out_path: str) -> None:
             prompts = []
             for req in batch:
                 item = {"prompt": req["prompt"]}
-                if req.get("images"):
-                    item["multi_modal_data"] = {"image": [Image.open(p).convert("RGB") for p in req["images"]]}
+                if req.get("images") or req.get("videos"):
+                    item["multi_modal_data"] = _mm_data(req)
                 prompts.append(item)
             gens = llm.generate(prompts, params, use_tqdm=False)
             out[name] = [{"tokens": list(g.outputs[0].token_ids),

@@ -131,6 +131,9 @@ def thresholds_argument(thresholds, num_layers: int) -> Optional[List[float]]:
     """What ``apply_dymu(model, thresholds)`` accepts, resolved and checked:
     a preset ``"model:level"`` (:func:`published_thresholds`), a threshold
     file, a :class:`Thresholds` or a list (:func:`resolve_thresholds`)."""
+    if isinstance(thresholds, dict):  # stages: the form of towers that merge in stages (Qwen2-VL-type)
+        raise ValueError(f"thresholds as a dict of stages ({sorted(thresholds)}) is for Qwen2-VL-type models; this "
+                         f"tower takes one threshold per encoder block ({num_layers}), a preset or a file")
     if isinstance(thresholds, str) and not os.path.exists(thresholds):
         model, _, level = thresholds.rpartition(":")
         if not model:

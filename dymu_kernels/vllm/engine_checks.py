@@ -22,12 +22,6 @@ UNVERIFIED = {
         "DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers model with "
         "dymu_kernels.hf.apply_dymu, or serve without the 'dymu' entry"),
 }
-# Qwen2.5-VL / Qwen2-VL (dymu_kernels.vllm.qwen): served by hand (nothing merged == stock vLLM), refused until
-# tests show it per family (merged == patched transformers, batches, chunked prefill, TP=2).
-for _arch, _name in (("Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"), ("Qwen2VLForConditionalGeneration",
-                                                                           "Qwen2-VL")):
-    UNVERIFIED[_arch] = (f"DyMU does not serve {_name} in vLLM yet (not verified); patch the transformers model "
-                         "with dymu_kernels.hf.apply_dymu, or serve without the 'dymu' entry")
 
 
 def unsupported_settings(vllm_config) -> List[str]:

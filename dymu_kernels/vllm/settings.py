@@ -8,8 +8,9 @@ checkpoint, through vLLM's ``hf_overrides``::
     #       enforce_eager=True, enable_prefix_caching=False, disable_chunked_mm_input=True)
 
 Keys: ``enabled`` (default True), ``thresholds`` (a preset ``"model:level"``,
-a threshold JSON file, a list of per-block floats, or ``"default"``: the
-family's published preset), ``r`` (merge exactly r tokens per block instead;
+a threshold JSON file, a list of per-block floats, ``"default"``: the
+family's published preset, or — Qwen2-VL / Qwen2.5-VL — a dict of stages
+``{"vit": per block, "merger": per round}``), ``r`` (merge exactly r tokens per block instead;
 int or one per block), ``backend`` (``"auto" | "cpp" | "triton" | "torch"``).
 No ``dymu`` entry, or ``enabled: false``: the model is served exactly as
 vLLM serves it.
@@ -67,9 +68,9 @@ def settings_from_config(hf_config) -> Optional[DyMUSettings]:
         return DyMUSettings(thresholds=None, r=r, backend=backend)
     if thresholds is None:
         thresholds = "default"
-    if not isinstance(thresholds, (str, list)):
-        raise ValueError(f"config 'dymu.thresholds' must be a preset 'model:level', a file path, 'default' or a list "
-                         f"of floats, got {type(thresholds).__name__}")
+    if not isinstance(thresholds, (str, list, dict)):
+        raise ValueError(f"config 'dymu.thresholds' must be a preset 'model:level', a file path, 'default', a list "
+                         f"of floats or a dict of stages, got {type(thresholds).__name__}")
     return DyMUSettings(thresholds=thresholds, r=None, backend=backend)
 
 
