@@ -49,6 +49,12 @@ WIDTHS = {
               "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})},
 }
+# Tiny widths vLLM's CPU attention takes (head dim 64): bench_vllm.py --family qwen2_5_vl --size quick.
+WIDTHS["quick-vllm"] = {"vision": WIDTHS["quick"]["vision"] | dict(out_hidden_size=128),
+                        "text": dict(hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                                     num_key_value_heads=1, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": 10000.0,
+                                                                             "mrope_section": [8, 12, 12]})}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 
 

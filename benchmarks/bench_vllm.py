@@ -2,6 +2,8 @@
 
     python3 benchmarks/bench_vllm.py                 # CPU: the small LLaVA of bench_e2e.py
     python3 benchmarks/bench_vllm.py --size quick    # a tiny model, seconds
+    python3 benchmarks/bench_vllm.py --family qwen2_5_vl --configs stock,r=24,threshold,stock --requests 4
+                                                     # Qwen2.5-VL (3B widths, cut): photographs and a video
 
 Builds bench_e2e.py's random LLaVA (CLIP ViT-L/14-336 + an 8-layer 1B-class
 Llama at ``small``), saves it as a vLLM folder (benchmarks/vllm_folder.py),
@@ -37,10 +39,12 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e  # noqa: E402
+import bench_qwen  # noqa: E402
 from common import add_run_args, check_run_args, environment, print_table, summarize, write_rows  # noqa: E402
 from vllm_folder import save_llava_folder  # noqa: E402
 
@@ -82,6 +86,73 @@ def save_photos(folder: str, size: int):
     return paths
 
 
+def prepare_llava(args, folder: str):
+    """bench_e2e.py's random LLaVA saved for vLLM, thresholds calibrated on the
+    photographs, one image request per photograph: ``(model dir, items,
+    thresholds file, LM layers)``."""
+    spec = bench_e2e.SIZES[args.size]
+    lm_layers = args.lm_layers or spec["lm_layers"]
+    config = bench_e2e.llava_config(args.size, lm_layers)
+    model = bench_e2e.build_model(config, "cpu", torch.float32, seed=0)
+    size = config.vision_config.image_size
+    photos = save_photos(folder, size)
+    print(f"[bench_vllm] calibrating thresholds for the random tower ({spec['name']})", flush=True)
+    thresholds = bench_e2e.calibrate(model, bench_e2e.load_photos(bench_e2e.PHOTOS, size), batch=4, progress=False)
+    thresholds_path = os.path.join(folder, "thresholds.json")
+    thresholds.save(thresholds_path)
+    model_dir = os.path.join(folder, "model")
+    save_llava_folder(model, model_dir)
+    prompt = prompt_text(config)
+    return model_dir, [{"prompt": prompt, "image": p} for p in photos], thresholds_path, lm_layers
+
+
+QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+            "<|vision_end|>": 151653, "<|image_pad|>": bench_qwen.IMG, "<|video_pad|>": bench_qwen.VID}
+
+
+def prepare_qwen(args, folder: str):
+    """bench_qwen.py's random Qwen2.5-VL (3B widths, cut to 8 tower + ``--lm-layers``
+    blocks; ``--size quick``: tiny widths) saved for vLLM with a byte-level
+    tokenizer at the released token ids and the 448-px processor (written in
+    the vLLM environment: its processors need torchvision); per-block
+    thresholds calibrated on the photographs for r = 24; requests: 448 × 448
+    photographs and, every fourth, bench_qwen.py's 8-frame 252 × 252 video."""
+    quick = args.size == "quick"
+    vision_layers, lm_layers = (4, 2) if quick else (8, args.lm_layers or 4)
+    model = bench_qwen.build("quick-vllm" if quick else "3b", vision_layers, lm_layers, seed=0)
+    model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model_dir = os.path.join(folder, "model")
+    model.save_pretrained(model_dir)
+    thresholds = bench_qwen.calibrate(model, 24, vision_layers, "cpu", torch.float32)
+    thresholds_path = os.path.join(folder, "thresholds.json")
+    thresholds.save(thresholds_path)
+    del model
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import vllm_folder as f; "
+            "f.save_qwen_processor('qwen2_5_vl', sys.argv[2], f.qwen_tokenizer(eval(sys.argv[3])), "
+            "min_pixels=56 * 56, max_pixels=448 * 448)")
+    proc = subprocess.run([args.vllm_python, "-c", code, os.path.dirname(os.path.abspath(__file__)), model_dir,
+                           repr(QWEN_IDS)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[bench_vllm] the Qwen processor could not be saved:\n{proc.stderr[-3000:]}")
+    photos = bench_qwen.photographs(bench_qwen.PHOTOS, 448)
+    items = []
+    for i, photo in enumerate(photos):
+        path = os.path.join(folder, f"photo{i}.png")
+        photo.save(path)
+        items.append({"prompt": qwen_prompt("image", "Describe this photograph in a few words."), "image": path})
+    frames = np.asarray(photos[0])
+    video = np.stack([frames[20 * f: 20 * f + 252, 20 * f: 20 * f + 252] for f in range(8)])  # panning
+    np.save(os.path.join(folder, "video.npy"), video)
+    items.insert(3, {"prompt": qwen_prompt("video", "What happens in this video?"),
+                     "video": os.path.join(folder, "video.npy")})
+    return model_dir, items, thresholds_path, lm_layers
+
+
+def qwen_prompt(kind: str, text: str) -> str:
+    return (f"<|im_start|>user\n<|vision_start|><|{kind}_pad|><|vision_end|>{text}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
 def run_engine(vllm_python: str, job: dict, plugins, folder: str, name: str) -> dict:
     job_path, out_path = os.path.join(folder, f"{name}.job.json"), os.path.join(folder, f"{name}.out.json")
     json.dump(job, open(job_path, "w"))
@@ -98,6 +169,7 @@ def run_engine(vllm_python: str, job: dict, plugins, folder: str, name: str) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("llava", "qwen2_5_vl"), default="llava")
     parser.add_argument("--size", choices=("small", "quick"), default="small")
     parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
     parser.add_argument("--configs", default="stock,r=21,threshold,stock",
@@ -123,30 +195,22 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.work_dir or tmp
         os.makedirs(folder, exist_ok=True)
-        spec = bench_e2e.SIZES[args.size]
-        lm_layers = args.lm_layers or spec["lm_layers"]
-        config = bench_e2e.llava_config(args.size, lm_layers)
-        model = bench_e2e.build_model(config, "cpu", torch.float32, seed=0)
-        size = config.vision_config.image_size
-        photos = save_photos(folder, size)
-        print(f"[bench_vllm] calibrating thresholds for the random tower ({spec['name']})", flush=True)
-        thresholds = bench_e2e.calibrate(model, bench_e2e.load_photos(bench_e2e.PHOTOS, size), batch=4, progress=False)
-        thresholds_path = os.path.join(folder, "thresholds.json")
-        thresholds.save(thresholds_path)
-        model_dir = os.path.join(folder, "model")
-        save_llava_folder(model, model_dir)
-        del model
+        if args.family == "llava":
+            model_dir, items, thresholds_path, lm_layers = prepare_llava(args, folder)
+        else:
+            model_dir, items, thresholds_path, lm_layers = prepare_qwen(args, folder)
         rows, stock_samples = [], []
         for i, c in enumerate(configs):
             plugins, dymu, engine = engine_spec(c, thresholds_path)
-            job = {"model": model_dir, "images": photos, "prompt": prompt_text(config), "requests": args.requests,
+            job = {"model": model_dir, "items": items, "requests": args.requests,
                    "new_tokens": args.new_tokens, "samples": args.samples, "dymu": dymu,
                    "engine": {"dtype": dtype, **engine}}
             print(f"[bench_vllm] {c}: starting an engine", flush=True)
             out = run_engine(args.vllm_python, job, plugins, folder, f"{i}_{c.replace('=', '')}")
             s = summarize(out["seconds"])
             stats = out.get("stats") or {}
-            row = {"bench": "vllm_offline", "size": args.size, "lm_layers": lm_layers, "config": c,
+            row = {"bench": "vllm_offline", "family": args.family, "size": args.size, "lm_layers": lm_layers,
+                   "config": c,
                    "requests": args.requests, "new_tokens": args.new_tokens, "prompt_tokens": out["prompt_tokens"],
                    "output_tokens": out["output_tokens"], "seconds": s,
                    "requests_per_s": args.requests / s["median"], "output_tokens_per_s": out["output_tokens"] / s["median"],
@@ -169,7 +233,7 @@ def main(argv=None) -> int:
     print_table(rows, columns)
     if not args.no_save:
         env = environment()
-        name = f"vllm_{'cuda' if cuda else 'cpu'}"
+        name = f"vllm_{'' if args.family == 'llava' else 'qwen_'}{'cuda' if cuda else 'cpu'}"
         path = write_rows(name, rows, args.results_dir)
         with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
             f.write(markdown(rows, env))
@@ -179,10 +243,11 @@ def main(argv=None) -> int:
 
 def markdown(rows, env) -> str:
     r0 = rows[0]
-    lines = [f"# vLLM offline throughput, {r0['size']} LLaVA ({r0['lm_layers']} LM layers), with and without DyMU", "",
+    model = "LLaVA" if r0["family"] == "llava" else "Qwen2.5-VL (3B widths, cut)"
+    lines = [f"# vLLM offline throughput, {r0['size']} {model} ({r0['lm_layers']} LM layers), with and without DyMU", "",
              f"{env['device']}; vLLM {r0['vllm']} (transformers {r0['vllm_transformers']}), torch {env['torch']}, "
              f"commit {env['commit']}, {env['date']}. {r0['requests']} requests of {r0['prompt_tokens'] // r0['requests']} "
-             f"prompt tokens (one image each), {r0['new_tokens']} new tokens each; median (min-max) of "
+             f"prompt tokens (one image or video each), {r0['new_tokens']} new tokens each; median (min-max) of "
              f"{r0['seconds']['n_samples']} runs per engine, in the order below; ratios against the median of all "
              f"{r0['stock_samples_pooled']} stock samples.", "",
              "| config | s per run | requests/s | output tok/s | time vs stock | vision tokens kept | LLM token-wise work | attention + KV positions |",

@@ -84,31 +84,54 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|video_pad|>")
 
 
-def qwen_tokenizer():
+def qwen_tokenizer(ids=None):
     """A byte-level BPE ``Qwen2Tokenizer``: the 256 byte symbols (no merges),
-    then Qwen's special tokens (ids 256-262)."""
+    then Qwen's special tokens — at ids 256-262, or at ``ids`` (``{token: id}``,
+    e.g. the released models' 151643…; unused ids in between are filler
+    entries no text encodes to)."""
     from tokenizers import AddedToken, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in QWEN_SPECIALS:
-        vocab[token] = len(vocab)
+    if ids is None:
+        ids = {token: len(vocab) + i for i, token in enumerate(QWEN_SPECIALS)}
+    specials = set(ids.values())
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), max(specials) + 1) if i not in specials})
+    vocab.update(ids)
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS], special_tokens=True)
+    got = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    if got != {t: ids[t] for t in QWEN_SPECIALS}:
+        raise ValueError(f"special token ids {got}, expected {ids}")
     return tok
+
+
+def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 112 * 112, max_pixels: int = 112 * 224):
+    """The processor of a Qwen-VL ``kind`` (image and video processors, frames
+    not sampled) with ``tokenizer``, saved under ``path``; returned. Needs
+    transformers' torchvision-based processors."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    cls = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor, "qwen2_vl": transformers.Qwen2VLProcessor}[kind]
+    sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
+                    video_processor=Qwen2VLVideoProcessor(**sizes, do_sample_frames=False))
+    processor.save_pretrained(path)
+    return processor
 
 
 def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
     """A random tiny Qwen2.5-VL (``kind="qwen2_5_vl"``: windows of 4x4 units,
     full attention in block 1) or Qwen2-VL (``"qwen2_vl"``) saved under
     ``path`` with its tokenizer (:func:`qwen_tokenizer`) and processor (image
-    and video processors, 112 × 112 to 112 × 224 px: at most 32 placeholders per
-    image or frame pair, so a small token budget chunks prefill); head dim 64 (vLLM's CPU minimum).
-    Needs transformers' torchvision-based processors. Returns the processor."""
+    and video processors, 112 × 112 to 112 × 224 px: at most 32 placeholders
+    per image or frame pair, so a small token budget chunks prefill); head
+    dim 64 (vLLM's CPU minimum). Needs transformers' torchvision-based
+    processors. Returns the processor."""
     import torch
     import transformers
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -139,8 +162,4 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
                                                             eos_token_id=ids["<|im_end|>"],
                                                             pad_token_id=ids["<|endoftext|>"], do_sample=False)
     model.save_pretrained(path)
-    sizes = dict(min_pixels=112 * 112, max_pixels=112 * 224, patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
-                              video_processor=Qwen2VLVideoProcessor(**sizes, do_sample_frames=False))
-    processor.save_pretrained(path)
-    return processor
+    return save_qwen_processor(kind, path, tok)

@@ -1,7 +1,8 @@
 """One engine's offline throughput (run by benchmarks/bench_vllm.py in the vLLM environment).
 
-``python vllm_throughput.py JOB.json OUT.json``. JOB: ``{"model", "images": [PNG],
-"prompt", "requests", "new_tokens", "samples", "dymu": engine_kwargs | null, "engine": {LLM kwargs}}``.
+``python vllm_throughput.py JOB.json OUT.json``. JOB: ``{"model", "items": [{"prompt",
+"image": PNG | "video": NPY of frames [T, H, W, 3]}], "requests", "new_tokens", "samples",
+"dymu": engine_kwargs | null, "engine": {LLM kwargs}}``; request ``i`` is item ``i mod len(items)``.
 Starts one ``LLM``, runs one untimed ``generate`` of all requests, then
 ``samples`` timed ones. Every request of every run gets an image of its own
 (one pixel changed), so neither vLLM's encoder cache nor its processor cache
@@ -42,15 +43,25 @@ def main(job_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in job["images"]]
+    items = [(item["prompt"], "image" if "image" in item else "video",
+              np.asarray(Image.open(item["image"]).convert("RGB")) if "image" in item else np.load(item["video"]))
+             for item in job["items"]]
     params = SamplingParams(temperature=0, max_tokens=job["new_tokens"], ignore_eos=True)
 
     def requests(run: int):
         out = []
         for i in range(job["requests"]):
-            pixels = photos[i % len(photos)].copy()
-            pixels[0, 0, 0] = (int(pixels[0, 0, 0]) + run + 1) % 256  # a new image for the caches
-            out.append({"prompt": job["prompt"], "multi_modal_data": {"image": Image.fromarray(pixels)}})
+            prompt, kind, pixels = items[i % len(items)]
+            pixels = pixels.copy()
+            pixels.flat[0] = (int(pixels.flat[0]) + run + 1) % 256  # a new image / video for the caches
+            if kind == "image":
+                data = Image.fromarray(pixels)
+            else:  # frames, and the metadata vLLM's Qwen processors read (every frame, 2 fps)
+                n = pixels.shape[0]
+                data = (pixels, {"fps": 2.0, "duration": n / 2.0, "total_num_frames": n,
+                                 "frames_indices": list(range(n)), "video_backend": "opencv",
+                                 "do_sample_frames": False})
+            out.append({"prompt": prompt, "multi_modal_data": {kind: data}})
         return out
 
     times, prompt_tokens, output_tokens = [], 0, 0

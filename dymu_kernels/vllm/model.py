@@ -38,7 +38,7 @@ class ServingStats:
     """What DyMU saved since the engine started (per worker process)."""
 
     items_encoded: int = 0  # images / videos through the tower (vLLM encodes an item once while its cache holds it)
-    tower_tokens: int = 0  # patch tokens entering the tower's merging blocks (crops, frames included)
+    tower_tokens: int = 0  # tokens entering the tower's merging blocks (crops, frames included; Qwen: 2x2 units)
     tower_tokens_kept: int = 0  # tokens leaving them after DToMe
     placeholders: int = 0  # placeholders of the items encoded: the language model's positions for them
     unique_rows: int = 0  # the unique rows among those placeholders
