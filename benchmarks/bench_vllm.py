@@ -127,11 +127,11 @@ def prepare_qwen(args, folder: str):
     thresholds_path = os.path.join(folder, "thresholds.json")
     thresholds.save(thresholds_path)
     del model
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import vllm_folder as f; "
-            "f.save_qwen_processor('qwen2_5_vl', sys.argv[2], f.qwen_tokenizer(eval(sys.argv[3])), "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import vllm_folder as f; "
+            "f.save_qwen_processor('qwen2_5_vl', sys.argv[2], f.qwen_tokenizer(json.loads(sys.argv[3])), "
             "min_pixels=56 * 56, max_pixels=448 * 448)")
     proc = subprocess.run([args.vllm_python, "-c", code, os.path.dirname(os.path.abspath(__file__)), model_dir,
-                           repr(QWEN_IDS)], capture_output=True, text=True)
+                           json.dumps(QWEN_IDS)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"[bench_vllm] the Qwen processor could not be saved:\n{proc.stderr[-3000:]}")
     photos = bench_qwen.photographs(bench_qwen.PHOTOS, 448)

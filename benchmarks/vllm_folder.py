@@ -106,6 +106,14 @@ def qwen_tokenizer(ids=None):
     return tok
 
 
+def video_item(frames, fps: float = 2.0):
+    """A vLLM video item: ``frames [T, H, W, 3]`` uint8 with the metadata
+    vLLM's Qwen processors require (every frame taken, at ``fps``)."""
+    n = frames.shape[0]
+    return frames, {"fps": fps, "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
+                    "video_backend": "opencv", "do_sample_frames": False}
+
+
 def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 112 * 112, max_pixels: int = 112 * 224):
     """The processor of a Qwen-VL ``kind`` (image and video processors, frames
     not sampled) with ``tokenizer``, saved under ``path``; returned. Needs

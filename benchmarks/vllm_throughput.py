@@ -33,6 +33,7 @@ def main(job_path: str, out_path: str) -> None:
     import vllm
     from PIL import Image
     from vllm import LLM, SamplingParams
+    from vllm_folder import video_item  # this script's folder
 
     job = json.load(open(job_path))
     kwargs = dict(model=job["model"], seed=0, max_model_len=2048, **job.get("engine", {}))
@@ -54,13 +55,7 @@ def main(job_path: str, out_path: str) -> None:
             prompt, kind, pixels = items[i % len(items)]
             pixels = pixels.copy()
             pixels.flat[0] = (int(pixels.flat[0]) + run + 1) % 256  # a new image / video for the caches
-            if kind == "image":
-                data = Image.fromarray(pixels)
-            else:  # frames, and the metadata vLLM's Qwen processors read (every frame, 2 fps)
-                n = pixels.shape[0]
-                data = (pixels, {"fps": 2.0, "duration": n / 2.0, "total_num_frames": n,
-                                 "frames_indices": list(range(n)), "video_backend": "opencv",
-                                 "do_sample_frames": False})
+            data = Image.fromarray(pixels) if kind == "image" else video_item(pixels)
             out.append({"prompt": prompt, "multi_modal_data": {kind: data}})
         return out
 

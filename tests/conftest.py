@@ -40,6 +40,25 @@ def run_vllm_worker(job, folder, name, plugins=None, **env_extra):
     return json.load(open(out_path))
 
 
+def greedy_generation(model, inputs, new_tokens: int):
+    """transformers' greedy ``generate()`` of one prompt: its new tokens and
+    each one's log-probability (what the vLLM worker reports, to compare)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def assert_same_generation(got, want, what):
+    """Equal tokens, log-probabilities within 2e-4 (``{"tokens", "logprobs"}`` each)."""
+    import numpy as np
+
+    assert got["tokens"] == want["tokens"], what
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=2e-4, err_msg=what)
+
+
 # Where Triton kernels are tested: the GPU when there is one.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, VLLM_PYTHON, randn, run_vllm_worker
+from conftest import ROOT, VLLM_PYTHON, assert_same_generation, greedy_generation, randn, run_vllm_worker
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
@@ -432,13 +432,7 @@ def _hf_generate(model, processor, prompt, images):
     from PIL import Image
 
     pics = [Image.open(p).convert("RGB") for p in images] or None
-    inputs = processor(text=prompt, images=pics, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-    return {"tokens": tokens, "logprobs": logprobs}
+    return greedy_generation(model, processor(text=prompt, images=pics, return_tensors="pt"), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -486,10 +480,6 @@ def served(tmp_path_factory):
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
 
-def _assert_same(got, want, what):
-    assert got["tokens"] == want["tokens"], what
-    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=2e-4, err_msg=what)
-
 
 @pytest.mark.slow
 def test_unmerged_equals_stock_vllm_and_transformers(served):
@@ -497,11 +487,11 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
     hf, vllm = served["hf"]["stock"], served["vllm"]
     for batch in ("single", "batch"):
         for key, got, stock in zip(BATCHES[batch], vllm["r0"][batch], vllm["stock"][batch]):
-            _assert_same(stock, hf[key], f"stock vLLM vs transformers, {key}")
-            _assert_same(got, stock, f"plugin (nothing merged) vs stock vLLM, {key}")
+            assert_same_generation(stock, hf[key], f"stock vLLM vs transformers, {key}")
+            assert_same_generation(got, stock, f"plugin (nothing merged) vs stock vLLM, {key}")
     assert vllm["r0"]["stats"]["tower_tokens_kept"] == vllm["r0"]["stats"]["tower_tokens"] > 0
     # enabled: false is vLLM's LLaVA as it is (compiled, too).
-    _assert_same(vllm["off"]["single"][0], vllm["stock"]["single"][0], "dymu disabled vs stock")
+    assert_same_generation(vllm["off"]["single"][0], vllm["stock"]["single"][0], "dymu disabled vs stock")
     assert vllm["off"]["stats"] is None
 
 
@@ -517,7 +507,7 @@ def test_merged_equals_patched_transformers(served, engine, batch):
     workers — gives what the package's patched transformers model gives for it alone."""
     ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
     for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
-        _assert_same(got, ref[key], f"{engine}/{batch}/{key}")
+        assert_same_generation(got, ref[key], f"{engine}/{batch}/{key}")
 
 
 @pytest.mark.slow
@@ -638,7 +628,7 @@ def test_vllm_serve_with_plugin_over_http(served, served_http):
     offline, stock = served["vllm"]["r8"], served["vllm"]["stock"]
     for name, want in (("A", offline["single"][0]), ("multi", offline["batch"][4]), ("A_again", offline["single"][0])):
         assert res[name]["status"] == 200, (name, res[name], log)
-        _assert_same(res[name], want, f"vllm serve vs offline LLM, {name}")
+        assert_same_generation(res[name], want, f"vllm serve vs offline LLM, {name}")
     # Merging was on: the stock engine's answer differs.
     assert not np.allclose(res["A"]["logprobs"], stock["single"][0]["logprobs"], atol=2e-4)
     for name, match in (("bad_image", "image"), ("image_embeds", "--enable-mm-embeds"),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VLLM_PYTHON, run_vllm_worker
+from conftest import VLLM_PYTHON, assert_same_generation, greedy_generation, run_vllm_worker
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,15 +67,6 @@ def _media(folder):
     return out
 
 
-def _hf_generate(model, inputs):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-    return {"tokens": tokens, "logprobs": logprobs}
-
-
 def _serve(kind, folder):
     """What stock vLLM, the plugin (every engine) and patched transformers generated."""
     media = _media(folder)
@@ -103,7 +94,7 @@ def _serve(kind, folder):
     for name, patch in (("stock", None), ("r2", dict(r=R)), ("merger", dict(thresholds=MERGER))):
         if patch is not None:
             apply_dymu(model, **patch)
-        hf[name] = {k: _hf_generate(model, inputs[k]) for k in REQUESTS}
+        hf[name] = {k: greedy_generation(model, inputs[k], NEW_TOKENS) for k in REQUESTS}
         remove_dymu(model)
     return {"hf": hf, "vllm": vllm, "inputs": inputs}
 
@@ -115,11 +106,6 @@ def served(request, tmp_path_factory):
     return request.param, _serve(request.param, str(tmp_path_factory.mktemp(request.param)))
 
 
-def _assert_same(got, want, what):
-    assert got["tokens"] == want["tokens"], what
-    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=2e-4, err_msg=what)
-
-
 @pytest.mark.slow
 def test_stock_vllm_equals_transformers_and_plugin_unmerged_equals_stock(served):
     """Stock vLLM gives transformers' tokens (images, videos, both, text);
@@ -127,8 +113,8 @@ def test_stock_vllm_equals_transformers_and_plugin_unmerged_equals_stock(served)
     kind, s = served
     for batch in ("single", "mixed"):
         for key, stock, unmerged in zip(BATCHES[batch], s["vllm"]["stock"][batch], s["vllm"]["r0"][batch]):
-            _assert_same(stock, s["hf"]["stock"][key], f"{kind}: stock vLLM vs transformers, {batch}/{key}")
-            _assert_same(unmerged, stock, f"{kind}: plugin r=0 vs stock vLLM, {batch}/{key}")
+            assert_same_generation(stock, s["hf"]["stock"][key], f"{kind}: stock vLLM vs transformers, {batch}/{key}")
+            assert_same_generation(unmerged, stock, f"{kind}: plugin r=0 vs stock vLLM, {batch}/{key}")
     stats = s["vllm"]["r0"]["stats"]
     assert stats["tower_tokens_kept"] == stats["tower_tokens"] > 0 and stats["llm_rows"] == stats["llm_positions"]
 
@@ -144,7 +130,7 @@ def test_merged_equals_patched_transformers(served, engine, batch):
     kind, s = served
     ref = s["hf"]["merger" if engine == "merger" else "r2"]
     for key, got in zip(BATCHES[batch], s["vllm"][engine][batch]):
-        _assert_same(got, ref[key], f"{kind}: {engine}/{batch}/{key}")
+        assert_same_generation(got, ref[key], f"{kind}: {engine}/{batch}/{key}")
     stats = s["vllm"][engine]["stats"]
     assert stats["tower_tokens_kept"] < stats["tower_tokens"] and stats["llm_rows"] < stats["llm_positions"]
     if engine == "r2_chunked":  # the batch's prompts took more than one step

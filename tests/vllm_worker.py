@@ -22,6 +22,8 @@ import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: stats readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of the machine's memory
+# benchmarks/vllm_folder.py: the tiny model folders and vLLM's video items.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def _onevision_refusal():
@@ -38,27 +40,16 @@ def _onevision_refusal():
     return None
 
 
-VIDEO_FPS = 2.0
-
-
-def _video(path):
-    """A video request item: frames ``[T, H, W, 3]`` uint8 and the metadata vLLM's Qwen processors read."""
-    import numpy as np
-
-    frames = np.load(path)
-    n = frames.shape[0]
-    return frames, {"fps": VIDEO_FPS, "duration": n / VIDEO_FPS, "total_num_frames": n,
-                    "frames_indices": list(range(n)), "video_backend": "opencv", "do_sample_frames": False}
-
-
 def _mm_data(req):
+    import numpy as np
     from PIL import Image
+    from vllm_folder import video_item
 
     data = {}
     if req.get("images"):
         data["image"] = [Image.open(p).convert("RGB") for p in req["images"]]
     if req.get("videos"):
-        data["video"] = [_video(p) for p in req["videos"]]
+        data["video"] = [video_item(np.load(p)) for p in req["videos"]]
     return data
 
 
@@ -67,7 +58,6 @@ def _qwen_folder(model_dir: str, spec) -> None:
     import torch
     from transformers.video_utils import VideoMetadata
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from vllm_folder import save_qwen_folder
 
     processor = save_qwen_folder(spec["kind"], model_dir)

@@ -136,13 +136,14 @@ def build_encoder(family, inner, thresholds, r, backend, trim):
     vit_thresholds = None if r is not None else stages.get("vit")
     vit = None
     if vit_thresholds is not None or r is not None:
-        vit = QwenUnitDToMe(inner.visual, vit_thresholds, r=r, backend=backend, trim=trim)
+        vit = QwenUnitDToMe(inner.visual, vit_thresholds, r=r, backend=backend, trim=trim,
+                            match_units=qwen_vit.MATCH_UNITS)
     rounds = None
     if stages.get("merger") is not None:
         rounds = DToMeRounds(stages["merger"], backend=backend, trim=trim)
     if vit is None and rounds is None:
         raise ValueError("thresholds={} asks for no DToMe stage: give 'vit' and/or 'merger' thresholds")
-    return QwenDToMe(vit, rounds, qwen_vit.MATCH_UNITS), None
+    return QwenDToMe(vit, rounds, qwen_vit.MATCH_UNITS), None  # both stages match within the same sets
 
 
 def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tensor], modality: str, vision_kwargs):

@@ -4,7 +4,7 @@ per-patch state its encoding reads and writes (:class:`Patch`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -17,7 +17,7 @@ class DyMUStats:
 
     tokens_kept: List[int]  # tokens passed to the language model, per tower item (image, crop, frame)
     tokens_per_layer: List[List[int]]  # per item: tokens after each vision block
-    num_patches: int  # tokens per item without DyMU
+    num_patches: Union[int, List[int]]  # tokens per item without DyMU (one count for all, or per item)
 
 
 @dataclass
@@ -27,7 +27,12 @@ class ItemCounts:
 
     kept: torch.Tensor  # [n] tokens passed to the language model per item
     per_layer: List[torch.Tensor]  # one [n] tensor per vision block
-    num_patches: int
+    num_patches: Union[int, List[int]]  # tokens per item without DyMU: one count for all, or per item
+
+    def total_patches(self) -> int:
+        """Tokens of all items without DyMU."""
+        p = self.num_patches
+        return sum(p) if isinstance(p, list) else p * self.kept.shape[0]
 
     def stats(self) -> DyMUStats:
         return DyMUStats(tokens_kept=self.kept.tolist(), tokens_per_layer=torch.stack(self.per_layer, dim=1).tolist(),

@@ -60,9 +60,10 @@ def check_layer(layer: nn.Module, index: int) -> None:
         extra += sorted(f"self_attn.{n}" for n, _ in attn.named_children() if n not in ATTENTION_PARTS)
     missing = [n for n in LAYER_PARTS if not hasattr(layer, n)]
     missing += [f"self_attn.{n}" for n in _SEAMS if attn is not None and not hasattr(attn, n)]
-    if extra or missing:
-        what = (f"has {extra}, which the VTU hooks do not cover" if extra else "") + \
-            (" and " if extra and missing else "") + (f"has no {sorted(missing)}" if missing else "")
+    problems = ([f"has {extra}, which the VTU hooks do not cover"] if extra else []) + \
+        ([f"has no {sorted(missing)}"] if missing else [])
+    if problems:
+        what = " and ".join(problems)
         raise TypeError(f"DyMU's VTU runs Llama/Qwen2-style decoder layers (row-wise parts, attention at "
                         f"self_attn.rotary_emb and self_attn.attn); layer {index} ({type(layer).__name__}) {what}")
 

@@ -119,8 +119,7 @@ class DyMUServing:
         tower = patch.counts[modality]
         st = self.dymu_stats
         st.items_encoded += len(rows)
-        patches = tower.num_patches  # per item, or one count for all
-        st.tower_tokens += sum(patches) if isinstance(patches, list) else patches * tower.kept.shape[0]
+        st.tower_tokens += tower.total_patches()
         st.tower_tokens_kept += int(tower.kept.sum())
         st.placeholders += sum(r.shape[0] for r in rows)
         st.unique_rows += int(out.merged_counts.sum())
