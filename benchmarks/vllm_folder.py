@@ -60,9 +60,10 @@ def released_names(state_dict):
     return out
 
 
-def save_llava_folder(model, path: str):
-    """Save ``model`` (a transformers ``LlavaForConditionalGeneration``) for
-    vLLM under ``path``; returns its processor."""
+def save_released(model, path: str) -> None:
+    """Save a transformers LLaVA-type ``model`` (config, generation config,
+    weights) under ``path`` with the released checkpoints' names, which vLLM's
+    loaders read."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -73,20 +74,26 @@ def save_llava_folder(model, path: str):
     model.config.architectures = [type(model).__name__]  # what vLLM picks its model class by
     model.config.save_pretrained(path)
     model.generation_config.save_pretrained(path)
+
+
+def save_llava_folder(model, path: str):
+    """Save ``model`` (a transformers ``LlavaForConditionalGeneration``) for
+    vLLM under ``path``; returns its processor."""
+    save_released(model, path)
     processor = llava_processor(model.config)
     processor.save_pretrained(path)
     return processor
 
 
-
-
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                  "<|video_pad|>")
+# LLaVA-OneVision's tokenizer: Qwen2's, with <image> and <video> added.
+ONEVISION_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
 
-def qwen_tokenizer(ids=None):
+def qwen_tokenizer(ids=None, specials=QWEN_SPECIALS):
     """A byte-level BPE ``Qwen2Tokenizer``: the 256 byte symbols (no merges),
-    then Qwen's special tokens — at ids 256-262, or at ``ids`` (``{token: id}``,
+    then ``specials`` — at ids 256, 257, …, or at ``ids`` (``{token: id}``,
     e.g. the released models' 151643…; unused ids in between are filler
     entries no text encodes to)."""
     from tokenizers import AddedToken, pre_tokenizers
@@ -94,14 +101,14 @@ def qwen_tokenizer(ids=None):
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     if ids is None:
-        ids = {token: len(vocab) + i for i, token in enumerate(QWEN_SPECIALS)}
-    specials = set(ids.values())
-    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), max(specials) + 1) if i not in specials})
+        ids = {token: len(vocab) + i for i, token in enumerate(specials)}
+    taken = set(ids.values())
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), max(taken) + 1) if i not in taken})
     vocab.update(ids)
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS], special_tokens=True)
-    got = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    if got != {t: ids[t] for t in QWEN_SPECIALS}:
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    got = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    if got != {t: ids[t] for t in specials}:
         raise ValueError(f"special token ids {got}, expected {ids}")
     return tok
 
@@ -171,3 +178,51 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
                                                             pad_token_id=ids["<|endoftext|>"], do_sample=False)
     model.save_pretrained(path)
     return save_qwen_processor(kind, path, tok)
+
+
+ONEVISION_CROP = 84  # px per crop: 6 x 6 patches of 14 px
+# Grids of up to 4 x 4 crops: an image's unpadded grid can exceed 9 crops' worth of patches, so the AnyRes
+# downscale (vision_aspect_ratio "anyres_max_9") is reached.
+ONEVISION_PINPOINTS = [[ONEVISION_CROP * h, ONEVISION_CROP * w] for h in range(1, 5) for w in range(1, 5)]
+
+
+def save_onevision_folder(path: str, *, seed: int = 0):
+    """A random tiny LLaVA-OneVision (SigLIP tower of 84-px crops, 6 x 6
+    patches; AnyRes grids up to 4 x 4 crops; Qwen2 language model, head dim 64
+    — vLLM's CPU minimum) saved under ``path`` with a byte-level tokenizer
+    (:func:`qwen_tokenizer` with ``<image>`` / ``<video>``) and its processor
+    (image and video processors; frames not sampled). Needs transformers'
+    torchvision-based processors. Returns the processor."""
+    import torch
+    import transformers
+
+    tok = qwen_tokenizer(specials=ONEVISION_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ONEVISION_SPECIALS}
+    vision = transformers.SiglipVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=ONEVISION_CROP, patch_size=14,
+                                             vision_use_head=False)
+    text = transformers.Qwen2Config(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                                    rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                                    eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                                    tie_word_embeddings=False)
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_token_id=ids["<image>"], video_token_id=ids["<video>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # wide logit margins: greedy tokens compare robustly
+    model.generation_config = transformers.GenerationConfig(bos_token_id=ids["<|endoftext|>"],
+                                                            eos_token_id=ids["<|im_end|>"],
+                                                            pad_token_id=ids["<|endoftext|>"], do_sample=False)
+    save_released(model, path)
+    size = {"height": ONEVISION_CROP, "width": ONEVISION_CROP}
+    processor = transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=ONEVISION_PINPOINTS),
+        video_processor=transformers.LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
+        tokenizer=tok, num_image_tokens=(ONEVISION_CROP // 14) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", image_token="<image>", video_token="<video>")
+    processor.save_pretrained(path)
+    return processor

@@ -339,9 +339,6 @@ def test_engine_refusals():
     # Without chunked prefill an image is never split: no need for the flag.
     assert unsupported_settings(_engine(**{"scheduler_config.enable_chunked_prefill": False,
                                            "scheduler_config.disable_chunked_mm_input": False})) == []
-    # An architecture the plugin registers but does not serve with DyMU yet: refused whatever the settings.
-    with pytest.raises(ValueError, match="does not serve LLaVA-OneVision in vLLM yet"):
-        check_engine(_engine(**{"model_config.architecture": "LlavaOnevisionForConditionalGeneration"}))
     # DyMU off: nothing is refused (vLLM's own LLaVA).
     check_engine(_engine(**{"model_config.hf_config": _cfg(None), "model_config.enforce_eager": False}))
 
@@ -468,7 +465,7 @@ def served(tmp_path_factory):
          "max_tokens": NEW_TOKENS}]}
     rejects = {n: {k: dict(r, prompt=PROMPTS[r["prompt"]][0], images=[paths[i] for i in PROMPTS[r["prompt"]][1]])
                    for k, r in spec.items()} for n, spec in REJECTS.items()}
-    plugin_job = {"model": model_dir, "onevision_refusal": True, "engines": [
+    plugin_job = {"model": model_dir, "engines": [
         {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS,
          "rejects": rejects.get(n, {})} for n, d, e, b in ENGINES]}
     vllm = run_vllm_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
@@ -550,12 +547,6 @@ def test_bad_pixels_refused_while_processing(served):
     err = served["vllm"]["r8"]["rejects"]["crop_size"]
     assert err is not None and "the image processor made pixels the vision tower cannot take" in err, err
     assert "expected 64, got 32" in err
-
-
-@pytest.mark.slow
-def test_onevision_refuses_dymu_in_vllm(served):
-    """Not verified in vLLM yet: asking for DyMU there fails at load, it does not serve without it."""
-    assert "does not serve LLaVA-OneVision in vLLM yet" in (served["vllm"]["onevision_refusal"] or "")
 
 
 @pytest.mark.slow

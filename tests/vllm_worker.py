@@ -6,12 +6,12 @@ the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 JOB: ``{"model": DIR, "engines": [{"name", "engine": {LLM kwargs}, "dymu": {engine_kwargs} | null,
 "batches": {name: [{"prompt", "images": [PNG paths], "videos": [NPY paths of frames]}]}, "max_tokens",
 "ignore_eos", "rejects": {name: {"prompt", "images", "mm_processor_kwargs"}}}]}``, optionally with
-``"qwen_folder": {"kind", "requests": {name: request}, "dump": PT path}``: first save a tiny
-Qwen-VL of that kind at DIR (``benchmarks/vllm_folder.py``) and dump its processor's outputs
+``"folder": {"kind", "requests": {name: request}, "dump": PT path}``: first save a tiny
+Qwen-VL or LLaVA-OneVision of that kind at DIR (``benchmarks/vllm_folder.py``) and dump its processor's outputs
 for each request (what transformers is then given). Each engine is
 started once, is sent its rejects first (each one request that must fail), then serves
 all its batches (each batch one ``generate`` call);
-OUT: ``{engine: {batch: [{"tokens", "logprobs"}], "stats": {...} | null, "rejects": {name: error | null}}}``
+OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null}}}``
 or ``{engine: {"error": message}}`` when the engine refused to start.
 """
 
@@ -24,20 +24,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in thi
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of the machine's memory
 # benchmarks/vllm_folder.py: the tiny model folders and vLLM's video items.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-
-def _onevision_refusal():
-    """LLaVA-OneVision with a dymu entry: the error its class raises at load time."""
-    import types
-
-    from dymu_kernels.vllm.llava import DyMULlavaOnevisionForConditionalGeneration
-
-    cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(dymu={"r": 2})))
-    try:
-        DyMULlavaOnevisionForConditionalGeneration(vllm_config=cfg)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _mm_data(req):
@@ -53,14 +39,19 @@ def _mm_data(req):
     return data
 
 
-def _qwen_folder(model_dir: str, spec) -> None:
-    """Save the tiny Qwen-VL and dump its processor's outputs per request."""
+def _save_folder(model_dir: str, spec) -> None:
+    """Save the tiny model of ``spec["kind"]`` (a Qwen-VL or LLaVA-OneVision)
+    and dump its processor's outputs per request."""
     import torch
     from transformers.video_utils import VideoMetadata
 
-    from vllm_folder import save_qwen_folder
+    import vllm_folder
 
-    processor = save_qwen_folder(spec["kind"], model_dir)
+    kind = spec["kind"]
+    if kind == "llava_onevision":
+        processor = vllm_folder.save_onevision_folder(model_dir)
+    else:
+        processor = vllm_folder.save_qwen_folder(kind, model_dir)
     dumped = {}
     for name, req in spec["requests"].items():
         data = _mm_data(req)
@@ -69,9 +60,10 @@ def _qwen_folder(model_dir: str, spec) -> None:
             kwargs["images"] = data["image"]
         if "video" in data:
             kwargs["videos"] = [frames for frames, _ in data["video"]]
-            kwargs["video_metadata"] = [VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})
-                                        for _, meta in data["video"]]
-            kwargs["do_sample_frames"] = False
+            if kind != "llava_onevision":  # Qwen's video processors need the frames' metadata
+                kwargs["video_metadata"] = [VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})
+                                            for _, meta in data["video"]]
+                kwargs["do_sample_frames"] = False
         enc = processor(text=[req["prompt"]], return_tensors="pt", **kwargs)
         dumped[name] = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     torch.save(dumped, spec["dump"])
@@ -81,8 +73,8 @@ def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     job = json.load(open(job_path))
-    if job.get("qwen_folder"):
-        _qwen_folder(job["model"], job["qwen_folder"])
+    if job.get("folder"):
+        _save_folder(job["model"], job["folder"])
     results = {}
     for spec in job["engines"]:
         kwargs = dict(model=job["model"], dtype="float32", seed=0, max_model_len=1024, **spec.get("engine", {}))
@@ -116,7 +108,7 @@ def main(job_path: str, out_path: str) -> None:
                     item["multi_modal_data"] = _mm_data(req)
                 prompts.append(item)
             gens = llm.generate(prompts, params, use_tqdm=False)
-            out[name] = [{"tokens": list(g.outputs[0].token_ids),
+            out[name] = [{"tokens": list(g.outputs[0].token_ids), "prompt_token_ids": list(g.prompt_token_ids),
                           "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]}
                          for g in gens]
         from dymu_kernels.vllm import serving_stats
@@ -125,8 +117,6 @@ def main(job_path: str, out_path: str) -> None:
         results[spec["name"]] = out
         del llm
         gc.collect()
-    if job.get("onevision_refusal"):
-        results["onevision_refusal"] = _onevision_refusal()
     json.dump(results, open(out_path, "w"))
 
 

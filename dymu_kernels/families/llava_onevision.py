@@ -44,7 +44,8 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
     if image_sizes is None:
         raise ValueError("LLaVA-OneVision images need image_sizes (as its processor returns them)")
     crops = _crops_per_image(inner, image_sizes, vision_kwargs.get("batch_num_images"))
-    if pixel_values.dim() == 5:  # [images, max crops, 3, H, W]: keep each image's real crops
+    # [images, max crops, 3, H, W] or one [crops, 3, H, W] per image (vLLM): keep each image's real crops.
+    if isinstance(pixel_values, (list, tuple)) or pixel_values.dim() == 5:
         pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops)])
     elif pixel_values.dim() != 4:
         raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
@@ -67,15 +68,18 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
 
 
 def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
-    """Merged videos: every frame merged, pooled on maps, one newline per video."""
+    """Merged videos (``[videos, frames, 3, H, W]``, or one ``[frames, 3, H, W]``
+    per video as vLLM passes them): every frame merged, pooled on maps, one
+    newline per video."""
     from ..hf.outputs import image_outputs
 
-    B, frames = pixel_values_videos.shape[:2]
-    feats, counts, slots, tower = merged_tower(inner, patch, pixel_values_videos.flatten(0, 1), dtype, "video",
+    frames = [v.shape[0] for v in pixel_values_videos]
+    feats, counts, slots, tower = merged_tower(inner, patch, torch.cat(list(pixel_values_videos)), dtype, "video",
                                                vision_kwargs)
-    uniques, maps = [], []
-    for v in range(B):
-        sl = slice(v * frames, (v + 1) * frames)
+    uniques, maps, start = [], [], 0
+    for n in frames:
+        sl = slice(start, start + n)
+        start += n
         unique, slot_map = pool_video_maps(feats[sl], counts[sl], slots[sl], inner.image_newline)
         uniques.append(unique)
         maps.append(slot_map)

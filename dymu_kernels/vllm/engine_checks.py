@@ -16,14 +16,6 @@ from .settings import settings_from_config
 # The scheduler the plugin serves with (see :mod:`.scheduler`); vLLM imports it by this name.
 SCHEDULER = "dymu_kernels.vllm.scheduler.DyMUScheduler"
 
-# Architectures the plugin registers but does not serve with DyMU yet, and why.
-UNVERIFIED = {
-    "LlavaOnevisionForConditionalGeneration": (
-        "DyMU does not serve LLaVA-OneVision in vLLM yet (not verified); patch the transformers model with "
-        "dymu_kernels.hf.apply_dymu, or serve without the 'dymu' entry"),
-}
-
-
 def unsupported_settings(vllm_config) -> List[str]:
     """What must change in ``vllm_config`` for DyMU to serve exactly (empty: fine)."""
     out = []
@@ -77,9 +69,6 @@ def check_engine(vllm_config) -> None:
     model's config asks for DyMU (see :mod:`dymu_kernels.vllm.settings`)."""
     if settings_from_config(vllm_config.model_config.hf_config) is None:
         return
-    refusal = UNVERIFIED.get(getattr(vllm_config.model_config, "architecture", None))
-    if refusal:
-        raise ValueError(refusal)
     reasons = unsupported_settings(vllm_config)
     if reasons:
         raise ValueError("DyMU (dymu_kernels.vllm) cannot serve with these engine settings; pass:\n  - "

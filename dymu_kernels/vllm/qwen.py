@@ -13,7 +13,9 @@ own position (:mod:`.layers`).
 What a client sends is checked while vLLM processes the request: vLLM's
 processor makes the pixels and grids (any size its ``min_pixels`` /
 ``max_pixels`` allow, which the DToMe stages take: large images match in
-bands); image and video embeddings are refused at load
+bands), and the plugin's processors (:mod:`.processors`) refuse a request
+whose ``mm_processor_kwargs`` change the patch, temporal-patch or merge size
+the tower was built with; image and video embeddings are refused at load
 (``--enable-mm-embeds``, :mod:`.engine_checks`).
 """
 
@@ -21,13 +23,49 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor
 
 from .model import DyMUServing
+from .processors import CheckedPixels, register_checked_processor
 
 # vLLM's parsed inputs per modality key (Qwen2-VL names them "images" / "videos", Qwen2.5-VL "image" / "video").
 _INPUTS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+
+
+class QwenCheckedPixels(CheckedPixels):
+    """The Qwen processors' check: each item's pixels are ``grid_t·grid_h·grid_w``
+    patches of the tower's channels × temporal patch × patch² values, its
+    grid divisible by the tower's merge size, and vLLM counts placeholders
+    (``grid.prod() // merge_size²`` of the request's image processor) with
+    the tower's merge size."""
+
+    def check_pixels(self, out, config, hf_kwargs) -> None:
+        v = config.vision_config
+        merge = self.info.get_image_processor(**hf_kwargs).merge_size
+        if merge != v.spatial_merge_size:
+            raise ValueError(f"merge_size {merge}: the vision tower merges {v.spatial_merge_size} x "
+                             f"{v.spatial_merge_size} patches")
+        values = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        for pixels_key, grid_key in _INPUTS.values():
+            pixels, grid = out.get(pixels_key), out.get(grid_key)
+            if pixels is None:
+                continue
+            if pixels.dim() != 2 or pixels.shape[1] != values:
+                raise ValueError(f"{pixels_key} of shape {tuple(pixels.shape)}: the vision tower takes [patches, "
+                                 f"{values}] (patch_size {v.patch_size}, temporal_patch_size "
+                                 f"{v.temporal_patch_size})")
+            if pixels.shape[0] != int(grid.prod(-1).sum()) or bool((grid[:, 1:] % merge).any()):
+                raise ValueError(f"{pixels_key} has {pixels.shape[0]} patches for grids {grid.tolist()} (each "
+                                 f"grid's product, height and width divisible by {merge})")
+
+
+class DyMUQwen2_5_VLMultiModalProcessor(QwenCheckedPixels, Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor, checking each request's pixels."""
+
+
+class DyMUQwen2VLMultiModalProcessor(QwenCheckedPixels, Qwen2VLMultiModalProcessor):
+    """vLLM's Qwen2-VL processor, checking each request's pixels."""
 
 
 class DyMUQwenServing(DyMUServing):
@@ -67,6 +105,7 @@ class DyMUQwenServing(DyMUServing):
         return items
 
 
+@register_checked_processor(Qwen2_5_VLForConditionalGeneration, DyMUQwen2_5_VLMultiModalProcessor)
 class DyMUQwen2_5_VLForConditionalGeneration(DyMUQwenServing, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with DyMU when ``config.dymu`` asks for it."""
 
@@ -74,6 +113,7 @@ class DyMUQwen2_5_VLForConditionalGeneration(DyMUQwenServing, Qwen2_5_VLForCondi
     dymu_tower = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel"
 
 
+@register_checked_processor(Qwen2VLForConditionalGeneration, DyMUQwen2VLMultiModalProcessor)
 class DyMUQwen2VLForConditionalGeneration(DyMUQwenServing, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with DyMU when ``config.dymu`` asks for it."""
 

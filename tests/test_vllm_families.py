@@ -1,0 +1,211 @@
+"""The vLLM plugin serving Qwen2.5-VL, Qwen2-VL and LLaVA-OneVision
+(dymu_kernels.vllm.qwen, dymu_kernels.vllm.llava).
+
+A tiny random model of each family is saved in the vLLM environment (its
+processors need torchvision, see ``scripts/setup_vllm.sh``) together with
+its processor's outputs for every request; vLLM serves the requests — stock
+(no plugin), and with the plugin merging nothing, merging in the tower
+(``r``), merging by thresholds (Qwen: after the patch merger; OneVision: in
+the SigLIP tower), under chunked prefill, and on two tensor-parallel CPU
+workers — and the package's patched transformers model (``apply_dymu``,
+transformers 5.24 here) generates from the same processor outputs. Plugin ==
+patched transformers (tokens, logprobs) with merging; == stock vLLM with
+nothing merged.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VLLM_PYTHON, assert_same_generation, greedy_generation, run_vllm_worker
+
+transformers = pytest.importorskip("transformers")
+
+from dymu_kernels.hf import apply_dymu, remove_dymu  # noqa: E402
+
+NEW_TOKENS = 4
+R = 2  # tokens (Qwen: units) merged per set and vision block
+
+
+def _qwen_chat(*items, text="Describe."):
+    pads = "".join(f"<|vision_start|><|{kind}_pad|><|vision_end|>" for kind in items)
+    return f"<|im_start|>user\n{pads}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _onevision_chat(*items, text="Describe."):
+    return f"<|im_start|>user {''.join(f'<{kind}>' for kind in items)}\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One family's tiny served model and its requests."""
+
+    model: Callable  # transformers' class
+    # name: (prompt, images (width, height), videos (frames, width, height))
+    requests: Dict[str, Tuple[str, list, list]]
+    thresholds: object  # what the "thresholds" engine merges with
+    budget: int  # chunked prefill's max_num_batched_tokens (vLLM: >= the largest item)
+    # Requests with mm_processor_kwargs the tower cannot take, each refused alone while processed:
+    # name: (request, mm_processor_kwargs, what the error says).
+    rejects: Dict[str, Tuple[str, dict, str]]
+    vllm_layout: Tuple[str, ...] = ()  # requests transformers' processor lays out otherwise: vLLM's prompt given
+
+
+QWEN_REQUESTS = {
+    "img": (_qwen_chat("image"), [(168, 112)], []),  # grid 1 x 8 x 12: 24 placeholders
+    "vid": (_qwen_chat("video", text="What happens?"), [], [(4, 112, 112)]),  # 2 x 8 x 8: 32
+    "both": (_qwen_chat("image", "video", text="Compare."), [(112, 168)], [(4, 140, 112)]),
+    "two": (_qwen_chat("image", "image", text="Which?"), [(112, 112), (196, 168)], []),
+    "text": (_qwen_chat(text="Say something long enough."), [], []),
+}
+ONEVISION_REQUESTS = {
+    "img": (_onevision_chat("image"), [(300, 150)], []),  # wide: 2 x 4 crops of 84 px, unpadded rows
+    "vid": (_onevision_chat("video", text="What happens?"), [], [(4, 100, 90)]),  # 4 frames x 3 x 3 + 1
+    # Tall image. Videos of one frame count: stock vLLM 0.32 returns 3-D embeddings for a batch of videos of
+    # different frame counts (LlavaOnevisionForConditionalGeneration._process_video_pixels) and fails.
+    "both": (_onevision_chat("image", "video", text="Compare."), [(130, 250)], [(4, 84, 84)]),
+    # Two images: vLLM gives each all its crops (transformers' processor the base crop only); the second one's
+    # 4 x 4 grid of 6 x 6 patches exceeds anyres_max_9 and takes the bilinear downscale.
+    "two": (_onevision_chat("image", "image", text="Which?"), [(84, 84), (330, 320)], []),
+    "text": (_onevision_chat(text="Say something long enough."), [], []),
+}
+QWEN_REJECTS = {
+    "patch_size": ("img", {"patch_size": 16}, "the vision tower takes [patches, 1176] (patch_size 14"),
+    "merge_size": ("both", {"merge_size": 1}, "merge_size 1: the vision tower merges 2 x 2 patches"),
+}
+ONEVISION_REJECTS = {
+    "crop": ("img", {"size": {"height": 56, "width": 56}}, "expected 84, got 56"),
+    "video_crop": ("vid", {"size": {"height": 56, "width": 56}}, "expected 84, got 56"),
+}
+KINDS = {
+    "qwen2_5_vl": Kind(transformers.Qwen2_5_VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
+                       QWEN_REJECTS),
+    "qwen2_vl": Kind(transformers.Qwen2VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
+                     QWEN_REJECTS),
+    "llava_onevision": Kind(transformers.LlavaOnevisionForConditionalGeneration, ONEVISION_REQUESTS, [0.5, 0.5],
+                            768, ONEVISION_REJECTS, vllm_layout=("two",)),
+}
+BATCHES = {"single": ["img"], "mixed": ["img", "vid", "text", "both", "two"]}
+
+
+def _media(folder, requests):
+    """PNG images and NPY frame stacks for the requests; ``{name: (images, videos)}`` paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, (_, images, videos) in requests.items():
+        paths = ([], [])
+        for i, (w, h) in enumerate(images):
+            ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))  # smooth: merges under thresholds
+            pixels = (0.6 * ramp + 0.4 * rng.integers(0, 256, (h, w, 3))).astype(np.uint8)
+            paths[0].append(os.path.join(folder, f"{name}_img{i}.png"))
+            Image.fromarray(pixels).save(paths[0][-1])
+        for i, (n, w, h) in enumerate(videos):
+            paths[1].append(os.path.join(folder, f"{name}_vid{i}.npy"))
+            np.save(paths[1][-1], rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+        out[name] = paths
+    return out
+
+
+def _reference_inputs(kind: Kind, inputs, stock):
+    """transformers' inputs per request: the processor's, or — for the
+    requests vLLM lays out otherwise — vLLM's prompt with the processor's pixels."""
+    out = dict(inputs)
+    for key in kind.vllm_layout:
+        ids = torch.tensor([stock["mixed"][BATCHES["mixed"].index(key)]["prompt_token_ids"]])
+        out[key] = {**inputs[key], "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return out
+
+
+def _serve(name, folder):
+    """What stock vLLM, the plugin (every engine) and patched transformers generated."""
+    kind = KINDS[name]
+    media = _media(folder, kind.requests)
+    requests = {k: {"prompt": p, "images": media[k][0], "videos": media[k][1]} for k, (p, _, _) in kind.requests.items()}
+    model_dir, dump = os.path.join(folder, "model"), os.path.join(folder, "inputs.pt")
+
+    def engine(engine_name, dymu, batches, rejects=None, **llm):
+        return {"name": engine_name, "dymu": dymu, "engine": llm, "max_tokens": NEW_TOKENS, "ignore_eos": True,
+                "batches": {b: [requests[k] for k in BATCHES[b]] for b in batches}, "rejects": rejects or {}}
+
+    stock = {"model": model_dir, "engines": [engine("stock", None, ["single", "mixed"], enforce_eager=True)],
+             "folder": {"kind": name, "requests": requests, "dump": dump}}
+    vllm = run_vllm_worker(stock, folder, "stock", plugins="none")  # also saves the model and the inputs
+    chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": kind.budget}
+    engines = [engine("r0", {"r": 0}, ["single", "mixed"]), engine("r2", {"r": R}, ["single", "mixed"], rejects={
+        n: dict(requests[key], mm_processor_kwargs=kwargs) for n, (key, kwargs, _) in kind.rejects.items()}),
+               engine("thresholds", {"thresholds": kind.thresholds}, ["mixed"]),
+               engine("r2_chunked", {"r": R}, ["mixed"], **chunked)]
+    vllm.update(run_vllm_worker({"model": model_dir, "engines": engines}, folder, "plugin"))
+    # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
+    tp = {"model": model_dir, "engines": [engine("r2_tp2", {"r": R}, ["mixed"], tensor_parallel_size=2)]}
+    vllm.update(run_vllm_worker(tp, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
+    inputs = _reference_inputs(kind, torch.load(dump), vllm["stock"])
+    model = kind.model.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every request makes all its tokens
+    hf = {}
+    for ref, patch in (("stock", None), ("r2", dict(r=R)), ("thresholds", dict(thresholds=kind.thresholds))):
+        if patch is not None:
+            apply_dymu(model, **patch)
+        hf[ref] = {k: greedy_generation(model, inputs[k], NEW_TOKENS) for k in kind.requests}
+        remove_dymu(model)
+    return {"hf": hf, "vllm": vllm, "inputs": inputs, "kind": kind}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def served(request, tmp_path_factory):
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    return request.param, _serve(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+@pytest.mark.slow
+def test_stock_vllm_equals_transformers_and_plugin_unmerged_equals_stock(served):
+    """Stock vLLM gives transformers' tokens (images, videos, both, text);
+    the plugin with nothing merged gives stock vLLM's."""
+    kind, s = served
+    for batch in ("single", "mixed"):
+        for key, stock, unmerged in zip(BATCHES[batch], s["vllm"]["stock"][batch], s["vllm"]["r0"][batch]):
+            assert stock["prompt_token_ids"] == s["inputs"][key]["input_ids"][0].tolist(), f"{kind}: {key} prompt"
+            assert_same_generation(stock, s["hf"]["stock"][key], f"{kind}: stock vLLM vs transformers, {batch}/{key}")
+            assert_same_generation(unmerged, stock, f"{kind}: plugin r=0 vs stock vLLM, {batch}/{key}")
+    stats = s["vllm"]["r0"]["stats"]
+    assert stats["tower_tokens_kept"] == stats["tower_tokens"] > 0 and stats["llm_rows"] == stats["llm_positions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,batch", [("r2", "single"), ("r2", "mixed"), ("thresholds", "mixed"),
+                                          ("r2_chunked", "mixed"), ("r2_tp2", "mixed")])
+def test_merged_equals_patched_transformers(served, engine, batch):
+    """With merging in the tower (r) or by thresholds, every request of a
+    batch mixing images, videos, both and text, prefilled whole or in
+    chunks, on one worker or two, gives what the patched transformers model
+    gives for it alone."""
+    kind, s = served
+    ref = s["hf"]["thresholds" if engine == "thresholds" else "r2"]
+    for key, got in zip(BATCHES[batch], s["vllm"][engine][batch]):
+        assert_same_generation(got, ref[key], f"{kind}: {engine}/{batch}/{key}")
+    stats = s["vllm"][engine]["stats"]
+    assert stats["tower_tokens_kept"] < stats["tower_tokens"] and stats["llm_rows"] < stats["llm_positions"]
+    if engine == "r2_chunked":  # the batch's prompts took more than one step
+        prompt = sum(s["inputs"][k]["input_ids"].shape[1] for k in BATCHES[batch])
+        assert stats["max_step_positions"] <= s["kind"].budget < prompt
+
+
+@pytest.mark.slow
+def test_requests_the_tower_cannot_take_fail_alone(served):
+    """A request whose mm_processor_kwargs make pixels the tower cannot take
+    (patch, merge or crop size) fails while it is
+    processed, naming the kwargs; the same engine then serves its batches
+    (test_merged_equals_patched_transformers[r2-*] checks what it served)."""
+    kind, s = served
+    got = s["vllm"]["r2"]["rejects"]
+    for name, (_, _, says) in s["kind"].rejects.items():
+        assert got[name] is not None and "the image processor made pixels the vision tower cannot take" in got[name] \
+            and "mm_processor_kwargs" in got[name] and says in got[name], f"{kind}/{name}: {got[name]}"
+    assert len(s["vllm"]["r2"]["mixed"]) == len(BATCHES["mixed"])
