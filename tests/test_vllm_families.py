@@ -140,7 +140,8 @@ def _serve(name, folder):
     engines = [engine("r0", {"r": 0}, ["single", "mixed"]), engine("r2", {"r": R}, ["single", "mixed"], rejects={
         n: dict(requests[key], mm_processor_kwargs=kwargs) for n, (key, kwargs, _) in kind.rejects.items()}),
                engine("thresholds", {"thresholds": kind.thresholds}, ["mixed"]),
-               engine("r2_chunked", {"r": R}, ["mixed"], **chunked)]
+               engine("r2_chunked", {"r": R}, ["mixed"], **chunked),
+               engine("r2_compiled", {"r": R}, ["mixed"], enforce_eager=False)]
     vllm.update(run_vllm_worker({"model": model_dir, "engines": engines}, folder, "plugin"))
     # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
     tp = {"model": model_dir, "engines": [engine("r2_tp2", {"r": R}, ["mixed"], tensor_parallel_size=2)]}
@@ -180,11 +181,12 @@ def test_stock_vllm_equals_transformers_and_plugin_unmerged_equals_stock(served)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,batch", [("r2", "single"), ("r2", "mixed"), ("thresholds", "mixed"),
-                                          ("r2_chunked", "mixed"), ("r2_tp2", "mixed")])
+                                          ("r2_chunked", "mixed"), ("r2_compiled", "mixed"), ("r2_tp2", "mixed")])
 def test_merged_equals_patched_transformers(served, engine, batch):
     """With merging in the tower (r) or by thresholds, every request of a
     batch mixing images, videos, both and text, prefilled whole or in
-    chunks, on one worker or two, gives what the patched transformers model
+    chunks, on one worker or two, under a compiled engine (steps where
+    nothing merged compiled), gives what the patched transformers model
     gives for it alone."""
     kind, s = served
     ref = s["hf"]["thresholds" if engine == "thresholds" else "r2"]

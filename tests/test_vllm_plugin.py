@@ -286,7 +286,8 @@ def _engine(**over):
              ec_transfer_config=None, kv_transfer_config=None,
              cache_config=ns(enable_prefix_caching=False),
              scheduler_config=ns(enable_chunked_prefill=True, disable_chunked_mm_input=True),
-             speculative_config=None, lora_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1))
+             speculative_config=None, lora_config=None, parallel_config=ns(pipeline_parallel_size=1, tensor_parallel_size=1),
+             compilation_config=ns(cudagraph_mode=None))
     for path, value in over.items():
         obj = cfg
         *head, last = path.split(".")
@@ -312,8 +313,15 @@ def test_engine_gets_the_whole_item_scheduler():
 def test_engine_refusals():
     assert unsupported_settings(_engine()) == []
     check_engine(_engine())
-    cases = {"model_config.enforce_eager": (False, "enforce_eager=True"),
-             "cache_config.enable_prefix_caching": (True, "enable_prefix_caching=False"),
+    # Compiled forwards serve the steps where nothing merged; CUDA graphs (GPU) are refused.
+    assert unsupported_settings(_engine(**{"model_config.enforce_eager": False})) == []
+    assert unsupported_settings(_engine(**{"model_config.enforce_eager": False,
+                                           "compilation_config.cudagraph_mode": types.SimpleNamespace(name="NONE")})) == []
+    graphs = unsupported_settings(_engine(**{"model_config.enforce_eager": False,
+                                             "compilation_config.cudagraph_mode": "FULL_AND_PIECEWISE"}))
+    assert len(graphs) == 1 and "cudagraph_mode" in graphs[0]
+    assert unsupported_settings(_engine(**{"compilation_config.cudagraph_mode": "FULL_AND_PIECEWISE"})) == []  # eager
+    cases = {             "cache_config.enable_prefix_caching": (True, "enable_prefix_caching=False"),
              "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
              "speculative_config": (object(), "speculative"),
              "lora_config": (object(), "LoRA"),
@@ -380,8 +388,8 @@ ENGINES = [
     ("r8_chunked", {"r": R}, CHUNKED, ["split", "batch", "long"]),
     ("thresholds", {"thresholds": "default"}, {}, ["batch"]),
     ("off", {"r": R, "enabled": False}, {"enforce_eager": False}, ["single"]),
+    ("r8_compiled", {"r": R}, {"enforce_eager": False}, ["batch"]),  # torch.compile where nothing merged
     # Refused at load time:
-    ("refuse_compile", {"r": R}, {"enforce_eager": False}, []),
     ("refuse_prefix_cache", {"r": R}, {"enable_prefix_caching": True}, []),
     ("refuse_chunked_mm", {"r": R}, {"enable_chunked_prefill": True, "disable_chunked_mm_input": False}, []),
     ("refuse_mm_embeds", {"r": R}, {"enable_mm_embeds": True}, []),
@@ -495,13 +503,14 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,batch", [("r8", "single"), ("r8", "batch"), ("r8", "long"),
                                           ("r8_chunked", "split"), ("r8_chunked", "batch"), ("r8_chunked", "long"),
-                                          ("thresholds", "batch"),
+                                          ("thresholds", "batch"), ("r8_compiled", "batch"),
                                           ("r8_tp2", "batch")])
 def test_merged_equals_patched_transformers(served, engine, batch):
     """With merging, every request — alone, batched with others (text-only
     among them), with two images, prefilled in chunks (two requests sharing an
     image where vLLM's own scheduler would split it), on two tensor-parallel
-    workers — gives what the package's patched transformers model gives for it alone."""
+    workers, under a compiled engine (decode steps compiled, merged steps
+    eager) — gives what the package's patched transformers model gives for it alone."""
     ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
     for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
         assert_same_generation(got, ref[key], f"{engine}/{batch}/{key}")
@@ -528,8 +537,7 @@ def test_merging_saves_what_it_reports(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,message", [("refuse_compile", "enforce_eager=True"),
-                                            ("refuse_prefix_cache", "enable_prefix_caching=False"),
+@pytest.mark.parametrize("engine,message", [("refuse_prefix_cache", "enable_prefix_caching=False"),
                                             ("refuse_chunked_mm", "disable_chunked_mm_input=True"),
                                             ("refuse_mm_embeds", r"enable_mm_embeds=False \(no --enable-mm-embeds\)"),
                                             ("bad_thresholds", r"thresholds\[1\] = 1.5 is outside \[-1, 1\]")])

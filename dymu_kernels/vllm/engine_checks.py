@@ -20,9 +20,12 @@ def unsupported_settings(vllm_config) -> List[str]:
     """What must change in ``vllm_config`` for DyMU to serve exactly (empty: fine)."""
     out = []
     model = vllm_config.model_config
-    if not model.enforce_eager:
-        out.append("enforce_eager=True (--enforce-eager): the number of unique tokens changes every step, which "
-                   "compiled and graph-captured forwards cannot follow")
+    graphs = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if not model.enforce_eager and graphs is not None and str(getattr(graphs, "name", graphs)) != "NONE":
+        out.append("compilation_config={'cudagraph_mode': 'NONE'} (-cc.cudagraph_mode=NONE), or enforce_eager=True: "
+                   "a CUDA graph replays the steps it captured, and a step with merged images runs the language "
+                   "model eagerly on its unique rows (torch.compile alone is fine: it serves the steps where nothing "
+                   "merged)")
     if vllm_config.cache_config.enable_prefix_caching:
         out.append("enable_prefix_caching=False (--no-enable-prefix-caching): a cached prefix can end inside an "
                    "image, and a merged image's rows depend on all of its positions at once")

@@ -12,13 +12,16 @@ LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
 - ``embed_input_ids`` strips the tags of the pieces vLLM scheduled in the step
   and keeps the step's groups; ``forward`` runs the language model on the
   unique rows — vLLM's own decoder layers, hooked at the rotary embedding and
-  the attention call (:mod:`.layers`) — and hands vLLM one row per position.
+  the attention call (:mod:`.layers`), eagerly — and hands vLLM one row per
+  position; steps where nothing merged (decode, text-only prefill) run vLLM's
+  own forward, compiled when the engine compiles.
 
 Without it every method is vLLM's. :class:`ServingStats` counts what was saved.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -153,6 +156,28 @@ class DyMUServing:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         step = step.pad_to(n)
         st.llm_rows += step.num_unique
-        with self._dymu_holder.running(step):
+        with self._dymu_holder.running(step), _uncompiled():
             hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds))
         return step.expand(hidden)
+
+
+@contextmanager
+def _uncompiled():
+    """A merged step runs the language model's own forward, eagerly, under a
+    compiled engine too: the compiled graph was traced with the VTU hooks
+    idle (no step held), so it serves exactly the steps where nothing merged
+    — decode steps and text-only prefill. vLLM's forward-context flag for
+    this (``skip_compiled``, set by its runner for encoder inputs of
+    encoder-decoder models) makes the compiled model call its forward."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        yield
+        return
+    ctx = get_forward_context()
+    before = ctx.skip_compiled
+    ctx.skip_compiled = True
+    try:
+        yield
+    finally:
+        ctx.skip_compiled = before
