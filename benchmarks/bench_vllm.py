@@ -15,9 +15,12 @@ image, ``--new-tokens`` generated, EOS ignored) over ``--samples`` runs:
 
 - ``stock``: vLLM without the plugin (``VLLM_PLUGINS=none``), eager, as the
   plugin runs — the like-for-like baseline the ratios use;
-- ``stock-compiled``: vLLM's defaults (torch.compile; CUDA graphs on a GPU);
 - ``r=21``: DyMU merging 21 tokens per block; ``threshold``: DyMU with the
-  calibrated thresholds.
+  calibrated thresholds (both eager);
+- ``<config>-compiled``: the same under torch.compile — stock with vLLM's
+  defaults (CUDA graphs too on a GPU), DyMU with ``enforce_eager=False``
+  (steps where nothing merged, decode among them, run compiled; see
+  dymu_kernels/vllm/model.py).
 
 ``stock`` runs first and last by default: the machine's speed drifts over the
 minutes a run takes, so the baseline of every ratio pools the samples of both
@@ -50,20 +53,21 @@ from vllm_folder import save_llava_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VLLM_PYTHON = os.path.join(ROOT, "build", "vllm-env", "bin", "python")
-CONFIGS = ("stock", "stock-compiled", "r=21", "threshold")
+CONFIGS = ("stock", "r=21", "threshold")  # each also "<config>-compiled"
 
 
 def engine_spec(config: str, thresholds_path: str):
     """(plugins env value or None, dymu engine_kwargs or None, LLM kwargs) of a configuration."""
-    if config == "stock":
-        return "none", None, {"enforce_eager": True, "enable_prefix_caching": False}
-    if config == "stock-compiled":
-        return "none", None, {}
-    if config.startswith("r="):
-        return None, {"r": int(config[2:])}, {}
-    if config == "threshold":
-        return None, {"thresholds": thresholds_path}, {}
-    raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS} or r=N")
+    base, compiled = (config[:-len("-compiled")], True) if config.endswith("-compiled") else (config, False)
+    if base == "stock":
+        return "none", None, ({} if compiled else {"enforce_eager": True, "enable_prefix_caching": False})
+    if base.startswith("r=") and base[2:].isdigit():
+        dymu = {"r": int(base[2:])}
+    elif base == "threshold":
+        dymu = {"thresholds": thresholds_path}
+    else:
+        raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS} or r=N, each optionally -compiled")
+    return None, dymu, ({"enforce_eager": False} if compiled else {})
 
 
 def prompt_text(config) -> str:
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("small", "quick"), default="small")
     parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
     parser.add_argument("--configs", default="stock,r=21,threshold,stock",
-                        help=f"comma list of {CONFIGS} or r=N, in run order (a config may repeat)")
+                        help=f"comma list of {CONFIGS} or r=N, each optionally -compiled, in run order (a config may repeat)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
                    "requests_per_s": args.requests / s["median"], "output_tokens_per_s": out["output_tokens"] / s["median"],
                    "total_tokens_per_s": (out["prompt_tokens"] + out["output_tokens"]) / s["median"],
                    "startup_s": out["startup_s"], "worker_threads": out["threads"], "vllm": out["vllm"],
-                   "vllm_transformers": out["vllm_transformers"], "vllm_dtype": dtype,
+                   "vllm_transformers": out["vllm_transformers"], "vllm_torch": out["vllm_torch"], "vllm_dtype": dtype,
                    "vision_kept_fraction": stats.get("tower_kept_fraction", 1.0),
                    "llm_tokenwise_fraction": stats.get("llm_tokenwise_fraction", 1.0),
                    "attention_kv_fraction": 1.0}  # every placeholder keeps its position and KV entry
@@ -245,7 +249,7 @@ def markdown(rows, env) -> str:
     r0 = rows[0]
     model = "LLaVA" if r0["family"] == "llava" else "Qwen2.5-VL (3B widths, cut)"
     lines = [f"# vLLM offline throughput, {r0['size']} {model} ({r0['lm_layers']} LM layers), with and without DyMU", "",
-             f"{env['device']}; vLLM {r0['vllm']} (transformers {r0['vllm_transformers']}), torch {env['torch']}, "
+             f"{env['device']}; vLLM {r0['vllm']} (torch {r0['vllm_torch']}, transformers {r0['vllm_transformers']}), "
              f"commit {env['commit']}, {env['date']}. {r0['requests']} requests of {r0['prompt_tokens'] // r0['requests']} "
              f"prompt tokens (one image or video each), {r0['new_tokens']} new tokens each; median (min-max) of "
              f"{r0['seconds']['n_samples']} runs per engine, in the order below; ratios against the median of all "

@@ -29,6 +29,7 @@ def _probe(model):
 
 def main(job_path: str, out_path: str) -> None:
     import numpy as np
+    import torch
     import transformers
     import vllm
     from PIL import Image
@@ -36,11 +37,13 @@ def main(job_path: str, out_path: str) -> None:
     from vllm_folder import video_item  # this script's folder
 
     job = json.load(open(job_path))
-    kwargs = dict(model=job["model"], seed=0, max_model_len=2048, **job.get("engine", {}))
+    kwargs = dict(model=job["model"], seed=0, max_model_len=2048)
     if job.get("dymu") is not None:
         from dymu_kernels.vllm import engine_kwargs
 
-        kwargs.update(engine_kwargs(**job["dymu"]))
+        kwargs.update(engine_kwargs(**job["dymu"], **job.get("engine", {})))  # the job's engine settings win
+    else:
+        kwargs.update(job.get("engine", {}))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -72,7 +75,7 @@ def main(job_path: str, out_path: str) -> None:
     probe = llm.apply_model(_probe)[0]
     json.dump({"seconds": times, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
                "startup_s": startup, "vllm": vllm.__version__, "vllm_transformers": transformers.__version__,
-               **probe}, open(out_path, "w"))
+               "vllm_torch": torch.__version__, **probe}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

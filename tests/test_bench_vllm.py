@@ -12,6 +12,8 @@ from conftest import ROOT, VLLM_PYTHON
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
 
+VLLM_TORCH = "2.14.1"  # what scripts/setup_vllm.sh installs for vLLM's CPU build
+
 
 
 @pytest.mark.slow
@@ -32,6 +34,7 @@ def test_quick_run_writes_rows(tmp_path):
         assert r["seconds"]["n_samples"] == 3 and r["output_tokens"] == 2 * 2
         assert r["requests_per_s"] == pytest.approx(2 / r["seconds"]["median"])
         assert r["vllm"].startswith("0.32") and r["commit"] and r["device"].startswith("cpu")
+        assert r["vllm_torch"].split("+")[0] == VLLM_TORCH  # the engine's torch, not this environment's
     assert stock["time_ratio_vs_stock"] == pytest.approx(stock["seconds"]["median"] / baseline)
     assert stock["vision_kept_fraction"] == 1.0 and dymu["stock_samples_pooled"] == 6
     # 256 patches, 5 blocks read, 8 merges each: 216 kept; the language model runs fewer rows, all positions.
@@ -39,4 +42,19 @@ def test_quick_run_writes_rows(tmp_path):
     assert 0.5 < dymu["llm_tokenwise_fraction"] < 1.0 and dymu["attention_kv_fraction"] == 1.0
     assert dymu["time_ratio_vs_stock"] == pytest.approx(dymu["seconds"]["median"] / baseline)
     md = open(tmp_path / "vllm_cpu.md").read()
-    assert "| r=8 |" in md and "attention + KV positions" in md
+    assert "| r=8 |" in md and "attention + KV positions" in md and f"torch {rows[0]['vllm_torch']}" in md
+
+
+def test_engine_specs():
+    """Each configuration's engine: stock eager / vLLM's defaults; DyMU eager / compiled where nothing merged."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_vllm import engine_spec
+
+    assert engine_spec("stock", "t.json") == ("none", None, {"enforce_eager": True, "enable_prefix_caching": False})
+    assert engine_spec("stock-compiled", "t.json") == ("none", None, {})
+    assert engine_spec("r=8", "t.json") == (None, {"r": 8}, {})
+    assert engine_spec("r=8-compiled", "t.json") == (None, {"r": 8}, {"enforce_eager": False})
+    assert engine_spec("threshold-compiled", "t.json") == (None, {"thresholds": "t.json"}, {"enforce_eager": False})
+    for bad in ("r=x", "fast", "r=8-compiled-compiled"):
+        with pytest.raises(ValueError, match="unknown config"):
+            engine_spec(bad, "t.json")
