@@ -4,7 +4,7 @@
 "image": PNG | "video": NPY of frames [T, H, W, 3]}], "requests", "new_tokens", "samples",
 "dymu": engine_kwargs | null, "engine": {LLM kwargs}}``; request ``i`` is item ``i mod len(items)``.
 Starts one ``LLM``, runs one untimed ``generate`` of all requests, then
-``samples`` timed ones. Every request of every run gets an image of its own
+``samples`` timed ones (the DyMU statistics count those only). Every request of every run gets an image of its own
 (one pixel changed), so neither vLLM's encoder cache nor its processor cache
 serves a repeat. OUT: seconds per run, tokens, startup seconds, the model's
 DyMU statistics and the worker's thread count and versions.
@@ -25,6 +25,15 @@ def _probe(model):
     from dymu_kernels.vllm import model_stats
 
     return {"threads": torch.get_num_threads(), "stats": model_stats(model)}
+
+
+def _reset_stats(model):
+    """Zero the model's DyMU statistics, so that they count the timed runs
+    only (not vLLM's warm-up items, e.g. a compiled engine's dummy image)."""
+    from dymu_kernels.vllm.model import ServingStats
+
+    if getattr(model, "dymu_stats", None) is not None:
+        model.dymu_stats = ServingStats()
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -70,6 +79,8 @@ def main(job_path: str, out_path: str) -> None:
         elapsed = time.perf_counter() - t
         if run:  # run 0 warms up
             times.append(elapsed)
+        else:
+            llm.apply_model(_reset_stats)
         prompt_tokens = sum(len(g.prompt_token_ids) for g in gens)
         output_tokens = sum(len(g.outputs[0].token_ids) for g in gens)
     probe = llm.apply_model(_probe)[0]

@@ -38,7 +38,9 @@ from .settings import settings_from_config
 
 @dataclass
 class ServingStats:
-    """What DyMU saved since the engine started (per worker process)."""
+    """What DyMU saved since the engine started (per worker process), in the
+    steps it served: items vLLM's warm-up encodes (a compiled engine's dummy
+    maximum-size item) are not counted."""
 
     items_encoded: int = 0  # images / videos through the tower (vLLM encodes an item once while its cache holds it)
     tower_tokens: int = 0  # tokens entering the tower's merging blocks (crops, frames included; Qwen: 2x2 units)
@@ -57,6 +59,13 @@ class ServingStats:
         d["llm_tokenwise_fraction"] = self.llm_rows / self.llm_positions if self.llm_positions else 1.0
         return d
 
+    def add_tower(self, other: "ServingStats") -> None:
+        """Add ``other``'s tower counts (items, tokens in and out, placeholders, unique rows)."""
+        for name in ("items_encoded", "tower_tokens", "tower_tokens_kept", "placeholders", "unique_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.tokens_per_block:
+            self.tokens_per_block = other.tokens_per_block
+
 
 _UNMERGED = object()  # a counted step whose tokens are all distinct rows
 
@@ -70,6 +79,9 @@ class DyMUServing:
     def _dymu_setup(self, vllm_config) -> None:
         self.dymu = settings_from_config(self.config)
         self.dymu_stats = ServingStats()
+        # Tower counts of items encoded since the last step: a step that embeds them adds them to dymu_stats;
+        # a forward without an embedding before it (vLLM's warm-up runs) drops them.
+        self._dymu_encoded = ServingStats()
         self._dymu_holder = StepHolder()
         self._dymu_counted = None
         if self.dymu is None:
@@ -120,7 +132,7 @@ class DyMUServing:
         out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
         rows = out.pooler_output  # per item, each placeholder's unique token: [P_i, C]
         tower = patch.counts[modality]
-        st = self.dymu_stats
+        st = self._dymu_encoded
         st.items_encoded += len(rows)
         st.tower_tokens += tower.total_patches()
         st.tower_tokens_kept += int(tower.kept.sum())
@@ -133,6 +145,8 @@ class DyMUServing:
         if self.dymu is None:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
         self._dymu_counted = _UNMERGED  # a real step (vLLM's warm-up forwards embed nothing): counted
+        self.dymu_stats.add_tower(self._dymu_encoded)
+        self._dymu_encoded = ServingStats()
         if not multimodal_embeddings:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
         embeds, ids = untag_pieces(multimodal_embeddings)
@@ -144,6 +158,8 @@ class DyMUServing:
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         step: Optional[StepGroups] = self._dymu_counted
         self._dymu_counted = None  # one step's groups serve one forward
+        if step is None and self._dymu_encoded.items_encoded:  # nothing embedded before it: a warm-up run,
+            self._dymu_encoded = ServingStats()  # whose encoded items were vLLM's dummies
         if step is None or inputs_embeds is None or intermediate_tensors is not None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         n = inputs_embeds.shape[0]
