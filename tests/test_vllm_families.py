@@ -215,3 +215,13 @@ def test_requests_the_tower_cannot_take_fail_alone(served):
         assert got[name] is not None and "the image processor made pixels the vision tower cannot take" in got[name] \
             and "mm_processor_kwargs" in got[name] and says in got[name], f"{kind}/{name}: {got[name]}"
     assert len(s["vllm"]["r2"]["mixed"]) == len(BATCHES["mixed"])
+
+
+@pytest.mark.slow
+def test_tower_gemms_run_on_vllms_cpu_dispatch(served):
+    """Every linear layer of the DyMU tower runs vLLM's CPU GEMM, as stock vLLM's tower's do
+    (dymu_kernels/vllm/cpu_gemm.py); an engine without DyMU has no DyMU tower."""
+    kind, s = served
+    layers, on_vllm_gemm = s["vllm"]["r2"]["tower_linears"]
+    assert layers > 0 and on_vllm_gemm == layers, (kind, layers, on_vllm_gemm)
+    assert s["vllm"]["stock"]["tower_linears"] is None

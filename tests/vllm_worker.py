@@ -11,7 +11,8 @@ Qwen-VL or LLaVA-OneVision of that kind at DIR (``benchmarks/vllm_folder.py``) a
 for each request (what transformers is then given). Each engine is
 started once, is sent its rejects first (each one request that must fail), then serves
 all its batches (each batch one ``generate`` call);
-OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null}}}``
+OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null},
+"tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines)}}``
 or ``{engine: {"error": message}}`` when the engine refused to start.
 """
 
@@ -69,6 +70,16 @@ def _save_folder(model_dir: str, spec) -> None:
     torch.save(dumped, spec["dump"])
 
 
+def _tower_linears(model):
+    """``[nn.Linear layers of the DyMU tower, those on vLLM's CPU GEMM]``; None without DyMU."""
+    import torch
+
+    if getattr(model, "dymu", None) is None:
+        return None
+    layers = [m for m in getattr(model, model.dymu_tower_attr).modules() if isinstance(m, torch.nn.Linear)]
+    return [len(layers), sum(hasattr(m, "cpu_linear") for m in layers)]
+
+
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
@@ -114,6 +125,8 @@ def main(job_path: str, out_path: str) -> None:
         from dymu_kernels.vllm import serving_stats
 
         out["stats"] = serving_stats(llm)[0]
+        if kwargs.get("tensor_parallel_size", 1) == 1:  # (a function of this script reaches no worker process)
+            out["tower_linears"] = llm.apply_model(_tower_linears)[0]
         results[spec["name"]] = out
         del llm
         gc.collect()

@@ -30,6 +30,7 @@ import torch
 from ..core.lm_features import check_full_attention
 from ..families import Patch, families
 from ..families.towers import tower_encoder
+from .cpu_gemm import use_vllm_cpu_gemm
 from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
 from .layers import StepHolder, install_vtu_hooks
@@ -75,6 +76,7 @@ class DyMUServing:
 
     dymu_family: str  # the key of :func:`dymu_kernels.families.families`
     dymu_tower: str  # transformers' tower class for the checkpoint's vision config (a top-level or dotted name)
+    dymu_tower_attr = "vision_tower"  # where the tower module (the checkpoint's tower weights) is held
 
     def _dymu_setup(self, vllm_config) -> None:
         self.dymu = settings_from_config(self.config)
@@ -97,6 +99,12 @@ class DyMUServing:
         # Not a submodule (the tower is registered once, where the checkpoint's weights load into it).
         object.__setattr__(self, "_dymu_patch", Patch(encoder, True, self.dymu.backend, select_strategy, family))
         install_vtu_hooks(self.language_model.model.layers, self._dymu_holder)
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self.dymu is not None:  # the tower's GEMMs as vLLM's own layers run theirs (see .cpu_gemm)
+            use_vllm_cpu_gemm(getattr(self, self.dymu_tower_attr))
+        return loaded
 
     def _transformers_tower(self, family):
         """transformers' own tower class (``dymu_tower``) built from the

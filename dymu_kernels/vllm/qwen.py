@@ -71,6 +71,8 @@ class DyMUQwen2VLMultiModalProcessor(QwenCheckedPixels, Qwen2VLMultiModalProcess
 class DyMUQwenServing(DyMUServing):
     """The Qwen-specific part: the tower in place of vLLM's ``self.visual``, and ``embed_multimodal``."""
 
+    dymu_tower_attr = "visual"
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._dymu_setup(vllm_config)
