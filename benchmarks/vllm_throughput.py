@@ -28,8 +28,8 @@ def _probe(model):
 
 
 def _reset_stats(model):
-    """Zero the model's DyMU statistics, so that they count the timed runs
-    only (not vLLM's warm-up items, e.g. a compiled engine's dummy image)."""
+    """Zero the model's DyMU statistics after the untimed run, so that they
+    count the timed runs only."""
     from dymu_kernels.vllm.model import ServingStats
 
     if getattr(model, "dymu_stats", None) is not None:

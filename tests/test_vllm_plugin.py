@@ -534,11 +534,11 @@ def test_merging_saves_what_it_reports(served):
     assert chunked["max_step_positions"] <= CHUNKED["max_num_batched_tokens"]
     th = served["vllm"]["thresholds"]["stats"]
     assert 0 < th["tower_tokens_kept"] < th["tower_tokens"]
-    # The compiled engine served the same batch: the same items counted (not its warm-up's dummy image).
     # The tower's linear layers run vLLM's CPU GEMM, as vLLM's own tower's do (dymu_kernels/vllm/cpu_gemm.py).
     layers, on_vllm_gemm = served["vllm"]["r8"]["tower_linears"]
     assert layers == 3 * 6 and on_vllm_gemm == layers  # 3 CLIP blocks: q, k, v, out, fc1, fc2
     assert served["vllm"]["stock"]["tower_linears"] is None and served["vllm"]["off"]["tower_linears"] is None
+    # The compiled engine served the same batch: the same items counted (not its warm-up's dummy image).
     compiled = served["vllm"]["r8_compiled"]["stats"]
     assert compiled["items_encoded"] == th["items_encoded"] == len({i for k in BATCHES["batch"] for i in PROMPTS[k][1]})
     assert compiled["tower_tokens"] == 64 * compiled["items_encoded"]
