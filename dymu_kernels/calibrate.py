@@ -214,9 +214,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
     encoder, processor = load_tower(args.model, args.num_layers, dtype)
     encoder.to(args.device)
-    thresholds = calibrate_tower(encoder, files, r, processor=processor, batch_size=args.batch_size,
-                                 schedule=args.schedule, model=args.model, device=args.device, dtype=dtype,
-                                 progress=not args.no_progress)
+    try:
+        thresholds = calibrate_tower(encoder, files, r, processor=processor, batch_size=args.batch_size,
+                                     schedule=args.schedule, model=args.model, device=args.device, dtype=dtype,
+                                     progress=not args.no_progress)
+    except ValueError as e:  # more merges than the tower's tokens allow
+        parser.error(f"{'--level' if args.level else '--r'}: {e}")
     thresholds.save(args.out)
     print(f"calibrated {len(thresholds.thresholds)} blocks on {thresholds.num_images} images "
           f"(r = {r}, {args.schedule}) -> {args.out}")

@@ -151,6 +151,7 @@ class Tower:
     dymu: Callable[[torch.Tensor, List[float]], object]
     tome: Callable[[torch.Tensor, List[int]], object]
     preset_shaped: bool = False  # a CLIP ViT-L/14-336 tower running 23 or 24 of its 24 blocks
+    total_layers: Optional[int] = None  # the tower's blocks, where it runs fewer (a LLaVA checkpoint's CLIP)
 
 
 def tiny_vit_tower(device: str, seed: int) -> Tower:
@@ -211,14 +212,16 @@ def hf_tower(model_id: str, device: str) -> Tower:
         tome=lambda x, r: DToMeVisionEncoder(vision, r=r, num_layers=n)(x),
         preset_shaped=(cfg.image_size == 336 and cfg.patch_size == 14 and cfg.hidden_size == 1024
                        and total == 24 and n in (23, 24)),
+        total_layers=total,
     )
 
 
-def check_thresholds(thresholds: Thresholds, num_layers: int) -> List[float]:
-    """The first ``num_layers`` thresholds; ValueError if there are fewer or one is out of range."""
-    from .core.thresholds import resolve_thresholds  # plain torch; does not import transformers
+def check_thresholds(thresholds: Thresholds, tower: Tower) -> List[float]:
+    """The thresholds of the blocks ``tower`` runs: one per block, or one per
+    block of the whole tower; ValueError for another count or a value out of range."""
+    from .core.thresholds import Stage, stage_thresholds  # plain torch; does not import transformers
 
-    return resolve_thresholds(thresholds, num_layers)
+    return stage_thresholds(thresholds, Stage("vit", "encoder block", tower.num_layers, whole=tower.total_layers))
 
 
 def choose_thresholds(tower: Tower, photo_pixels: torch.Tensor, r: Optional[int], thresholds: Optional[str],
@@ -270,7 +273,7 @@ def run_demo(device: str = "cpu", r: Optional[int] = None, seed: int = 0, progre
     pixels = tower.pixels([images[n] for n in names])
     thr, source = choose_thresholds(tower, pixels[: len(PHOTOS)], r, thresholds,
                                     model or "TinyViT(random init)", progress)
-    per_block = check_thresholds(thr, tower.num_layers)
+    per_block = check_thresholds(thr, tower)
     tome_r = thr.r[: tower.num_layers]
     with torch.no_grad():
         dymu = tower.dymu(pixels, per_block)
@@ -560,6 +563,25 @@ def check_out_dir(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"--out {out!r} cannot be created or written: {e.strerror or e}")
 
 
+# Checkpoints whose tower the demo runs (a CLIP tower, through calibrate.load_tower).
+DEMO_MODEL_TYPES = ("clip", "clip_vision_model", "llava")
+
+
+def check_model(parser: argparse.ArgumentParser, model: str) -> None:
+    """``--model`` names a checkpoint the demo runs (its config is read: no
+    weights), or exit through ``parser.error`` before any output is written."""
+    import transformers
+
+    try:
+        model_type = transformers.AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as e:
+        parser.error(f"--model {model!r} could not be loaded: {e}")
+    if model_type not in DEMO_MODEL_TYPES:
+        parser.error(f"--model {model!r} is a {model_type!r} checkpoint; the demo runs CLIP towers (a CLIP or "
+                     f"LLaVA-1.5 checkpoint). For other models calibrate with python3 -m dymu_kernels.calibrate "
+                     f"--model {model} --images DIR --r N --out t.json and patch with apply_dymu (README)")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check that needs no model, before anything runs (``parser.error``: exit code 2)."""
     if args.r is not None and args.r < 0:
@@ -586,6 +608,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
         if importlib.util.find_spec("transformers") is None:
             parser.error("--model needs Hugging Face transformers: pip install 'transformers>=5.24,<6'")
+        check_model(parser, args.model)
     check_out_dir(parser, args.out)
 
 

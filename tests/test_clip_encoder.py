@@ -116,8 +116,10 @@ def test_encoder_errors():
         DToMeVisionEncoder(model, [0.9] * 4, r=2)
     with pytest.raises(ValueError, match="num_layers must be in \\[1, 4\\]"):
         DToMeVisionEncoder(model, num_layers=5)
-    with pytest.raises(ValueError, match="r must be a non-negative int or one per block"):
+    with pytest.raises(ValueError, match="r has 2 entries but 4 encoder blocks run"):
         DToMeVisionEncoder(model, r=[1, 2])
+    with pytest.raises(ValueError, match=r"r must be a non-negative int or one per encoder block \(4\), got -1"):
+        DToMeVisionEncoder(model, r=-1)
     with pytest.raises(ValueError, match="trim must be 'auto', True or False, got 'yes'"):
         DToMeVisionEncoder(model, trim="yes")
     with pytest.raises(TypeError, match="expected a transformers CLIPVisionModel or SiglipVisionModel"):

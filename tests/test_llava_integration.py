@@ -210,7 +210,7 @@ def test_errors(gen, tmp_path):
         apply_dymu(model, [2.0, 0.9])
     with pytest.raises(ValueError, match="neither a threshold file nor a preset"):
         apply_dymu(model, "no-such-file.json")
-    with pytest.raises(ValueError, match=r"dict of stages \(\['merger'\]\) is for Qwen2-VL-type models"):
+    with pytest.raises(ValueError, match=r"thresholds stages \['merger'\] unknown for LlavaForConditionalGeneration"):
         apply_dymu(model, {"merger": [0.5]})
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

@@ -39,7 +39,7 @@ def tiny_qwen(kind: str):
             config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
             cls = transformers.Qwen2_5_VLForConditionalGeneration
         else:
-            vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
+            vision = dict(depth=4, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
             config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
             cls = transformers.Qwen2VLForConditionalGeneration
         torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_unsupported_settings_raise(gen):
         apply_dymu(model, {"merger": []})
     with pytest.raises(ValueError, match="stages \\['tower'\\] unknown"):
         apply_dymu(model, {"tower": [0.5] * 4})
-    with pytest.raises(ValueError, match="4 encoder blocks"):
+    with pytest.raises(ValueError, match="4 vision blocks"):
         apply_dymu(model, [0.5, 0.5])
     apply_dymu(model, NO_MERGE, backend="torch")
     ids, pixels = sample(gen, PROMPTS["image"])
@@ -495,3 +495,37 @@ def test_torch_compile_of_the_whole_model(gen):
     assert reasons and all("Data dependent" in r or "Dynamic shape" in r or "Tensor.item()" in r
                            for r in reasons), reasons
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_step_and_loss_kwargs(gen, kind):
+    """A fine-tuning step through a patched model (the tower's per-unit means
+    on the C++ path have a backward): with nothing merged, the loss and every
+    parameter's gradient equal the unpatched model's; with merging, gradients
+    reach the tower. Loss keywords (``shift_labels``) pass through to the loss."""
+    model = tiny_qwen(kind)
+    kwargs = batch([sample(gen, PROMPTS["image and video"])])
+    labels = kwargs["input_ids"].masked_fill((kwargs["input_ids"] == IMG) | (kwargs["input_ids"] == VID), -100)
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+
+    def step(**extra):
+        model.zero_grad()
+        loss = model(**kwargs, **extra).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = step(labels=labels)
+    apply_dymu(model, NO_MERGE)  # "auto": C++ where it has a backward, the reference merge where not
+    loss, grads = step(labels=labels)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+    shifted, _ = step(labels=labels, shift_labels=shift)
+    torch.testing.assert_close(shifted, ref_loss, atol=1e-5, rtol=1e-5)
+    apply_dymu(model, MERGE)
+    loss, grads = step(labels=labels)
+    assert torch.isfinite(loss)
+    assert grads["model.visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    model.zero_grad()
+    remove_dymu(model)

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..ops.dtome import dtome_merge
 from ..reference.attention import proportional_attention
-from .thresholds import Thresholds, resolve_thresholds
+from .thresholds import Stage, Thresholds, stage_r, stage_thresholds
 from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_state
 
 
@@ -67,17 +67,6 @@ def check_trim(trim: Union[str, bool]) -> Union[str, bool]:
     if not (isinstance(trim, bool) or trim == "auto"):
         raise ValueError(f"trim must be 'auto', True or False, got {trim!r}")
     return trim
-
-
-def per_block_r(r: Union[None, int, Sequence[int]], num_layers: int) -> Optional[List[int]]:
-    """Fixed-r merging as one count per block (an int for every block, or one
-    per block; extra entries dropped); None stays None. ValueError otherwise."""
-    if r is None:
-        return None
-    r = [int(r)] * num_layers if isinstance(r, int) else [int(v) for v in r]
-    if len(r) < num_layers or min(r) < 0:
-        raise ValueError(f"r must be a non-negative int or one per block ({num_layers}), got {r}")
-    return r[:num_layers]
 
 
 def trims_on(trim: Union[str, bool], device: torch.device) -> bool:
@@ -169,8 +158,9 @@ class DToMeVisionEncoder(nn.Module):
             raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
         if thresholds is not None and r is not None:
             raise ValueError("give thresholds (DyMU) or r (ToMe), not both")
-        self.thresholds = resolve_thresholds(thresholds, self.num_layers)
-        self.r = per_block_r(r, self.num_layers)
+        stage = Stage("vit", "encoder block", self.num_layers, whole=n_total, fixed_r=True)
+        self.thresholds = stage_thresholds(thresholds, stage)
+        self.r = stage_r(r, stage)
         self.backend = backend
         self.trim = check_trim(trim)
 

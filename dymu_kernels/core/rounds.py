@@ -26,7 +26,10 @@ import torch
 from ..ops.dtome import dtome_merge
 from ..reference.dtome import MergeState, trim_state
 from .encoder import check_trim, trims_on
-from .thresholds import Thresholds, resolve_thresholds
+from .thresholds import Stage, Thresholds, stage_thresholds
+
+# The stage of rounds after a tower's merger: one threshold per round, any number of rounds.
+ROUNDS = Stage("merger", "round", None)
 
 
 class DToMeRounds:
@@ -43,12 +46,9 @@ class DToMeRounds:
     def __init__(self, thresholds: Union[Sequence[float], Thresholds, str, os.PathLike], *, backend: str = "auto",
                  trim: Union[str, bool] = "auto"):
         check_trim(trim)
-        if isinstance(thresholds, (str, os.PathLike)):
-            thresholds = Thresholds.load(thresholds)
-        values = list(thresholds.thresholds if isinstance(thresholds, Thresholds) else thresholds)
-        if not values:
-            raise ValueError("thresholds is empty: give one threshold per round")
-        self.thresholds = resolve_thresholds(values, len(values))  # every entry is a round
+        self.thresholds = stage_thresholds(thresholds, ROUNDS)  # every entry is a round
+        if self.thresholds is None:
+            raise ValueError("thresholds is None: give one threshold per round")
         self.num_layers = len(self.thresholds)
         self.backend = backend
         self.trim = trim

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict
 
-from .spec import DyMUStats, Family, ItemCounts, Modality, Patch
+from .spec import DyMUStats, Family, ItemCounts, Modality, Patch, model_names
 
 _MODULES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
@@ -40,4 +40,4 @@ def family_for(model) -> Family:
     return known[model_type]
 
 
-__all__ = ["DyMUStats", "Family", "ItemCounts", "Modality", "Patch", "families", "family_for"]
+__all__ = ["DyMUStats", "Family", "ItemCounts", "Modality", "Patch", "families", "family_for", "model_names"]

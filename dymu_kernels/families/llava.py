@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..core.compact import MergedItems
 from .spec import Family, Modality, Patch
-from .towers import clip_like_encoder, merged_tower
+from .towers import clip_like_encoder, clip_like_stages, merged_tower
 
 # Arguments of a LLaVA-type forward that only its vision side reads.
 VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "vision_feature_layer",
@@ -29,7 +29,9 @@ def patched_image_features(self, patch: Patch, modality: Modality, pixel_values,
     transformers' output type. The named parameters are what ``generate()``
     reads from the signature to decide which inputs to hand over."""
     vision_kwargs = {"image_sizes": image_sizes, "vision_aspect_ratio": vision_aspect_ratio,
-                     "batch_num_images": batch_num_images, "output_hidden_states": kwargs.get("output_hidden_states")}
+                     "batch_num_images": batch_num_images, "output_hidden_states": kwargs.get("output_hidden_states"),
+                     "vision_feature_layer": vision_feature_layer,
+                     "vision_feature_select_strategy": vision_feature_select_strategy}
     from ..hf.patch import merged_features
 
     return merged_features(self, patch, modality, pixel_values, vision_kwargs, return_dict)
@@ -48,6 +50,7 @@ FAMILY = Family(
                          patched_image_features),),
     output_class=_output_class,
     default_thresholds="openai/clip-vit-large-patch14-336:low",
+    stages=clip_like_stages,
     build_encoder=clip_like_encoder,
     vision_kwargs=VISION_KWARGS,
 )

@@ -19,7 +19,7 @@ from ..core.compact import MergedItems
 from ..core.maps import pack_image_maps, pool_video_maps
 from .llava import VISION_KWARGS, patched_image_features
 from .spec import Family, Modality, Patch
-from .towers import clip_like_encoder, merged_tower
+from .towers import clip_like_encoder, clip_like_stages, merged_tower
 
 
 def _crops_per_image(inner, image_sizes, batch_num_images):
@@ -89,7 +89,9 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
 def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, vision_feature_layer=None,
                             vision_feature_select_strategy=None, return_dict=True, **kwargs):
     """``get_video_features`` of a patched instance (see :func:`.llava.patched_image_features`)."""
-    vision_kwargs = {"output_hidden_states": kwargs.get("output_hidden_states")}
+    vision_kwargs = {"output_hidden_states": kwargs.get("output_hidden_states"),
+                     "vision_feature_layer": vision_feature_layer,
+                     "vision_feature_select_strategy": vision_feature_select_strategy}
     from ..hf.patch import merged_features
 
     return merged_features(self, patch, modality, pixel_values_videos, vision_kwargs, return_dict)
@@ -110,6 +112,7 @@ FAMILY = Family(
                          patched_video_features)),
     output_class=_output_class,
     default_thresholds=None,  # no published SigLIP thresholds: calibrate
+    stages=clip_like_stages,
     build_encoder=clip_like_encoder,
     vision_kwargs=VISION_KWARGS,
 )

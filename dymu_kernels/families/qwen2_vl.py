@@ -21,12 +21,13 @@ inserts them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..core.compact import MergedItems
-from ..core.rounds import DToMeRounds
+from ..core.rounds import ROUNDS, DToMeRounds
+from ..core.thresholds import MergeArguments, Stage
 from ..reference.dtome import init_merge_state
 from . import qwen_vit
 from .qwen_vit import QwenUnitDToMe, pad_sets, set_mask, tower_match_sets
@@ -116,33 +117,26 @@ class QwenDToMe:
         return state, tower, per_layer, sets
 
 
-def build_encoder(family, inner, thresholds, r, backend, trim):
-    """``Family.build_encoder``: the DToMe stages asked for.
+def stages(config, visual) -> Tuple[Stage, ...]:
+    """``Family.stages``: ``vit`` — inside the tower, one threshold (or ``r``)
+    per vision block, merging 2×2 units — and ``merger`` — rounds on the patch
+    merger's outputs, one threshold per round, any number of rounds.
+    ``thresholds`` as a list / file is the ``vit`` stage; ``{"vit": ...,
+    "merger": ...}`` gives either or both."""
+    return (qwen_vit.vit_stage(visual), ROUNDS)
 
-    ``thresholds``: per vision block (a list, file or :class:`Thresholds`:
-    merging inside the tower), or ``{"vit": per block, "merger": one per
-    round}`` for either or both stages; ``r``: units merged per set and
-    vision block (the fixed-r ablation)."""
-    if r is None and isinstance(thresholds, str) and thresholds == "default":
-        raise ValueError(
-            f"no published thresholds for {family.class_name}: pass thresholds calibrated on your images (one per "
-            "vision block, and/or {'merger': one per round after the patch merger}), or r=N"
-        )
-    stages = thresholds if isinstance(thresholds, dict) else {"vit": thresholds}
-    unknown = sorted(set(stages) - {"vit", "merger"})
-    if unknown:
-        raise ValueError(f"thresholds stages {unknown} unknown: use 'vit' (per vision block) and/or 'merger' "
-                         "(one per round after the patch merger)")
-    vit_thresholds = None if r is not None else stages.get("vit")
+
+def build_encoder(config, visual, merge: MergeArguments, backend: str, trim):
+    """``Family.build_encoder``: the DToMe stages asked for (:func:`stages`)."""
     vit = None
-    if vit_thresholds is not None or r is not None:
-        vit = QwenUnitDToMe(inner.visual, vit_thresholds, r=r, backend=backend, trim=trim,
+    if merge.thresholds["vit"] is not None or merge.r is not None:
+        vit = QwenUnitDToMe(visual, merge.thresholds["vit"], r=merge.r, backend=backend, trim=trim,
                             match_units=qwen_vit.MATCH_UNITS)
     rounds = None
-    if stages.get("merger") is not None:
-        rounds = DToMeRounds(stages["merger"], backend=backend, trim=trim)
-    if vit is None and rounds is None:
-        raise ValueError("thresholds={} asks for no DToMe stage: give 'vit' and/or 'merger' thresholds")
+    if merge.thresholds["merger"] is not None:
+        rounds = DToMeRounds(merge.thresholds["merger"], backend=backend, trim=trim)
+    if vit is None and rounds is None:  # thresholds=None: the tower as it is
+        vit = QwenUnitDToMe(visual, None, backend=backend, trim=trim, match_units=qwen_vit.MATCH_UNITS)
     return QwenDToMe(vit, rounds, qwen_vit.MATCH_UNITS), None  # both stages match within the same sets
 
 
@@ -243,6 +237,7 @@ FAMILY = Family(
     modalities=modalities(),
     output_class=_output_class,
     default_thresholds=None,  # none published: calibrate, or r=N
+    stages=stages,
     build_encoder=build_encoder,
     vision_kwargs=VISION_KWARGS,
     tower_attr="visual",

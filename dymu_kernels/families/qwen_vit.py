@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.encoder import check_trim, per_block_r, trims_on
-from ..core.thresholds import thresholds_argument
+from ..core.encoder import check_trim, trims_on
+from ..core.thresholds import Stage, stage_r, stage_thresholds
 from ..ops.dtome import dtome_merge
 from ..ops.segment import segment_mean
 from ..reference.dtome import MergeState, init_merge_state, policy_merge, trim_state
@@ -151,6 +151,11 @@ def _every_patch(state: MergeState, valid: torch.Tensor, unit: int) -> torch.Ten
     return rows[valid].reshape(-1, C)
 
 
+def vit_stage(visual) -> Stage:
+    """The in-tower stage of a Qwen2-VL-type tower: one threshold (or ``r``) per block."""
+    return Stage("vit", "vision block", len(visual.blocks), fixed_r=True)
+
+
 class QwenUnitDToMe(nn.Module):
     """DToMe in every block of a Qwen2-VL / Qwen2.5-VL vision tower (module doc).
 
@@ -175,8 +180,9 @@ class QwenUnitDToMe(nn.Module):
         if thresholds is not None and r is not None:
             raise ValueError("give thresholds (one per vision block) or r (units merged per block), not both")
         check_trim(trim)
-        self.thresholds = None if thresholds is None else thresholds_argument(thresholds, self.num_layers)
-        self.r = per_block_r(r, self.num_layers)
+        stage = vit_stage(visual)
+        self.thresholds = stage_thresholds(thresholds, stage)
+        self.r = stage_r(r, stage)
         self.backend, self.trim, self.match_units = backend, trim, match_units
 
     def trims_on(self, device: torch.device) -> bool:

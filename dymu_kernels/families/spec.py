@@ -4,11 +4,21 @@ per-patch state its encoding reads and writes (:class:`Patch`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..backends import BACKEND_NAMES
+from ..core.encoder import check_trim
 from ..core.positions import LinearPositions
+from ..core.thresholds import merge_arguments
+
+
+def model_names(config) -> Tuple[str, ...]:
+    """The names a model was loaded by (checkpoint ids / paths of its config
+    and vision config), to tell a threshold file calibrated for another model."""
+    configs = (config, getattr(config, "vision_config", None))
+    return tuple(n for n in dict.fromkeys(getattr(c, "_name_or_path", "") for c in configs) if n)
 
 
 @dataclass
@@ -79,8 +89,26 @@ class Family:
     modalities: Tuple[Modality, ...]
     output_class: Callable[[], type]  # the base model's output class (imported lazily)
     default_thresholds: Optional[str]  # preset used when apply_dymu gets none
-    # build_encoder(family, inner, thresholds, r, backend, trim) -> (DToMe tower, select strategy or None)
+    # stages(config, tower) -> Tuple[Stage, ...]: where the tower merges and the thresholds / r each takes
+    # (core.thresholds.Stage); the first is what a plain list or file of thresholds is for.
+    stages: Callable
+    # build_encoder(config, tower, merge: MergeArguments, backend, trim) -> (DToMe tower, select strategy or None)
     build_encoder: Callable
     vision_kwargs: Tuple[str, ...]  # forward arguments only the vision side reads
     tower_attr: str = "vision_tower"  # the base model's vision tower attribute
     positions: object = field(default_factory=LinearPositions)  # position provider (core.positions)
+
+    def encoder(self, config, tower, thresholds="default", r=None, backend: str = "auto",
+                trim: Union[str, bool] = "auto", names: Sequence[str] = ()):
+        """The family's DToMe tower for ``thresholds`` / ``r`` as ``apply_dymu``
+        takes them, read once against :attr:`stages`
+        (:func:`~dymu_kernels.core.thresholds.merge_arguments`): ``(tower,
+        select strategy or None)``. ``config``: the base model's config;
+        ``tower``: its transformers vision tower; ``names``: the model's
+        names, to warn about a threshold file calibrated for another model."""
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        check_trim(trim)
+        merge = merge_arguments(thresholds, r, self.stages(config, tower), family=self.class_name,
+                                default=self.default_thresholds, names=names)
+        return self.build_encoder(config, tower, merge, backend, trim)

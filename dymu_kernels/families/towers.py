@@ -5,11 +5,11 @@ selects, then the projector on the merged tokens only. Shared by
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 from ..core.encoder import DToMeVisionEncoder, _vision_parts
-from ..core.thresholds import thresholds_argument
-from .spec import Family, ItemCounts, Patch
+from ..core.thresholds import MergeArguments, Stage
+from .spec import ItemCounts, Patch
 
 
 def _vision_blocks(config, tower) -> int:
@@ -23,40 +23,52 @@ def _vision_blocks(config, tower) -> int:
     return blocks
 
 
-def tower_encoder(family: Family, config, tower, thresholds="default", r=None, backend: str = "auto",
-                  trim: Union[str, bool] = "auto") -> DToMeVisionEncoder:
-    """The DToMe encoder over a model's transformers vision ``tower``, with
-    ``thresholds`` resolved as :func:`apply_dymu` documents (``"default"``:
-    the family's preset) for the blocks ``config.vision_feature_layer``
-    reads; checks the feature-select strategy. What :func:`apply_dymu` and
-    the vLLM plugin (:mod:`dymu_kernels.vllm`) both build."""
+def clip_like_stages(config, tower) -> Tuple[Stage, ...]:
+    """``Family.stages`` of the LLaVA-type families: one threshold per block
+    the model reads (``vision_feature_layer``); thresholds for the whole
+    tower are accepted too (the published CLIP-L ones: 24 for LLaVA's 23)."""
+    blocks = _vision_blocks(config, tower)
+    total = len(_vision_parts(tower).encoder.layers)
+    return (Stage("vit", "encoder block", blocks, whole=total, fixed_r=True),)
+
+
+def clip_like_encoder(config, tower, merge: MergeArguments, backend: str, trim: Union[str, bool]):
+    """``Family.build_encoder`` of the LLaVA-type families: the DToMe encoder
+    over the model's transformers vision ``tower`` for the blocks
+    ``config.vision_feature_layer`` reads, and the feature-select strategy
+    the projector's input follows (checked)."""
     strategy = config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
     blocks = _vision_blocks(config, tower)
-    if r is not None:
-        thresholds = None
-    else:
-        if isinstance(thresholds, str) and thresholds == "default":
-            if family.default_thresholds is None:
-                raise ValueError(
-                    f"no published thresholds for {family.class_name}'s vision tower: pass thresholds calibrated on "
-                    "your images (python3 -m dymu_kernels.calibrate --model ID --images DIR --r N --out t.json, then "
-                    "apply_dymu(model, 't.json')) or r=N"
-                )
-            thresholds = family.default_thresholds
-        thresholds = thresholds_argument(thresholds, blocks)
-    encoder = DToMeVisionEncoder(tower, thresholds, r=r, num_layers=blocks, backend=backend, trim=trim)
+    encoder = DToMeVisionEncoder(tower, merge.thresholds["vit"], r=merge.r, num_layers=blocks, backend=backend,
+                                 trim=trim)
     if strategy == "default" and not encoder.cls_token:
         raise ValueError("vision_feature_select_strategy='default' drops a CLS token this vision tower does not have")
-    return encoder
+    return encoder, strategy
 
 
-def clip_like_encoder(family, inner, thresholds, r, backend, trim):
-    """``Family.build_encoder`` of the LLaVA-type families: the DToMe tower
-    and the feature-select strategy the projector's input follows."""
-    encoder = tower_encoder(family, inner.config, inner.vision_tower, thresholds, r, backend, trim)
-    return encoder, inner.config.vision_feature_select_strategy
+def check_per_call(config, patch: Patch, vision_kwargs) -> None:
+    """A per-call ``vision_feature_layer`` / ``vision_feature_select_strategy``
+    (transformers honours them per call) must be what the DToMe tower was
+    built for: its merges are made up to that block; ValueError naming the
+    argument otherwise (re-apply DyMU after changing the config instead)."""
+    layer = vision_kwargs.get("vision_feature_layer")
+    if layer is not None:
+        blocks = None
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            n = len(patch.encoder.vision.encoder.layers)
+            blocks = n + 1 + layer if layer < 0 else layer
+        if blocks != patch.encoder.num_layers:
+            raise ValueError(
+                f"vision_feature_layer={layer!r} per call: this DyMU-patched model merges up to the block "
+                f"config.vision_feature_layer={config.vision_feature_layer!r} selects; set the config's and "
+                f"apply_dymu again to read another block")
+    strategy = vision_kwargs.get("vision_feature_select_strategy")
+    if strategy is not None and strategy != patch.select_strategy:
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} per call: this DyMU-patched model was built for "
+            f"config.vision_feature_select_strategy={patch.select_strategy!r}; set the config's and apply_dymu again")
 
 
 def merged_tower(self, patch: Patch, pixel_values, dtype, modality: str = "image", vision_kwargs=None):
@@ -69,6 +81,7 @@ def merged_tower(self, patch: Patch, pixel_values, dtype, modality: str = "image
     transformers returns them; all with ``output_hidden_states=True``."""
     from ..hf.outputs import tower_outputs
 
+    check_per_call(self.config, patch, vision_kwargs or {})
     wanted = (vision_kwargs or {}).get("output_hidden_states")
     if wanted is None or wanted is False:
         wanted = patch.encoder.num_layers

@@ -118,10 +118,12 @@ class _AttentionConfig:
 
 
 # Attention keyword arguments that carry no attention feature (transformers
-# passes the forward's kwargs down to the attention function).
+# passes the forward's kwargs down to the attention function): outputs,
+# caching, and the loss's own keywords (``*ForConditionalGeneration`` hands
+# every kwarg to both the model and its loss function).
 _BENIGN_KWARGS = frozenset({"position_ids", "cache_position", "output_attentions", "output_hidden_states",
                             "output_router_logits", "use_cache", "return_dict", "is_causal", "layer_idx",
-                            "logits_to_keep", "num_items_in_batch"})
+                            "logits_to_keep", "num_items_in_batch", "shift_labels", "ignore_index"})
 # Features VTU does not compute: accepted only when off (None / 0 / False).
 _FEATURE_KWARGS = {"sliding_window": "a sliding window", "softcap": "logit soft-capping",
                    "s_aux": "attention sinks", "sinks": "attention sinks"}

@@ -36,7 +36,7 @@ from ..core.compact import build_compact_sequence
 from ..core.lm_features import check_full_attention, check_rotary
 from ..core.positions import stored_positions
 from ..core.thresholds import Thresholds
-from ..families import DyMUStats, Modality, Patch, family_for
+from ..families import DyMUStats, Modality, Patch, family_for, model_names
 from .attention import DeferredMask, VTUContext, install_vtu
 from .cache import VTUCacheState, cache_state, set_cache_state
 
@@ -86,17 +86,26 @@ def apply_dymu(
 
     Args:
         model: the model; patched in place and returned.
-        thresholds: per-block DToMe thresholds — a preset ``"model:level"``,
-            a threshold JSON file, a :class:`Thresholds`, or a list.
-            ``"default"``: the family's published preset (LLaVA-1.5:
-            ``"openai/clip-vit-large-patch14-336:low"``); LLaVA-OneVision's
-            SigLIP has none — calibrate (``python3 -m dymu_kernels.calibrate``).
-            Qwen2-VL / Qwen2.5-VL: one threshold per merge round on the
-            patch merger's outputs (per image, per video frame pair; see
-            :mod:`dymu_kernels.families.qwen2_vl`); none are published.
-        r: instead of thresholds, merge exactly ``r`` tokens per image per
-            block (the paper's fixed-r ToMe ablation); Qwen: per image / frame
-            pair and round, an int (one round) or one per round.
+        thresholds: where and how much the vision tower merges, read once
+            against the stages the model's family declares
+            (:attr:`dymu_kernels.families.Family.stages`; its module documents
+            them): a list of numbers, a threshold JSON file, a
+            :class:`Thresholds` or a preset ``"model:level"`` for the family's
+            first stage, or a dict ``{stage: thresholds}``. LLaVA-1.5 /
+            LLaVA-OneVision: one stage, ``"vit"``, one threshold per vision
+            block the model reads (or per block of the whole tower);
+            ``"default"`` is the family's published preset (LLaVA-1.5:
+            ``"openai/clip-vit-large-patch14-336:low"``; SigLIP has none:
+            calibrate with ``python3 -m dymu_kernels.calibrate``).
+            Qwen2-VL / Qwen2.5-VL (:mod:`dymu_kernels.families.qwen2_vl`):
+            ``"vit"``, one per tower block, merging 2×2 units inside the
+            tower, and ``"merger"``, one per merge round on the patch
+            merger's outputs; none are published. None: nothing merges.
+        r: instead of thresholds, merge exactly ``r`` tokens per item and
+            block (the paper's fixed-r ToMe ablation) in the stage that takes
+            it (``"vit"``; Qwen: 2×2 units per image / frame pair): an int, or
+            one per block. With ``r``, thresholds may be given only for
+            another stage (Qwen: ``{"merger": ...}``).
         vtu: ``False`` is the "merging without VTU" ablation: merged tokens are
             fed with compressed positions ``0..N_un-1`` and ordinary attention.
         backend: merge and attention backend, ``"auto" | "triton" | "cpp" | "torch"``.
@@ -124,12 +133,16 @@ def apply_dymu(
 
     Raises:
         TypeError for an unsupported model; RuntimeError for an unsupported
-        transformers version; ValueError for bad thresholds (not numbers, not
-        in ``[-1, 1]`` or ``inf``, too few) / r.
+        transformers version; ValueError naming the argument for bad
+        thresholds (not numbers, not in ``[-1, 1]`` or ``inf``, another count
+        than the stage takes, an unknown stage), a bad ``r``, thresholds and
+        ``r`` for the same stage, an unknown ``backend`` or ``trim``. A
+        threshold file recorded for another model gives a warning.
     """
     _check_transformers()
     family, inner, lm = _model_parts(model)
-    encoder, strategy = family.build_encoder(family, inner, thresholds, r, backend, trim)
+    encoder, strategy = family.encoder(inner.config, getattr(inner, family.tower_attr), thresholds, r, backend, trim,
+                                       names=model_names(model.config))
     if vtu:
         check_full_attention(lm.config)
         check_rotary(lm)

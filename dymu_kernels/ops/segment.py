@@ -27,6 +27,28 @@ def _(src, index, num_segments):
     return src.new_empty(src.shape[0], src.shape[1], num_segments, src.shape[3])
 
 
+def _setup_context(ctx, inputs, output):
+    _, index, num_segments = inputs
+    ctx.save_for_backward(index)
+    ctx.num_segments = num_segments
+
+
+def _backward(ctx, grad):
+    """Each row gets its segment's gradient over the segment's row count
+    (skipped rows get zero): the mean's adjoint, in plain torch ops."""
+    (index,) = ctx.saved_tensors
+    B, G, S, F = grad.shape
+    idx = torch.where(index >= 0, index.long(), S)
+    counts = torch.zeros(B, S + 1, dtype=grad.dtype, device=grad.device)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=grad.dtype))
+    per_segment = torch.cat([grad / counts[:, None, :S, None].clamp_min(1), grad.new_zeros(B, G, 1, F)], 2)
+    return per_segment.gather(2, idx[:, None, :, None].expand(B, G, idx.shape[1], F)), None, None
+
+
+# Training through a patched model (the Qwen tower's per-unit means) differentiates this op.
+_segment_mean_cpp.register_autograd(_backward, setup_context=_setup_context)
+
+
 def segment_mean(src: torch.Tensor, index: torch.Tensor, num_segments: int, *, backend: str = "auto") -> torch.Tensor:
     """Average rows of ``src [B, *G, N, F]`` by ``index [B, N]`` into ``[B, *G, S, F]``.
 

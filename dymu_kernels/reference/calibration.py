@@ -88,9 +88,25 @@ class ThresholdCalibrator:
         self.num_images = 0
 
     def select(self, layer: int, node_max: torch.Tensor) -> torch.Tensor:
+        """The merges of ``layer`` for one batch (``node_max [B, n_a]``).
+        ValueError when the batch has fewer mergeable tokens than ``r_i * B``:
+        the layer's threshold would be 0 and merge less than asked, so the
+        calibration stops at once, saying what the tower allows."""
+        B, n_a = node_max.shape
         if layer == 0:
-            self.num_images += node_max.shape[0]
-        mask, threshold = batch_top_k_mask(node_max, self.r[layer] * node_max.shape[0])
+            self.num_images += B
+            self._tokens = int((node_max > float("-inf")).sum())  # mergeable A tokens of the batch: about half
+        k = self.r[layer] * B
+        available = int((node_max > float("-inf")).sum())
+        if k > available:
+            n0 = 2 * getattr(self, "_tokens", n_a)
+            raise ValueError(
+                f"r asks for {self.r[layer]} merges per image in block {layer} of {len(self.r)}, but only "
+                f"{available / B:g} tokens per image can merge there on these images (a block merges at most half "
+                f"of the tokens left; the calibration would write a threshold of 0 that merges less than asked). "
+                f"With about {n0 / B:g} tokens per image, no constant r above about {n0 / B / (len(self.r) + 1):.1f} "
+                f"lasts through {len(self.r)} blocks: ask for a smaller r")
+        mask, threshold = batch_top_k_mask(node_max, k)
         self._sum[layer] += threshold
         self._count[layer] += 1
         return mask

@@ -28,8 +28,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..core.lm_features import check_full_attention
-from ..families import Patch, families
-from ..families.towers import tower_encoder
+from ..families import Patch, families, model_names
 from .cpu_gemm import use_vllm_cpu_gemm
 from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
@@ -128,8 +127,7 @@ class DyMUServing:
         self.vision_tower = torch.nn.Module()
         self.vision_tower.vision_model = getattr(tower, "vision_model", tower)
         s = self.dymu
-        return (tower_encoder(family, self.config, tower, s.thresholds, s.r, s.backend),
-                self.config.vision_feature_select_strategy)
+        return family.encoder(self.config, tower, s.thresholds, s.r, s.backend, names=model_names(self.config))
 
     def _dymu_encode(self, modality: str, pixels: torch.Tensor, vision_kwargs: Dict) -> List[torch.Tensor]:
         """Items of one modality -> tagged encoder outputs, one ``[P_i, C + tags]`` per item."""

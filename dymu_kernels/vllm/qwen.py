@@ -26,6 +26,7 @@ from typing import Dict, List
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor
 
+from ..families import model_names
 from .model import DyMUServing
 from .processors import CheckedPixels, register_checked_processor
 
@@ -84,8 +85,7 @@ class DyMUQwenServing(DyMUServing):
         # Checkpoints name the tower's weights visual.* (vLLM maps model.visual.* there): the same names.
         self.visual = self._transformers_tower(family)
         s = self.dymu
-        encoder, _ = family.build_encoder(family, self, s.thresholds, s.r, s.backend, "auto")
-        return encoder, None
+        return family.encoder(self.config, self.visual, s.thresholds, s.r, s.backend, names=model_names(self.config))
 
     def embed_multimodal(self, **kwargs):
         if self.dymu is None:
