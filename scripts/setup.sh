@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up dymu_kernels in the active Python environment (a venv is fine).
 #
-#   bash scripts/setup.sh          # package + demo dependencies
-#   bash scripts/setup.sh --test   # ... plus test dependencies and the vLLM
-#                                  # environment of the plugin's tests (scripts/setup_vllm.sh)
+#   bash scripts/setup.sh                   # package, transformers (apply_dymu) and demo dependencies
+#   bash scripts/setup.sh --test            # ... plus test dependencies and the vLLM environment
+#                                           # of the plugin's tests (scripts/setup_vllm.sh, ~7 GB)
+#   bash scripts/setup.sh --test --no-vllm  # ... without the vLLM environment (its tests are skipped)
 #
 # torch is never replaced: an installed torch (and triton) is pinned for every
 # pip call below, and only a machine without torch gets torch==2.13.0. The C++
@@ -12,8 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-extras="demo"
-if [[ "${1:-}" == "--test" ]]; then extras="demo,test"; fi
+extras="demo,hf"
+with_vllm=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="demo,hf,test"; with_vllm=1 ;;
+    --no-vllm) no_vllm=1 ;;
+    *) echo "[setup] unknown option $arg (expected --test and/or --no-vllm)" >&2; exit 2 ;;
+  esac
+done
+if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
@@ -47,6 +56,6 @@ if error is not None:
 reason = _ext.missing_reason()
 print("[setup] C++ extension:", "built" if reason is None else f"skipped on purpose (DYMU_NO_EXT=1): {reason}")
 PY
-if [[ "${1:-}" == "--test" ]]; then
+if [[ "$with_vllm" == 1 ]]; then
   bash scripts/setup_vllm.sh
 fi

@@ -333,3 +333,24 @@ def test_demo_on_a_saved_tiny_clip_checkpoint(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         for name in ("merge_groups.png", "tokens_vs_complexity.png"):
             assert (out / name).stat().st_size > 10_000
+
+
+def test_demo_refuses_a_checkpoint_it_does_not_run(tmp_path, capsys):
+    """``--model`` with a Qwen checkpoint (its config is enough to tell): a
+    clear error naming the type and what to run instead, before the output
+    folder is made (it crashed with an AttributeError, leaving an empty folder)."""
+    transformers = pytest.importorskip("transformers")
+    from dymu_kernels import demo
+
+    config = transformers.Qwen2_5_VLConfig(vision_config=dict(depth=1, hidden_size=32, num_heads=2,
+                                                              out_hidden_size=64),
+                                           text_config=dict(hidden_size=64, num_hidden_layers=1,
+                                                            num_attention_heads=2, num_key_value_heads=1))
+    config.save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--model", str(tmp_path / "qwen"), "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "is a 'qwen2_5_vl' checkpoint; the demo runs CLIP towers" in err
+    assert "python3 -m dymu_kernels.calibrate --model" in err
