@@ -570,13 +570,15 @@ def test_bad_pixels_refused_while_processing(served):
 
 @pytest.mark.slow
 def test_readme_vllm_example_runs(served, tmp_path):
-    """The README's vLLM example, as written, on the tiny model (its id and photo swapped for local files)."""
+    """The README's vLLM example, as written, on the tiny model (its id and photo swapped for local files, the
+    published thresholds for the tiny tower's: the preset is for CLIP-L's 24 blocks)."""
     from test_readme import readme_vllm_blocks
 
     blocks = readme_vllm_blocks()
     assert len(blocks) == 1
     code = blocks[0].replace('"llava-hf/llava-1.5-7b-hf"', repr(served["model_dir"]))
     code = code.replace('"photo.png"', repr(served["images"][3]))
+    code = code.replace('engine_kwargs(thresholds="default")', f"engine_kwargs(thresholds={THRESHOLDS!r})")
     assert code != blocks[0]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
     proc = subprocess.run([VLLM_PYTHON, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
