@@ -13,9 +13,9 @@ CLI::
 ``--model`` is a LLaVA or LLaVA-OneVision checkpoint (its CLIP / SigLIP tower is
 calibrated for the blocks the model reads, ``vision_feature_layer``; every
 AnyRes crop counts as one calibration image, as every crop merges), a
-Qwen2.5-VL or Qwen2-VL checkpoint (its tower's blocks, merging 2×2 units per
-image; ``r`` counts units) or a CLIP / SigLIP checkpoint (all blocks, or
-``--num-layers``). ``--level low|mid|high`` are the paper's settings
+Qwen2-VL, Qwen2.5-VL or Qwen3-VL(-MoE) checkpoint (its tower's blocks, merging
+2×2 units per image; ``r`` counts units) or a CLIP / SigLIP checkpoint (all
+blocks, or ``--num-layers``). ``--level low|mid|high`` are the paper's settings
 for CLIP ViT-L/14-336, r = 21 / 16 / 8 merges per block on average (about
 89 / 195 / 394 of 576 image tokens kept). Pass the file to
 ``apply_dymu(model, "low.json")``.
@@ -153,37 +153,34 @@ def calibrate_tower(
 
 
 def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[torch.dtype] = None):
-    """``(encoder, processor)`` for a LLaVA, LLaVA-OneVision, Qwen2.5-VL /
-    Qwen2-VL, CLIP or SigLIP checkpoint (hub id or path)."""
+    """``(encoder, processor)`` for a checkpoint (hub id or path) of a
+    supported family (:mod:`dymu_kernels.families`: LLaVA, LLaVA-OneVision,
+    the Qwen-VL families) or of a CLIP / SigLIP tower."""
     import transformers
 
     from .core.encoder import DToMeVisionEncoder
+    from .families import families
 
     config = transformers.AutoConfig.from_pretrained(model_id)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    vlms = {"llava": transformers.LlavaForConditionalGeneration,
-            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}
     towers = {"clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
               "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel}
-    qwens = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
-    if config.model_type in qwens:
-        from .families.qwen_vit import QwenUnitDToMe
+    family = families().get(config.model_type)
+    if family is not None:
+        vlm = getattr(transformers, family.class_name).from_pretrained(model_id, **kwargs)
+        tower = getattr(vlm.model, family.tower_attr).eval()
+        if family.tower_attr == "visual":  # the Qwen-VL towers: DToMe on 2x2 units in every block
+            from .families.qwen_vit import QwenUnitDToMe
 
-        vlm = qwens[config.model_type].from_pretrained(model_id, **kwargs)
-        processor = transformers.AutoImageProcessor.from_pretrained(model_id)
-        return QwenUnitDToMe(vlm.model.visual.eval()), processor
-    if config.model_type in vlms:
+            return QwenUnitDToMe(tower), transformers.AutoImageProcessor.from_pretrained(model_id)
         from .families.towers import _vision_blocks
 
-        vlm = vlms[config.model_type].from_pretrained(model_id, **kwargs)
-        tower = vlm.model.vision_tower
         num_layers = num_layers or _vision_blocks(vlm.model.config, tower)
     elif config.model_type in towers:
         tower = towers[config.model_type].from_pretrained(model_id, **kwargs)
     else:
-        raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected a LLaVA, "
-                         f"LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, CLIP or SigLIP one")
+        supported = ", ".join(sorted(set(families()) | set(towers)))
+        raise ValueError(f"--model {model_id!r} is a {config.model_type!r} checkpoint; expected one of: {supported}")
     processor = transformers.AutoImageProcessor.from_pretrained(model_id)
     return DToMeVisionEncoder(tower.eval(), num_layers=num_layers), processor
 
@@ -191,7 +188,8 @@ def load_tower(model_id: str, num_layers: Optional[int] = None, dtype: Optional[
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m dymu_kernels.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, CLIP or SigLIP checkpoint: hub id or path")
+                        help="LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), CLIP or SigLIP checkpoint: hub "
+                             "id or path")
     parser.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--level", choices=sorted(LEVELS), help="paper setting: low/mid/high = r 21/16/8")

@@ -203,7 +203,7 @@ def test_cli_calibrates_a_saved_qwen2_5_vl(photo_dir, tmp_path):
 
     enc = proc(images=[Image.open(p).convert("RGB") for p in image_files(photo_dir)], return_tensors="pt")
     with torch.no_grad():
-        state, _, per_block, sets = QwenUnitDToMe(model.model.visual, from_cli)(enc["pixel_values"],
+        state, _, per_block, sets, _ = QwenUnitDToMe(model.model.visual, from_cli)(enc["pixel_values"],
                                                                                 enc["image_grid_thw"])
     sizes = sets.units
     merged = [sum(sizes) - int(n.sum()) for n in per_block]  # units merged after each block, all images

@@ -349,7 +349,7 @@ def test_vit_stage_equals_plain_expand_attend_average(gen, kind, match_units, mo
     real = qwen_vit.dtome_merge
     monkeypatch.setattr(qwen_vit, "dtome_merge", spy)
     with torch.no_grad():
-        state, last, _, sets = qwen_vit.QwenUnitDToMe(visual, [0.3] * 4, backend="torch", trim=False,
+        state, last, _, sets, _ = qwen_vit.QwenUnitDToMe(visual, [0.3] * 4, backend="torch", trim=False,
                                                          match_units=match_units)(pixels, grid)
         sizes = sets.units
         inputs = []  # what each stock block gets: (hidden states, segments, rotary tables)

@@ -26,19 +26,26 @@ class MergedItems:
     features: torch.Tensor  # [n, U_cap, C] projected unique tokens
     counts: torch.Tensor  # [n] unique tokens per item
     slots: torch.Tensor  # [n, P_max] unique token of each placeholder; -1 = none (padding)
+    # [n, U_cap, E] more per-row data that travels with the unique rows into the compact sequence (Qwen3-VL:
+    # the deepstack taps, which the language model adds at the rows' layers); None: none
+    extra: Optional[torch.Tensor] = None
 
     def select(self, index: List[int]) -> "MergedItems":
         """The items in the order ``index`` (repeats allowed)."""
         idx = torch.tensor(index, dtype=torch.long)
-        return MergedItems(*(t[idx.to(t.device)] for t in (self.features, self.counts, self.slots)))
+        return MergedItems(*(None if t is None else t[idx.to(t.device)]
+                             for t in (self.features, self.counts, self.slots, self.extra)))
 
     @staticmethod
-    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]) -> "MergedItems":
-        """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map), padded into one batch."""
+    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor],
+              extra: Optional[Sequence[torch.Tensor]] = None) -> "MergedItems":
+        """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map,
+        ``[U_i, E]`` extra rows), padded into one batch."""
         counts = torch.tensor([f.shape[0] for f in features], device=features[0].device)
         feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)
         maps = torch.nn.utils.rnn.pad_sequence([m.long() for m in slots], batch_first=True, padding_value=-1)
-        return MergedItems(feats, counts, maps)
+        more = None if extra is None else torch.nn.utils.rnn.pad_sequence(list(extra), batch_first=True)
+        return MergedItems(feats, counts, maps, more)
 
 
 @dataclass
@@ -201,3 +208,39 @@ def build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items
     _check_placeholders(layout, names)
     compact, merge_map = _assemble(layout, text_embeds)
     return compact, merge_map, layout.n_unique
+
+
+def compact_extra_rows(placeholder_masks, attention_mask, text_embeds, items, names=("image",)):
+    """:func:`build_compact_sequence` for items that may carry
+    :attr:`MergedItems.extra` rows: those travel with their unique rows
+    (laid out in the same call, as more channels; text rows and items
+    without extra rows get zeros). Returns ``(compact [B, N_un_max, C],
+    merge_map, n_unique, extra [B, N_un_max, E] or None, visual [B, N_un_max]
+    bool or None)`` — ``visual``: the compact rows of visual items."""
+    if isinstance(placeholder_masks, torch.Tensor):
+        placeholder_masks, items = [placeholder_masks], [items]
+    E = 0  # (a loop: dynamo does not trace max() over a generator)
+    for m in items:
+        if m is not None and m.extra is not None:
+            E = m.extra.shape[-1]
+    if not E:
+        return (*build_compact_sequence(placeholder_masks, attention_mask, text_embeds, items, names), None, None)
+    C = text_embeds.shape[-1]
+
+    def widened(m: Optional[MergedItems]) -> Optional[MergedItems]:
+        if m is None:
+            return None
+        more = m.extra if m.extra is not None else m.features.new_zeros(*m.features.shape[:2], E)
+        return MergedItems(torch.cat([m.features.to(text_embeds.dtype), more.to(text_embeds.dtype)], -1),
+                           m.counts, m.slots)
+
+    wide = torch.cat([text_embeds, text_embeds.new_zeros(*text_embeds.shape[:2], E)], -1)
+    compact, merge_map, n_unique = build_compact_sequence(placeholder_masks, attention_mask, wide,
+                                                          [widened(m) for m in items], names)
+    B, n_rows = compact.shape[:2]
+    visual = torch.zeros(B, n_rows + 1, dtype=torch.bool, device=compact.device)  # last column: a dump
+    for mask, m in zip(placeholder_masks, items):
+        if m is not None:
+            hit = mask.to(compact.device) & (merge_map >= 0)
+            visual.scatter_(1, torch.where(hit, merge_map.long(), n_rows), True)
+    return compact[..., :C], merge_map, n_unique, compact[..., C:], visual[:, :n_rows]

@@ -1,29 +1,34 @@
 """Model families: one declarative spec (:class:`~.spec.Family`) per file.
 
-A family file defines ``FAMILY``: its modalities and how each is encoded and
-laid out, its vision tower and DToMe encoder builder, the arguments only its
-vision side reads and its position provider. ``apply_dymu`` (:mod:`..hf`)
-and the vLLM plugin (:mod:`..vllm`) both look families up here by
+A family file defines ``FAMILY``: its modalities and how each is encoded
+(returning the neutral :class:`~.spec.Encoded`: no transformers or vLLM
+types), its DToMe stages (:class:`~dymu_kernels.core.thresholds.Stage`: what
+``thresholds`` / ``r`` are checked against) and tower builder
+(:class:`~.spec.DToMeTower`), the arguments only its vision side reads and
+its position provider (:class:`~dymu_kernels.core.positions.PositionProvider`).
+Families import the core only; ``apply_dymu`` (:mod:`..hf`: transformers'
+output types, the encoding methods with the stock parameters) and the vLLM
+plugin (:mod:`..vllm`: tagged rows) both look families up here by
 ``config.model_type``. Adding a family: write ``<model_type>.py`` with its
-``FAMILY`` and list it in ``_MODULES``.
+``FAMILY`` (found by :func:`families`).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Dict
 
-from .spec import DyMUStats, Family, ItemCounts, Modality, Patch, model_names
-
-_MODULES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
-
+from .spec import DToMeTower, DyMUStats, Encoded, Family, ItemCounts, Modality, Patch, model_names
 
 def families() -> Dict[str, Family]:
-    """The supported model families by ``config.model_type``."""
+    """The supported model families by ``config.model_type``: every module of
+    this package that defines ``FAMILY``."""
     found = {}
-    for name in _MODULES:
-        family = importlib.import_module(f"{__name__}.{name}").FAMILY
-        found[family.model_type] = family
+    for info in pkgutil.iter_modules(__path__):
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        if family is not None:
+            found[family.model_type] = family
     return found
 
 
@@ -40,4 +45,5 @@ def family_for(model) -> Family:
     return known[model_type]
 
 
-__all__ = ["DyMUStats", "Family", "ItemCounts", "Modality", "Patch", "families", "family_for", "model_names"]
+__all__ = ["DToMeTower", "DyMUStats", "Encoded", "Family", "ItemCounts", "Modality", "Patch", "families", "family_for",
+           "model_names"]

@@ -6,7 +6,7 @@ patches in order."""
 from __future__ import annotations
 
 from ..core.compact import MergedItems
-from .spec import Family, Modality, Patch
+from .spec import Encoded, Family, Modality, Patch
 from .towers import clip_like_encoder, clip_like_stages, merged_tower
 
 # Arguments of a LLaVA-type forward that only its vision side reads.
@@ -14,27 +14,10 @@ VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_si
                  "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
 
 
-def encode_images(self, patch: Patch, pixel_values, dtype, vision_kwargs=None):
+def encode_images(self, patch: Patch, pixel_values, dtype, vision_kwargs=None) -> Encoded:
     """LLaVA-1.5: one merged tower item per image."""
-    from ..hf.outputs import image_outputs
-
     feats, counts, slots, tower = merged_tower(self, patch, pixel_values, dtype, vision_kwargs=vision_kwargs)
-    return image_outputs(MergedItems(feats, counts, slots), **tower)
-
-
-def patched_image_features(self, patch: Patch, modality: Modality, pixel_values, image_sizes=None,
-                            vision_feature_layer=None, vision_feature_select_strategy=None, vision_aspect_ratio=None,
-                            batch_num_images=None, return_dict=True, **kwargs):
-    """``get_image_features`` of a patched instance: the merged images in
-    transformers' output type. The named parameters are what ``generate()``
-    reads from the signature to decide which inputs to hand over."""
-    vision_kwargs = {"image_sizes": image_sizes, "vision_aspect_ratio": vision_aspect_ratio,
-                     "batch_num_images": batch_num_images, "output_hidden_states": kwargs.get("output_hidden_states"),
-                     "vision_feature_layer": vision_feature_layer,
-                     "vision_feature_select_strategy": vision_feature_select_strategy}
-    from ..hf.patch import merged_features
-
-    return merged_features(self, patch, modality, pixel_values, vision_kwargs, return_dict)
+    return Encoded(MergedItems(feats, counts, slots), **tower)
 
 
 def _output_class():
@@ -46,8 +29,7 @@ def _output_class():
 FAMILY = Family(
     model_type="llava",
     class_name="LlavaForConditionalGeneration",
-    modalities=(Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images,
-                         patched_image_features),),
+    modalities=(Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images),),
     output_class=_output_class,
     default_thresholds="openai/clip-vit-large-patch14-336:low",
     stages=clip_like_stages,

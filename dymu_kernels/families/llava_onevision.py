@@ -17,8 +17,8 @@ import torch
 
 from ..core.compact import MergedItems
 from ..core.maps import pack_image_maps, pool_video_maps
-from .llava import VISION_KWARGS, patched_image_features
-from .spec import Family, Modality, Patch
+from .llava import VISION_KWARGS
+from .spec import Encoded, Family, Modality
 from .towers import clip_like_encoder, clip_like_stages, merged_tower
 
 
@@ -35,10 +35,8 @@ def _crops_per_image(inner, image_sizes, batch_num_images):
 
 
 def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
-    """Merged AnyRes images: ``DyMUImageOutputs`` with one packed item per image."""
+    """Merged AnyRes images: one packed item per image."""
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
-
-    from ..hf.outputs import image_outputs
 
     image_sizes = vision_kwargs.get("image_sizes")
     if image_sizes is None:
@@ -64,15 +62,13 @@ def encode_images(inner, patch, pixel_values, dtype, vision_kwargs):
         uniques.append(unique)
         maps.append(slot_map)
         start += n
-    return image_outputs(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
+    return Encoded(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
 
 
 def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
     """Merged videos (``[videos, frames, 3, H, W]``, or one ``[frames, 3, H, W]``
     per video as vLLM passes them): every frame merged, pooled on maps, one
     newline per video."""
-    from ..hf.outputs import image_outputs
-
     frames = [v.shape[0] for v in pixel_values_videos]
     feats, counts, slots, tower = merged_tower(inner, patch, torch.cat(list(pixel_values_videos)), dtype, "video",
                                                vision_kwargs)
@@ -83,18 +79,7 @@ def encode_videos(inner, patch, pixel_values_videos, dtype, vision_kwargs):
         unique, slot_map = pool_video_maps(feats[sl], counts[sl], slots[sl], inner.image_newline)
         uniques.append(unique)
         maps.append(slot_map)
-    return image_outputs(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
-
-
-def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, vision_feature_layer=None,
-                            vision_feature_select_strategy=None, return_dict=True, **kwargs):
-    """``get_video_features`` of a patched instance (see :func:`.llava.patched_image_features`)."""
-    vision_kwargs = {"output_hidden_states": kwargs.get("output_hidden_states"),
-                     "vision_feature_layer": vision_feature_layer,
-                     "vision_feature_select_strategy": vision_feature_select_strategy}
-    from ..hf.patch import merged_features
-
-    return merged_features(self, patch, modality, pixel_values_videos, vision_kwargs, return_dict)
+    return Encoded(MergedItems.stack(uniques, maps), [m.shape[0] for m in maps], **tower)
 
 
 def _output_class():
@@ -106,10 +91,8 @@ def _output_class():
 FAMILY = Family(
     model_type="llava_onevision",
     class_name="LlavaOnevisionForConditionalGeneration",
-    modalities=(Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images,
-                         patched_image_features),
-                Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", encode_videos,
-                         patched_video_features)),
+    modalities=(Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images),
+                Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", encode_videos)),
     output_class=_output_class,
     default_thresholds=None,  # no published SigLIP thresholds: calibrate
     stages=clip_like_stages,

@@ -26,62 +26,18 @@ from typing import Optional, Tuple
 import torch
 
 from ..core.compact import MergedItems
+from ..core.positions import MRopePositions
 from ..core.rounds import ROUNDS, DToMeRounds
 from ..core.thresholds import MergeArguments, Stage
+from ..ops.segment import segment_mean
 from ..reference.dtome import init_merge_state
 from . import qwen_vit
 from .qwen_vit import QwenUnitDToMe, pad_sets, set_mask, tower_match_sets
-from .spec import Family, ItemCounts, Modality, Patch
+from .spec import Encoded, Family, ItemCounts, Modality, Patch
 
 # Arguments of a Qwen2-VL-type forward that only its vision side (and its positions) read.
 VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                  "second_per_grid_ts")
-
-
-def _three_axes(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """The caller's positions as M-RoPE's ``[3, B, N]``, read as the language
-    model reads them: ``[B, N]`` or ``[1, B, N]`` (the same positions on every
-    axis; generate() continuing a cache passes the latter), ``[3, B, N]``, or
-    ``[4, B, N]`` (generate(): a text row first)."""
-    if position_ids.dim() == 2:
-        position_ids = position_ids[None]
-    if position_ids.dim() != 3 or position_ids.shape[0] not in (1, 3, 4):
-        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected [B, N], [1 | 3 | 4, B, N] "
-                         "(M-RoPE)")
-    if position_ids.shape[0] == 4:
-        return position_ids[1:]
-    return position_ids.expand(3, batch, -1)
-
-
-class MRopePositions:
-    """M-RoPE positions ``[3, B, N]`` as the Qwen2-VL-type model makes them
-    (:mod:`dymu_kernels.core.positions` protocol)."""
-
-    def prompt(self, inner, position_ids: Optional[torch.Tensor], input_ids, embeds: torch.Tensor, attention_mask,
-               vision_kwargs) -> torch.Tensor:
-        B, N = embeds.shape[:2]
-        if position_ids is not None:
-            return _three_axes(position_ids, B)[..., -N:].to(embeds.device).long().clone()
-        # The model's own rules (and its rope_deltas bookkeeping), over the full sequence.
-        # (Qwen2-VL's takes no second_per_grid_ts; its processor makes none.)
-        timing = {} if vision_kwargs.get("second_per_grid_ts") is None else \
-            {"second_per_grid_ts": vision_kwargs["second_per_grid_ts"]}
-        positions = inner.compute_3d_position_ids(
-            input_ids=input_ids, image_grid_thw=vision_kwargs.get("image_grid_thw"),
-            video_grid_thw=vision_kwargs.get("video_grid_thw"), inputs_embeds=embeds, attention_mask=attention_mask,
-            cache=None, mm_token_type_ids=vision_kwargs.get("mm_token_type_ids"), **timing)
-        if positions is None:  # what the language model does without positions: 0..N-1 on every axis
-            positions = torch.arange(N, device=embeds.device).expand(3, B, N)
-        return positions.to(embeds.device).long().clone()
-
-    def step(self, inner, previous: torch.Tensor, position_ids: Optional[torch.Tensor],
-             embeds: torch.Tensor) -> torch.Tensor:
-        B, T = embeds.shape[:2]
-        if position_ids is not None:
-            return _three_axes(position_ids, B)[..., -T:].to(previous.device).long()
-        # As the model continues without positions (its rope_deltas): text after the largest position so far.
-        start = previous.flatten(1).amax(1) + 1
-        return (start[:, None] + torch.arange(T, device=previous.device)).expand(3, B, T)
 
 
 class QwenDToMe:
@@ -101,20 +57,29 @@ class QwenDToMe:
 
     def __call__(self, visual, pixels: torch.Tensor, grid: torch.Tensor, hidden_states: bool = False):
         """``(merge state over each set's original units in raster order,
-        the tower's hidden states (:meth:`~.qwen_vit.QwenUnitDToMe.forward`),
-        the tokens left after each block / round, the sets)``."""
+        the tower's hidden states (:class:`~.qwen_vit.UnitOutput`), the
+        tokens left after each block / round, the sets, the deepstack rows)``.
+        Deepstack (Qwen3-VL; None for towers without taps): per final unique
+        token, each tap's mean over the token's original units,
+        ``[n, U_cap, taps · D]`` (tap after tap)."""
         sets = tower_match_sets(visual, grid, self.match_units)
         if self.vit is not None:
-            state, tower, per_layer, _ = self.vit(pixels, grid, sets=sets, hidden_states=hidden_states)
+            state, tower, per_layer, _, taps = self.vit(pixels, grid, sets=sets, hidden_states=hidden_states)
         else:  # transformers' own tower, then the rounds on its outputs (raster order)
             out = visual(pixels.type(visual.dtype), grid_thw=grid, output_hidden_states=hidden_states)
             tokens, set_units = pad_sets(out.pooler_output, sets.units)
             tower = out.hidden_states if hidden_states else out.last_hidden_state
             state, per_layer = init_merge_state(tokens, set_units), []
+            taps = [pad_sets(t, sets.units)[0] for t in getattr(out, "deepstack_features", None) or ()]
         if self.rounds is not None:
             state, per_round = self.rounds.merge(state)
             per_layer = per_layer + per_round
-        return state, tower, per_layer, sets
+        extra = None
+        if taps:  # a group's taps: the mean over its original units (the language model adds one row per group)
+            groups = state.pos_map.long().masked_fill(~set_mask(state.lengths.new_tensor(sets.units),
+                                                                 state.pos_map.shape[1]), -1)
+            extra = torch.cat([segment_mean(t, groups, state.x.shape[1]) for t in taps], -1)
+        return state, tower, per_layer, sets, extra
 
 
 def stages(config, visual) -> Tuple[Stage, ...]:
@@ -141,40 +106,45 @@ def build_encoder(config, visual, merge: MergeArguments, backend: str, trim):
 
 
 def _encode(inner, patch: Patch, pixels: torch.Tensor, grid: Optional[torch.Tensor], modality: str, vision_kwargs):
-    """Every item's merged tokens (images; videos per frame pair) as
-    :class:`~dymu_kernels.hf.outputs.DyMUImageOutputs` (one item per image /
-    video, its placeholders in the processor's order); the tower's hidden
-    states at every patch as the stock tower gives them (all of them with
+    """Every item's merged tokens (images; videos per frame pair):
+    :class:`~.spec.Encoded` with one item per image / video, its
+    placeholders in the processor's order; the tower's hidden states at
+    every patch as the stock tower gives them (all of them with
     ``output_hidden_states``)."""
-    from ..hf.outputs import image_outputs
-
     if grid is None:
         raise ValueError(f"Qwen2-VL {modality}s need their {modality}_grid_thw (as the processor returns it)")
     visual = inner.visual
     grid = grid.long()
     wanted = vision_kwargs.get("output_hidden_states")
     wanted = bool(visual.config.output_hidden_states if wanted is None else wanted)
-    merged, tower, per_layer, sets = patch.encoder(visual, pixels, grid, hidden_states=wanted)
+    merged, tower, per_layer, sets, extra = patch.encoder(visual, pixels, grid, hidden_states=wanted)
     counts = merged.lengths.long()
     patch.counts[modality] = ItemCounts(*_per_frame(sets, counts, per_layer), sets.frame_units)
     placeholders = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
     valid = set_mask(counts.new_tensor(sets.units), merged.pos_map.shape[1])
+    C = merged.x.shape[-1]
+    rows = merged.x if extra is None else torch.cat([merged.x, extra.to(merged.x)], -1)  # deepstack rows travel along
     if all(n == 1 for n in sets.items):  # one set per item (images below the band size)
-        items = MergedItems(merged.x, counts, merged.pos_map.long().masked_fill(~valid, -1))
+        items = MergedItems(rows, counts, merged.pos_map.long().masked_fill(~valid, -1))
     else:  # an item joins its sets (frame pairs, bands): unique rows in order, maps offset (no per-set loop)
         per_item = counts.new_tensor(sets.items)
         first_set = torch.cumsum(per_item, 0) - per_item
         set_start = torch.cumsum(counts, 0) - counts  # over all sets
         item_of_set = torch.repeat_interleave(torch.arange(len(per_item), device=counts.device), per_item)
         offset = set_start - set_start[first_set][item_of_set]  # a set's first unique row within its item
-        unique_rows = merged.x[torch.arange(merged.x.shape[1], device=counts.device)[None] < counts[:, None]]
+        unique_rows = rows[torch.arange(rows.shape[1], device=counts.device)[None] < counts[:, None]]
         slot_maps = (merged.pos_map.long() + offset[:, None])[valid]
-        rows = torch.zeros(len(per_item), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
-        items = MergedItems.stack(torch.split(unique_rows, rows.tolist()), torch.split(slot_maps, placeholders))
+        per_row = torch.zeros(len(per_item), dtype=torch.long, device=counts.device).index_add_(0, item_of_set, counts)
+        items = MergedItems.stack(torch.split(unique_rows, per_row.tolist()), torch.split(slot_maps, placeholders))
+    if extra is not None:
+        items = MergedItems(items.features[..., :C], items.counts, items.slots, items.features[..., C:])
     lengths = None if len(set(placeholders)) == 1 else placeholders
-    if wanted:
-        return image_outputs(items, lengths, last_hidden_state=tower[-1], hidden_states=tower)
-    return image_outputs(items, lengths, last_hidden_state=tower)
+    hidden = dict(last_hidden_state=tower[-1], hidden_states=tower) if wanted else dict(last_hidden_state=tower)
+    encoded = Encoded(items, lengths, **hidden)
+    if extra is not None:  # transformers' deepstack_features: per tap, per item, each placeholder's group row
+        taps = items.extra.chunk(len(visual.deepstack_visual_indexes), -1)
+        encoded.outputs["deepstack_features"] = [tuple(encoded.rows(t)) for t in taps]
+    return encoded
 
 
 def _per_frame(sets, kept: torch.Tensor, per_layer):
@@ -198,31 +168,9 @@ def encode_videos(inner, patch: Patch, pixel_values_videos, dtype, vision_kwargs
     return _encode(inner, patch, pixel_values_videos, vision_kwargs.get("video_grid_thw"), "video", vision_kwargs)
 
 
-def patched_image_features(self, patch: Patch, modality: Modality, pixel_values, image_grid_thw=None,
-                           return_dict=True, **kwargs):
-    """``get_image_features`` of a patched instance: the merged images in
-    transformers' output type (``generate()`` hands over the parameters it
-    finds by name: ``pixel_values``, ``image_grid_thw``)."""
-    from ..hf.patch import merged_features
-
-    return merged_features(self, patch, modality, pixel_values, {"image_grid_thw": image_grid_thw,
-                           "output_hidden_states": kwargs.get("output_hidden_states")}, return_dict)
-
-
-def patched_video_features(self, patch: Patch, modality: Modality, pixel_values_videos, video_grid_thw=None,
-                           return_dict=True, **kwargs):
-    """``get_video_features`` of a patched instance (see :func:`patched_image_features`)."""
-    from ..hf.patch import merged_features
-
-    return merged_features(self, patch, modality, pixel_values_videos, {"video_grid_thw": video_grid_thw,
-                           "output_hidden_states": kwargs.get("output_hidden_states")}, return_dict)
-
-
 def modalities():
-    return (Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images,
-                     patched_image_features),
-            Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", encode_videos,
-                     patched_video_features))
+    return (Modality("image", "image_token_id", "pixel_values", "get_image_features", encode_images),
+            Modality("video", "video_token_id", "pixel_values_videos", "get_video_features", encode_videos))
 
 
 def _output_class():

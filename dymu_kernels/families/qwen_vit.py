@@ -25,7 +25,7 @@ positions, segments and window order; the block's own modules do the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,22 @@ def vit_stage(visual) -> Stage:
     return Stage("vit", "vision block", len(visual.blocks), fixed_r=True)
 
 
+class UnitOutput(NamedTuple):
+    """What :class:`QwenUnitDToMe` returns."""
+
+    # (x [n, P, C_out] after the merger, size, lengths, pos_map [n, P0]): pos_map over each set's original
+    # units in *raster* order (the placeholders'), -1 past a set's units
+    state: MergeState
+    # the tower's hidden states at every patch (window order, as the stock tower returns them): the last one,
+    # or with ``hidden_states`` the input of every block and the last, a tuple
+    hidden: object
+    per_block: List[torch.Tensor]  # units left after each block, one [n] tensor each
+    sets: MatchSets
+    # Qwen3-VL's deepstack taps, one [n, P0, D] per tap block: each original unit's row of its tap merger on
+    # the unique unit it belonged to at that block (raster order); [] for towers without taps
+    taps: List[torch.Tensor]
+
+
 class QwenUnitDToMe(nn.Module):
     """DToMe in every block of a Qwen2-VL / Qwen2.5-VL vision tower (module doc).
 
@@ -203,18 +219,15 @@ class QwenUnitDToMe(nn.Module):
         return position_ids, cu_full, window_index, cu_window
 
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor, policy=None, sets: Optional[MatchSets] = None,
-                hidden_states: bool = False):
-        """Merged unique units of every matching set (``sets``, by default
-        :func:`tower_match_sets` with ``match_units``) after the merger, as a
-        merge state ``(x [n, P, C_out], size, lengths, pos_map [n, P0])`` —
-        ``pos_map`` over each set's original units in *raster* order (the
-        placeholders') — plus the tower's hidden states at every patch
-        (window order, as the stock tower returns them: the last one, or with
-        ``hidden_states`` the input of every block and the last, a tuple),
-        the units left after each block, and the sets."""
+                hidden_states: bool = False) -> "UnitOutput":
+        """The tower with DToMe in every block (:class:`UnitOutput`): merged
+        unique units of every matching set (``sets``, by default
+        :func:`tower_match_sets` with ``match_units``) after the merger, the
+        tower's hidden states, the units left after each block, the sets,
+        and the deepstack taps (Qwen3-VL)."""
         visual = self.visual
         grid = grid.long()
-        x = visual.patch_embed(pixels.type(visual.dtype))  # [L, C]
+        x = self._embed(pixels, grid)  # [L, C]
         L, C = x.shape
         unit = visual.spatial_merge_size ** 2
         position_ids, cu_full, window_index, cu_window = self._layout(grid)
@@ -234,23 +247,48 @@ class QwenUnitDToMe(nn.Module):
         runs_full = segment_runs(cu_full)
         runs_window = runs_full if cu_window is None else segment_runs(cu_window)
         every = [x] if hidden_states else None
+        tap_mergers = dict(zip(getattr(visual, "deepstack_visual_indexes", ()),
+                               getattr(visual, "deepstack_merger_list", ())))
+        taps = []
         for i, blk in enumerate(visual.blocks):
             runs = runs_full if (window_index is None or i in fullatt) else runs_window
             state = self._block(blk, state, valid, cos, sin, runs, i, unit, policy, trims)
             per_block.append(state.lengths)
             if hidden_states and i < self.num_layers - 1:
                 every.append(_every_patch(state, valid, unit))
+            if i in tap_mergers:  # the tap merger on the unique units at this block (exact: it is per unit)
+                n, P = state.x.shape[:2]
+                rows = tap_mergers[i](state.x.reshape(n * P * unit, C)).view(n, P, -1)
+                taps.append(rows.gather(1, state.pos_map.clamp_min(0)[..., None].expand(-1, -1, rows.shape[-1])))
         n, P = state.x.shape[:2]
         last = _every_patch(state, valid, unit)
         if hidden_states:
             last = tuple(every) + (last,)
         tokens = visual.merger(state.x.reshape(n * P * unit, C)).view(n, P, -1)
-        pos_map = state.pos_map
-        if window_index is not None:  # the map in raster unit order (the placeholders' order)
-            flat = torch.empty_like(pos_map[valid])
-            flat[window_index.to(x.device)] = pos_map[valid]
-            pos_map = torch.full_like(pos_map, -1).masked_scatter(valid, flat)
-        return MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sets
+        to_raster = lambda t: t  # noqa: E731
+        if window_index is not None:  # maps in raster unit order (the placeholders' order)
+            def to_raster(t):
+                flat = torch.empty_like(t[valid])
+                flat[window_index.to(x.device)] = t[valid]
+                return torch.zeros_like(t).masked_scatter(valid[..., None] if t.dim() == 3 else valid, flat)
+        pos_map = to_raster(state.pos_map).masked_fill(~valid, -1)
+        taps = [to_raster(t) for t in taps]
+        return UnitOutput(MergeState(tokens, state.size, state.lengths, pos_map), last, per_block, sets, taps)
+
+    def _embed(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings ``[L, C]`` as the stock tower makes them: its
+        ``patch_embed``, plus (Qwen3-VL) its learned position embeddings
+        resampled to each grid, by transformers' own helper."""
+        visual = self.visual
+        x = visual.patch_embed(pixels.type(visual.dtype))
+        if getattr(visual, "pos_embed", None) is not None:
+            from transformers import vision_utils as vu
+
+            index, weight = vu.get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+            x = x + (visual.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)
+        return x
 
     def _block(self, blk, state: MergeState, valid, cos, sin, runs, i: int, unit: int, policy=None,
                trims: bool = False) -> MergeState:

@@ -4,12 +4,13 @@ per-patch state its encoding reads and writes (:class:`Patch`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
 from ..backends import BACKEND_NAMES
 from ..core.encoder import check_trim
+from ..core.compact import MergedItems
 from ..core.positions import LinearPositions
 from ..core.thresholds import merge_arguments
 
@@ -49,11 +50,23 @@ class ItemCounts:
                          num_patches=self.num_patches)
 
 
+class DToMeTower(Protocol):
+    """What ``Family.build_encoder`` returns and :class:`Patch` holds: the
+    family's vision tower with DToMe in its stages. Running it is the
+    family's own business (its :attr:`Modality.encode` functions call it and
+    return :class:`Encoded`); the core reads only what it was built with, to
+    tell a repeated ``apply_dymu`` from a change."""
+
+    thresholds: object  # the resolved thresholds of its stages (a list, or one entry per stage)
+    r: Optional[List[int]]  # fixed-r merges per block, or None
+    trim: Union[str, bool]  # "auto" | True | False (core.encoder.DToMeVisionEncoder)
+
+
 @dataclass
 class Patch:
     """One patched model's DyMU settings and state (transformers and vLLM alike)."""
 
-    encoder: object  # the family's DToMe tower (e.g. core.encoder.DToMeVisionEncoder)
+    encoder: DToMeTower  # the family's DToMe tower (core.encoder.DToMeVisionEncoder, qwen2_vl.QwenDToMe)
     vtu: bool
     backend: str
     select_strategy: Optional[str]  # LLaVA-type families: vision_feature_select_strategy
@@ -68,16 +81,53 @@ class Patch:
         return (e.thresholds, e.r, e.trim, self.vtu, self.backend, self.deterministic)
 
 
+@dataclass
+class Encoded:
+    """What a family's encoder returns for a batch of one modality's items
+    (images, videos): plain tensors, no transformers or vLLM types —
+    :mod:`dymu_kernels.hf` wraps it in transformers' output type,
+    :mod:`dymu_kernels.vllm` tags its rows for the engine.
+
+    ``n`` items in placeholder order; item ``i`` has ``P_i`` placeholders
+    and ``counts[i]`` unique rows.
+    """
+
+    items: MergedItems  # features [n, U_cap, C], counts [n], slots [n, P_max] (-1 past P_i)
+    placeholders: Optional[List[int]] = None  # P_i per item where they differ (None: every item has P_max)
+    # The vision tower's outputs as transformers' ``get_*_features`` returns them (each original token
+    # carrying its merged token): ``last_hidden_state``, and ``hidden_states`` (None unless asked for).
+    last_hidden_state: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    # More fields of transformers' output of the encoding method, by name (Qwen3-VL: deepstack_features)
+    outputs: Dict[str, object] = field(default_factory=dict)
+
+    def rows(self, values: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Per item, each placeholder's unique row: ``[P_i, C]`` (what the
+        unpatched model's ``pooler_output`` holds, virtually unmerged) —
+        of ``values [n, U_cap, C']`` if given (default: the features)."""
+        m = self.items
+        values = m.features if values is None else values
+        slots = m.slots.clamp_min(0) if self.placeholders is not None else m.slots
+        expanded = values.gather(1, slots[..., None].expand(-1, -1, values.shape[-1]))
+        if self.placeholders is None:
+            return list(expanded.unbind(0))
+        return [expanded[i, :p] for i, p in enumerate(self.placeholders)]
+
+
 @dataclass(frozen=True)
 class Modality:
-    """One kind of visual input of a model family."""
+    """One kind of visual input of a model family. The model's encoding
+    method ``method`` (``generate()`` calls it first) is replaced, on a
+    patched instance, by one with the stock method's parameters that
+    encodes through ``encode``."""
 
     name: str  # "image" / "video": the mm_encoder_outputs key and the output field prefix
     token_attr: str  # config attribute holding its placeholder id
-    pixels: str  # forward argument with its pixels
-    method: str  # the model's encoding method, patched to merge (generate() calls it first)
-    encode: Callable  # encode(inner, patch, pixels, dtype, vision_kwargs) -> DyMUImageOutputs
-    patched: Callable  # what replaces ``method``: the same parameter names, merged output
+    pixels: str  # forward argument (and the method's parameter) with its pixels
+    method: str  # the model's encoding method, e.g. "get_image_features"
+    # encode(inner, patch, pixels, dtype, vision_kwargs) -> Encoded; vision_kwargs: the forward's vision
+    # arguments (Family.vision_kwargs) or the method's other arguments, by name
+    encode: Callable
 
 
 @dataclass(frozen=True)
@@ -97,6 +147,10 @@ class Family:
     vision_kwargs: Tuple[str, ...]  # forward arguments only the vision side reads
     tower_attr: str = "vision_tower"  # the base model's vision tower attribute
     positions: object = field(default_factory=LinearPositions)  # position provider (core.positions)
+    # lm_inputs(inner, extra [B, N_un, E], visual [B, N_un] bool) -> dict: more keyword arguments of the language
+    # model's forward for a prompt whose items carry extra rows (MergedItems.extra; laid out with their unique
+    # rows into the compact sequence: ``visual`` marks the visual items' rows). None: the family has none.
+    lm_inputs: Optional[Callable] = None
 
     def encoder(self, config, tower, thresholds="default", r=None, backend: str = "auto",
                 trim: Union[str, bool] = "auto", names: Sequence[str] = ()):

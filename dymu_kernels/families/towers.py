@@ -76,11 +76,9 @@ def merged_tower(self, patch: Patch, pixel_values, dtype, modality: str = "image
     ``(features [n, U_cap, C], counts [n], slots [n, P], tower)``, minus CLS for
     ``"default"``; their counts become ``dymu_stats(model, modality)``.
     ``tower``: the tower's ``last_hidden_state`` / ``hidden_states`` at every
-    token, in transformers' shapes (:func:`dymu_kernels.hf.outputs.tower_outputs`) —
+    token, in transformers' shapes (:class:`~.spec.Encoded`'s fields) —
     by default only the block ``vision_feature_layer`` selects, as
     transformers returns them; all with ``output_hidden_states=True``."""
-    from ..hf.outputs import tower_outputs
-
     check_per_call(self.config, patch, vision_kwargs or {})
     wanted = (vision_kwargs or {}).get("output_hidden_states")
     if wanted is None or wanted is False:
@@ -88,7 +86,8 @@ def merged_tower(self, patch: Patch, pixel_values, dtype, modality: str = "image
     out = patch.encoder(pixel_values.to(dtype), output_hidden_states=wanted)
     feats, counts, slots = tower_tokens(out, patch.select_strategy)
     patch.counts[modality] = ItemCounts(counts, out.tokens_per_layer, slots.shape[1])
-    return self.multi_modal_projector(feats), counts, slots, tower_outputs(patch.encoder, out)
+    tower = {"last_hidden_state": patch.encoder.last_hidden_state(out), "hidden_states": out.hidden_states}
+    return self.multi_modal_projector(feats), counts, slots, tower
 
 
 def tower_tokens(out, select_strategy: str):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..core.compact import MergedItems
+from ..families.spec import Encoded
 
 
 @dataclass
@@ -42,6 +43,10 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
     merged_features: Optional[torch.Tensor] = None  # [n_img, U_cap, C] projected unique tokens
     merged_counts: Optional[torch.Tensor] = None  # [n_img] unique tokens per image
     merged_slots: Optional[torch.Tensor] = None  # [n_img, P] unique token of each placeholder
+    merged_extra: Optional[torch.Tensor] = None  # [n_img, U_cap, E] more rows per unique token (MergedItems.extra)
+    # Qwen3-VL: per deepstack tap, per item, one row per placeholder (its group's tap row), as transformers'
+    # BaseModelOutputWithDeepstackFeatures holds them; None for families without deepstack.
+    deepstack_features: Optional[list] = None
     image_rows: Optional[tuple] = None  # the pooler_output tensors as encoded, in image order
 
     def merged_items(self) -> MergedItems:
@@ -53,29 +58,18 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
                 "image features were changed after the DyMU-patched get_image_features encoded them (re-sliced, e.g. "
                 "by prefill chunking, or rebuilt); pass pixel_values, or the unchanged output"
             )
-        images = MergedItems(self.merged_features, self.merged_counts, self.merged_slots)
+        images = MergedItems(self.merged_features, self.merged_counts, self.merged_slots, self.merged_extra)
         return images if order == list(range(len(self.image_rows))) else images.select(order)
 
 
-def tower_outputs(encoder, out) -> dict:
-    """The fields transformers' ``get_image_features`` takes from the vision
-    tower (``last_hidden_state``, ``hidden_states``), from a DyMU tower's output
-    (``encoder``: the :class:`~.clip.DToMeVisionEncoder` that made ``out``):
-    keyword arguments for :func:`image_outputs`."""
-    return {"last_hidden_state": encoder.last_hidden_state(out), "hidden_states": out.hidden_states}
-
-
-def image_outputs(merged: MergedItems, lengths: Optional[List[int]] = None, *,
-                  last_hidden_state: Optional[torch.Tensor] = None,
-                  hidden_states: Optional[tuple] = None) -> DyMUImageOutputs:
-    """The output for merged items: ``pooler_output`` holds, per item, one row
-    per placeholder (its unique token's features), as transformers expects.
-    ``lengths``: each item's placeholder count when they differ (None: all
-    items fill the whole slot map — no host read needed). ``last_hidden_state``
-    / ``hidden_states``: the tower's (see :func:`tower_outputs`)."""
-    slots = merged.slots.clamp_min(0) if lengths is not None else merged.slots
-    expanded = merged.features.gather(1, slots[..., None].expand(-1, -1, merged.features.shape[-1]))
-    rows = tuple(expanded.unbind(0)) if lengths is None else tuple(expanded[i, :p] for i, p in enumerate(lengths))
-    return DyMUImageOutputs(last_hidden_state=last_hidden_state, pooler_output=list(rows), hidden_states=hidden_states,
-                            merged_features=merged.features, merged_counts=merged.counts, merged_slots=merged.slots,
-                            image_rows=rows)
+def image_outputs(encoded: Encoded) -> DyMUImageOutputs:
+    """A family's :class:`~dymu_kernels.families.Encoded` in transformers'
+    output type: ``pooler_output`` holds, per item, one row per placeholder
+    (its unique token's features), as transformers expects; the tower's
+    hidden states as the family gave them."""
+    merged = encoded.items
+    rows = tuple(encoded.rows())
+    return DyMUImageOutputs(last_hidden_state=encoded.last_hidden_state, pooler_output=list(rows),
+                            hidden_states=encoded.hidden_states, merged_features=merged.features,
+                            merged_counts=merged.counts, merged_slots=merged.slots, merged_extra=merged.extra,
+                            image_rows=rows, **encoded.outputs)

@@ -26,13 +26,14 @@ original behaviour; applying twice is a no-op.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import replace
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from ..core.compact import build_compact_sequence
+from ..core.compact import compact_extra_rows
 from ..core.lm_features import check_full_attention, check_rotary
 from ..core.positions import stored_positions
 from ..core.thresholds import Thresholds
@@ -157,7 +158,7 @@ def apply_dymu(
     inner.forward = functools.partial(_patched_forward, inner, patch)
     patch.undo.append(lambda: inner.__dict__.pop("forward", None))
     for m in family.modalities:
-        setattr(inner, m.method, functools.partial(m.patched, inner, patch, m))
+        setattr(inner, m.method, _feature_method(inner, patch, m))
         patch.undo.append(functools.partial(inner.__dict__.pop, m.method, None))
     if vtu:
         install_vtu(lm, patch.undo)
@@ -239,12 +240,41 @@ def _visible_map(merge_map, attention_mask):
     return merge_map.masked_fill(attention_mask.to(merge_map.device) == 0, -1)
 
 
+def _feature_method(inner, patch: Patch, modality: Modality):
+    """The encoding method of a patched instance (``get_image_features``, …):
+    the stock method's parameters — ``generate()`` reads them to choose which
+    inputs to hand over — and the modality's merged items in transformers'
+    output type. Every argument reaches the family's encoder by name."""
+    signature = inspect.signature(getattr(type(inner), modality.method))
+    params = list(signature.parameters.values())[1:]  # without self
+    signature = signature.replace(parameters=params)
+    var_keyword = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+
+    def method(*args, **kwargs):
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        extra = arguments.pop(var_keyword, {}) if var_keyword else {}
+        pixels = arguments.pop(modality.pixels)
+        return_dict = extra.pop("return_dict", True)
+        return merged_features(inner, patch, modality, pixels, {**arguments, **extra}, return_dict)
+
+    method.__signature__ = signature
+    method.__name__ = modality.method
+    method.__doc__ = f"{modality.method} of a DyMU-patched model: the merged {modality.name}s (see apply_dymu)."
+    return method
+
+
 def merged_features(self, patch: Patch, modality: Modality, pixels, vision_kwargs, return_dict):
-    """What a patched encoding method (``get_image_features``, …) returns:
-    the modality's merged items in transformers' output type, or its tuple."""
+    """What a patched encoding method returns: the modality's merged items in
+    transformers' output type, or its tuple. A tower output the DyMU tower
+    does not compute (its attentions) raises by name."""
+    from .outputs import image_outputs
+
+    if vision_kwargs.get("output_attentions"):
+        raise ValueError(f"output_attentions=True: the DyMU vision tower does not return its attention weights "
+                         f"({modality.method}); call the unpatched model's tower for them")
     proj = getattr(self, "multi_modal_projector", None)
     dtype = proj.linear_1.weight.dtype if hasattr(proj, "linear_1") else pixels.dtype
-    out = modality.encode(self, patch, pixels, dtype, vision_kwargs)
+    out = image_outputs(modality.encode(self, patch, pixels, dtype, vision_kwargs))
     return out if return_dict is not False else out.to_tuple()
 
 
@@ -265,10 +295,14 @@ def _to_full(hidden, merge_map):
 
 
 def _prefill_state(self, patch: Patch, masks, embeds, attention_mask, position_ids, items, names, input_ids,
-                   vision_kwargs):
-    """Prompt step: compact sequence, its map, full positions and RoPE tables."""
+                   vision_kwargs, kwargs):
+    """Prompt step: compact sequence, its map, full positions and RoPE tables;
+    the family's extra language-model inputs (:attr:`Family.lm_inputs`) go
+    into the language model's ``kwargs``."""
     B, T = embeds.shape[:2]
-    compact, merge_map, n_unique = build_compact_sequence(masks, attention_mask, embeds, items, names=names)
+    compact, merge_map, n_unique, extra, visual = compact_extra_rows(masks, attention_mask, embeds, items, names=names)
+    if extra is not None:  # rows the family hands the language model besides the embeddings (deepstack taps)
+        kwargs.update(patch.family.lm_inputs(self, extra, visual))
     positions = patch.family.positions.prompt(self, position_ids, input_ids, embeds, attention_mask, vision_kwargs)
     cos, sin = self.language_model.rotary_emb(compact, positions)
     positions = stored_positions(positions)
@@ -338,7 +372,7 @@ def _patched_forward(
     ``cache`` or ``past_key_values``."""
     from transformers.cache_utils import DynamicCache
 
-    from .outputs import DyMUImageOutputs
+    from .outputs import DyMUImageOutputs, image_outputs
 
     cache = cache if cache is not None else past_key_values
     if (input_ids is None) == (inputs_embeds is None):
@@ -377,7 +411,7 @@ def _patched_forward(
         for m in modalities:
             pixels = vision_kwargs.get(m.pixels)
             if encoded[m.name] is None and pixels is not None:
-                encoded[m.name] = m.encode(self, patch, pixels, embeds.dtype, vision_kwargs)
+                encoded[m.name] = image_outputs(m.encode(self, patch, pixels, embeds.dtype, vision_kwargs))
             if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
                 raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
             items.append(encoded[m.name].merged_items() if encoded[m.name] is not None else None)
@@ -385,15 +419,19 @@ def _patched_forward(
         mask = attention_mask[:, -T:] if attention_mask is not None else None
         x, state, n_unique = _prefill_state(self, patch, [placeholders(m) for m in modalities], embeds, mask,
                                             position_ids, items, tuple(m.name for m in modalities), input_ids,
-                                            vision_kwargs)
+                                            vision_kwargs, kwargs)
     out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, attention_mask, kwargs)
     if use_cache:
         set_cache_state(cache, state)
     full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
     hidden_states = None if out.hidden_states is None else tuple(full(h) for h in out.hidden_states)
+    more = {}
+    if getattr(out, "router_logits", None) is not None:  # MoE: per layer [B * rows, experts], at the full positions
+        B = x.shape[0]
+        more["router_logits"] = tuple(full(r.view(B, -1, r.shape[-1])).flatten(0, 1) for r in out.router_logits)
     result = patch.family.output_class()(
         last_hidden_state=full(out.last_hidden_state), hidden_states=hidden_states, attentions=out.attentions,
-        cache=cache if use_cache else None, **{f"{m.name}_outputs": encoded[m.name] for m in modalities},
+        cache=cache if use_cache else None, **{f"{m.name}_outputs": encoded[m.name] for m in modalities}, **more,
     )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)

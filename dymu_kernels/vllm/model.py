@@ -136,16 +136,16 @@ class DyMUServing:
         projector = getattr(self, "multi_modal_projector", None)  # LLaVA-type: the tower runs in its dtype
         dtype = next((projector or self).parameters()).dtype
         out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
-        rows = out.pooler_output  # per item, each placeholder's unique token: [P_i, C]
+        rows = out.rows()  # per item, each placeholder's unique token: [P_i, C]
         tower = patch.counts[modality]
         st = self._dymu_encoded
         st.items_encoded += len(rows)
         st.tower_tokens += tower.total_patches()
         st.tower_tokens_kept += int(tower.kept.sum())
         st.placeholders += sum(r.shape[0] for r in rows)
-        st.unique_rows += int(out.merged_counts.sum())
+        st.unique_rows += int(out.items.counts.sum())
         st.tokens_per_block = torch.stack(tower.per_layer, dim=1).tolist()
-        return [tag_item(r, out.merged_slots[i, :r.shape[0]]) for i, r in enumerate(rows)]
+        return [tag_item(r, out.items.slots[i, :r.shape[0]]) for i, r in enumerate(rows)]
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         if self.dymu is None:
