@@ -1,6 +1,7 @@
-"""Qwen2.5-VL end to end on this device: stock vs DyMU, a photograph and a video.
+"""Qwen2.5-VL / Qwen3-VL end to end on this device: stock vs DyMU, a photograph and a video.
 
     python3 benchmarks/bench_qwen.py            # CPU: Qwen2.5-VL-3B widths, 8 + 4 layers
+    python3 benchmarks/bench_qwen.py --family qwen3_vl --r 10 20   # CPU: Qwen3-VL-8B widths, 8 + 4 layers
     python3 benchmarks/bench_qwen.py --quick    # tiny widths: a smoke test of seconds
     python3 benchmarks/bench_qwen.py --device cuda --dtype bfloat16 --vision-layers 32 --lm-layers 36   # GPU, whole 3B
 
@@ -12,6 +13,14 @@ run takes minutes. Two prompts, each with 20 text tokens: one 448 × 448
 photograph through the model's own image processor (32 × 32 patches, 256
 placeholders) and an 8-frame 252 × 252 video panning over it (4 frame pairs
 of 18 × 18 patches, 324 placeholders).
+
+``--family qwen3_vl``: a ``Qwen3VLForConditionalGeneration`` with the widths
+of Qwen3-VL-8B (tower: 1152 wide, 16 heads, 16-px patches, learned position
+embeddings, deepstack taps after 3 evenly spread blocks of the cut tower;
+language model: 4096 wide, 32 heads, 8 KV heads, interleaved M-RoPE): the
+photograph is 28 × 28 patches (196 placeholders), the video 8 frames of
+256 × 256 (4 frame pairs of 16 × 16 patches, each after its timestamp, 256
+placeholders).
 
 Configs, side by side in one run (stock first and last): DyMU merging inside
 the tower a fixed ``r`` units per block and image / frame pair (``--r``: two
@@ -55,28 +64,51 @@ WIDTHS["quick-vllm"] = {"vision": WIDTHS["quick"]["vision"] | dict(out_hidden_si
                                      num_key_value_heads=1, rope_parameters={"rope_type": "default",
                                                                              "rope_theta": 10000.0,
                                                                              "mrope_section": [8, 12, 12]})}
+# Qwen3-VL: the 8B's widths, and tiny ones for --quick.
+QWEN3_WIDTHS = {
+    "8b": {"vision": dict(hidden_size=1152, num_heads=16, intermediate_size=4304, out_hidden_size=4096),
+           "text": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                       "mrope_section": [24, 20, 20], "mrope_interleaved": True})},
+    "quick": {"vision": dict(hidden_size=64, num_heads=2, intermediate_size=96, out_hidden_size=64),
+              "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "mrope_section": [2, 3, 3], "mrope_interleaved": True})},
+}
+PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 
 
-def build(widths: str, vision_layers: int, lm_layers: int, seed: int):
+def build(family: str, widths: str, vision_layers: int, lm_layers: int, seed: int):
     import transformers
 
-    w = WIDTHS[widths]
-    full = sorted({min(i, vision_layers - 1) for i in range(3, vision_layers, 4)} | {vision_layers - 1})
-    vision = dict(w["vision"], depth=vision_layers, fullatt_block_indexes=full, window_size=112, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
-    text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=152064, max_position_embeddings=32768)
-    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMG,
-                                           video_token_id=VID, vision_start_token_id=VSTART,
-                                           vision_end_token_id=VEND)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if family == "qwen3_vl":
+        w = QWEN3_WIDTHS[widths]
+        # The released taps (after blocks 8, 16, 24 of 27); a cut tower: three spread over its blocks.
+        taps = [8, 16, 24] if vision_layers >= 25 else sorted({vision_layers * k // 4 for k in (1, 2, 3)})
+        vision = dict(w["vision"], depth=vision_layers, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=2304, deepstack_visual_indexes=taps)
+        text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=151936, max_position_embeddings=32768)
+        config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    else:
+        w = WIDTHS[widths]
+        full = sorted({min(i, vision_layers - 1) for i in range(3, vision_layers, 4)} | {vision_layers - 1})
+        vision = dict(w["vision"], depth=vision_layers, fullatt_block_indexes=full, window_size=112, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
+        text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=152064, max_position_embeddings=32768)
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    return transformers.Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return cls._from_config(config, attn_implementation="sdpa").eval()
 
 
-def processor():
+def processor(family: str = "qwen2_5_vl"):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448)
+    patch = PATCH[family]
+    return Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(4 * patch) ** 2, max_pixels=448 * 448)
 
 
 def photographs(names, size: int):
@@ -93,45 +125,52 @@ def photographs(names, size: int):
 
 def video_rows(frames: torch.Tensor, proc):
     """``frames [T, 3, H, W]`` (0..1) as the processor lays a video out: normalised, rows of
-    ``2 × 14 × 14`` patches of each frame pair in 2×2-unit order; and its grid."""
+    ``2 × p × p`` patches of each frame pair in 2×2-unit order; and its grid."""
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (proc.image_mean, proc.image_std))
     x = (frames - mean) / std
     T, C, H, W = x.shape
-    t, h, w = T // 2, H // 14, W // 14
-    x = x.reshape(t, 2, C, h // 2, 2, 14, w // 2, 2, 14).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * h * w, C * 2 * 14 * 14), torch.tensor([[t, h, w]])
+    p = proc.patch_size
+    t, h, w = T // 2, H // p, W // p
+    x = x.reshape(t, 2, C, h // 2, 2, p, w // 2, 2, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * h * w, C * 2 * p * p), torch.tensor([[t, h, w]])
 
 
-def prompts(seed: int):
+def prompts(seed: int, family: str = "qwen2_5_vl"):
     """``{"image": kwargs, "video": kwargs}`` (see module doc)."""
     gen = torch.Generator().manual_seed(seed)
-    proc = processor()
+    proc = processor(family)
     photo = photographs(["astronaut"], 448)[0]
     enc = proc(images=[photo], return_tensors="pt")
     frames = torch.tensor(list(photo.getdata()), dtype=torch.float32).view(448, 448, 3).permute(2, 0, 1) / 255
-    video, video_grid = video_rows(torch.stack([frames[:, 20 * f: 20 * f + 252, 20 * f: 20 * f + 252]
+    side = 256 if family == "qwen3_vl" else 252  # a multiple of two patches
+    video, video_grid = video_rows(torch.stack([frames[:, 20 * f: 20 * f + side, 20 * f: 20 * f + side]
                                                 for f in range(8)]), proc)
     text = torch.randint(3, 1000, (20,), generator=gen)
 
-    def ids(token, count):
-        seq = torch.cat([text[:10], torch.tensor([VSTART]), torch.full((count,), token), torch.tensor([VEND]),
-                         text[10:]])[None]
+    def ids(token, grid):
+        t, h, w = grid
+        if family == "qwen3_vl" and token == VID:  # Qwen3-VL: each frame pair after its timestamp tokens
+            vision = torch.cat([torch.cat([torch.tensor([1000 + f, VSTART]), torch.full((h * w // 4,), token),
+                                           torch.tensor([VEND])]) for f in range(t)])
+        else:
+            vision = torch.cat([torch.tensor([VSTART]), torch.full((t * h * w // 4,), token), torch.tensor([VEND])])
+        seq = torch.cat([text[:10], vision, text[10:]])[None]
         return seq, (seq == IMG).long() + 2 * (seq == VID).long()
 
-    image_ids, image_types = ids(IMG, int(enc["image_grid_thw"].prod()) // 4)
-    video_ids, video_types = ids(VID, int(video_grid.prod()) // 4)
+    image_ids, image_types = ids(IMG, enc["image_grid_thw"][0].tolist())
+    video_ids, video_types = ids(VID, video_grid[0].tolist())
     return {"image": dict(input_ids=image_ids, mm_token_type_ids=image_types, pixel_values=enc["pixel_values"],
                           image_grid_thw=enc["image_grid_thw"]),
             "video": dict(input_ids=video_ids, mm_token_type_ids=video_types, pixel_values_videos=video,
                           video_grid_thw=video_grid)}
 
 
-def calibrate(model, r: int, blocks: int, device, dtype):
+def calibrate(model, r: int, blocks: int, device, dtype, family: str = "qwen2_5_vl"):
     """Per-block thresholds for ``r`` merges per block on average, from 8 photographs."""
     from dymu_kernels import calibrate_thresholds
     from dymu_kernels.families.qwen_vit import QwenUnitDToMe
 
-    enc = processor()(images=photographs(PHOTOS, 448), return_tensors="pt")
+    enc = processor(family)(images=photographs(PHOTOS, 448), return_tensors="pt")
     tower = QwenUnitDToMe(model.model.visual)
     return calibrate_thresholds(lambda batch, policy: tower(*batch, policy=policy),
                                 [(enc["pixel_values"].to(device, dtype), enc["image_grid_thw"].to(device))], r,
@@ -179,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--quick", action="store_true", help="tiny widths, 4 + 2 layers")
+    p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+                   help="Qwen2.5-VL-3B or Qwen3-VL-8B widths (module doc)")
     add_run_args(p, samples=3)
     args = p.parse_args(argv)
     check_run_args(p, args)
@@ -186,12 +227,13 @@ def main(argv=None) -> int:
         args.vision_layers, args.lm_layers = 4, 2
     from dymu_kernels.hf import apply_dymu, remove_dymu
 
-    widths = "quick" if args.quick else "3b"
+    qwen3 = args.family == "qwen3_vl"
+    widths = "quick" if args.quick else ("8b" if qwen3 else "3b")
     dtype = getattr(torch, args.dtype)
-    model = build(widths, args.vision_layers, args.lm_layers, args.seed).to(args.device, dtype)
+    model = build(args.family, widths, args.vision_layers, args.lm_layers, args.seed).to(args.device, dtype)
     inputs = {name: {k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
-                     for k, v in kw.items()} for name, kw in prompts(args.seed).items()}
-    thresholds = calibrate(model, max(args.r), args.vision_layers, args.device, dtype)
+                     for k, v in kw.items()} for name, kw in prompts(args.seed, args.family).items()}
+    thresholds = calibrate(model, max(args.r), args.vision_layers, args.device, dtype, args.family)
     print("thresholds calibrated for r =", max(args.r), ":", ", ".join(f"{t:.3f}" for t in thresholds.thresholds))
     configs = [("stock", None), *[(f"r={r}", dict(r=r)) for r in args.r], ("thresholds", dict(thresholds=thresholds)),
                ("stock (last)", None)]
@@ -203,7 +245,8 @@ def main(argv=None) -> int:
             row = measure(model, name, kw, args)
             rows.append({"config": config, "vision_layers": args.vision_layers, "lm_layers": args.lm_layers,
                          "dtype": args.dtype,
-                         "widths": "quick" if args.quick else "qwen2.5-vl-3b", **row})
+                         "family": args.family,
+                         "widths": "quick" if args.quick else ("qwen3-vl-8b" if qwen3 else "qwen2.5-vl-3b"), **row})
             print(f"  {config:>12} {name:<5} prefill {row['prefill_s']:.3f} s, tower {row['tower_s']:.3f} s, "
                   f"LM tokens {row['lm_tokens']}", flush=True)
         remove_dymu(model)
@@ -222,7 +265,7 @@ def main(argv=None) -> int:
                        "speedup", "flop_bound", "tower_s", "tower_speedup", "tower_flop_bound", "kv_mib",
                        "stock_drift"])
     if not args.no_save:
-        name = f"qwen_{'quick' if args.quick else args.device}"
+        name = f"{'qwen3' if qwen3 else 'qwen'}_{'quick' if args.quick else args.device}"
         print("rows appended to", write_rows(name, rows, args.results_dir))
     return 0
 

@@ -123,7 +123,7 @@ def prepare_qwen(args, folder: str):
     photographs and, every fourth, bench_qwen.py's 8-frame 252 × 252 video."""
     quick = args.size == "quick"
     vision_layers, lm_layers = (4, 2) if quick else (8, args.lm_layers or 4)
-    model = bench_qwen.build("quick-vllm" if quick else "3b", vision_layers, lm_layers, seed=0)
+    model = bench_qwen.build("qwen2_5_vl", "quick-vllm" if quick else "3b", vision_layers, lm_layers, seed=0)
     model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     model_dir = os.path.join(folder, "model")
     model.save_pretrained(model_dir)

@@ -29,6 +29,10 @@ attention over all 1024 patches in the tower's own segments (16 windows of 64
 patches, whole image in the full-attention blocks), the unit matching; the
 merger runs on the units left; the language model as above.
 
+**Qwen3-VL-8B** (one 448 × 448 image: 784 patches of 16 px = 196 units, and 66
+text tokens): the same, without windows (every block attends over the whole
+image), and each deepstack tap merger on the units left at its block.
+
 Writes ``benchmarks/results/flops_model.jsonl`` and ``flops_model.md``.
 """
 
@@ -63,6 +67,24 @@ QWEN_WIDTHS = {
                             num_key_value_heads=2, vocab_size=300,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "mrope_section": [2, 3, 3]})),
+}
+
+# Qwen3-VL-8B: no windows, 16-px patches (a 448 x 448 image: 28 x 28 patches = 196 units), deepstack taps.
+QWEN3_GRID = (1, 28, 28)
+QWEN3_SETTINGS = {"low": 6, "mid": 4, "high": 2}  # units merged per block: 34 / 88 / 142 of 196 kept
+QWEN3_WIDTHS = {
+    "8b": dict(name="Qwen3-VL-8B", vision=dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304,
+                                               out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
+               text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True})),
+    "quick3": dict(name="tiny Qwen3-VL", vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
+                                                     out_hidden_size=64, deepstack_visual_indexes=[0, 2]),
+                   text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, vocab_size=300,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [2, 3, 3], "mrope_interleaved": True})),
 }
 
 
@@ -156,6 +178,13 @@ def meta_qwen(size: str):
     import transformers
 
     with torch.device("meta"):
+        if size in QWEN3_WIDTHS:
+            spec = QWEN3_WIDTHS[size]
+            vision = dict(spec["vision"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                          num_position_embeddings=2304)
+            config = transformers.Qwen3VLConfig(vision_config=vision, text_config=dict(spec["text"]),
+                                                image_token_id=spec["text"]["vocab_size"] - 1)
+            return transformers.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
         return transformers.Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(size),
                                                                             attn_implementation="sdpa").eval()
 
@@ -165,6 +194,8 @@ def _qwen_segments(visual, grid: torch.Tensor):
     from transformers import vision_utils
 
     full, _ = vision_utils.get_vision_attention_seqlens(grid, visual.config)
+    if not hasattr(visual, "fullatt_block_indexes"):  # no windows (Qwen2-VL, Qwen3-VL): whole images
+        return [full.diff().tolist()] * len(visual.blocks)
     _, windows = vision_utils.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                      window_size=visual.window_size, patch_size=visual.patch_size)
     return [(full if i in visual.fullatt_block_indexes else windows).diff().tolist()
@@ -183,7 +214,9 @@ def _qwen_tower_flops(visual, grid, units_per_block: List[int], dymu: bool) -> i
     C, H = visual.config.hidden_size, visual.config.num_heads
     L = int(grid.prod())
     meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
-    flops = _flops(lambda: visual.patch_embed(meta(L, 3 * 2 * 14 * 14)))
+    p = visual.patch_size
+    flops = _flops(lambda: visual.patch_embed(meta(L, 3 * 2 * p * p)))
+    taps = dict(zip(getattr(visual, "deepstack_visual_indexes", ()), getattr(visual, "deepstack_merger_list", ())))
     for i, (blk, segments) in enumerate(zip(visual.blocks, _qwen_segments(visual, grid))):
         rows, after = 4 * units_per_block[i], 4 * units_per_block[i + 1]
         flops += _flops(lambda: blk.attn.qkv(blk.norm1(meta(rows, C))))
@@ -195,6 +228,8 @@ def _qwen_tower_flops(visual, grid, units_per_block: List[int], dymu: bool) -> i
             flops += _flops(lambda: bipartite_match(meta(1, H, u, C // H), torch.tensor([u], device="meta"),
                                                     cls_token=False))
         flops += _flops(lambda: blk.mlp(blk.norm2(meta(after, C))))
+        if i in taps:  # a deepstack tap merger on the units left after this block
+            flops += _flops(lambda: taps[i](meta(after, C)))
     return flops + _flops(lambda: visual.merger(meta(4 * units_per_block[-1], C)))
 
 
@@ -202,7 +237,7 @@ def qwen_flops(model, r: int = 0) -> Dict[str, int]:
     """Tower and language-model prefill FLOPs of one 448 × 448 image and 66
     text tokens; ``r`` units merged per block (0: the stock model)."""
     visual = model.model.visual
-    grid = torch.tensor([QWEN_GRID])
+    grid = torch.tensor([QWEN3_GRID if hasattr(visual, "deepstack_merger_list") else QWEN_GRID])
     units = int(grid.prod()) // 4
     blocks = len(visual.blocks)
     per_block = [units - r * i for i in range(blocks + 1)]
@@ -217,11 +252,13 @@ def qwen_table(size: str = "7b") -> List[Dict[str, object]]:
     model = meta_qwen(size)
     stock = qwen_flops(model)
     rows = []
+    settings = QWEN3_SETTINGS if size in QWEN3_WIDTHS else QWEN_SETTINGS
     configs = [("stock", stock)] + [(f"DyMU {k} (r={r} units/block)", qwen_flops(model, r))
-                                    for k, r in QWEN_SETTINGS.items()]
+                                    for k, r in settings.items()]
     for name, counts in configs:
         total, stock_total = counts["vision"] + counts["lm"], stock["vision"] + stock["lm"]
-        rows.append({"op": "model_flops", "model": QWEN_WIDTHS[size]["name"], "size": f"qwen-{size}",
+        rows.append({"op": "model_flops", "model": {**QWEN_WIDTHS, **QWEN3_WIDTHS}[size]["name"],
+                     "size": f"qwen-{size}",
                      "lm_layers": model.config.text_config.num_hidden_layers, "config": name,
                      "image_tokens": counts["image_tokens"], "lm_tokens": counts["lm_tokens"],
                      "vision_gflops": counts["vision"] / 1e9, "lm_gflops": counts["lm"] / 1e9,
@@ -264,7 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     parts, all_rows = [], []
-    for rows in (table("7b", SIZES["7b"]["lm_layers"]), table("small", SIZES["small"]["lm_layers"]), qwen_table("7b")):
+    for rows in (table("7b", SIZES["7b"]["lm_layers"]), table("small", SIZES["small"]["lm_layers"]), qwen_table("7b"),
+                 qwen_table("8b")):
         all_rows += rows
         parts.append(markdown(rows))
         print(parts[-1], flush=True)

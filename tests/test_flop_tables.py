@@ -81,3 +81,29 @@ def test_qwen_meta_counts_equal_a_real_patched_run(r):
     if r:
         kept = units - r * len(model.model.visual.blocks)
         assert int(feats.merged_counts[0]) == kept == expected["image_tokens"]
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_qwen3_meta_counts_equal_a_real_patched_run(r):
+    """The Qwen3-VL table's tower FLOPs (no windows, 16-px patches, deepstack
+    tap mergers on the units left at their blocks) equal FlopCounterMode on
+    real forwards of the same tiny random model, stock and patched with fixed r."""
+    from dymu_kernels.hf import apply_dymu
+
+    meta = tables.meta_qwen("quick3")
+    expected = tables.qwen_flops(meta, r)
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLForConditionalGeneration._from_config(meta.config, attn_implementation="sdpa").eval()
+    grid = torch.tensor([tables.QWEN3_GRID])
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * 16 * 16)
+    if r:
+        apply_dymu(model, r=r, backend="torch")
+    with torch.no_grad():
+        vision = tables._flops(lambda: model.model.get_image_features(pixels, grid))
+        feats = model.model.get_image_features(pixels, grid)
+    assert vision == expected["vision"]
+    units = int(grid.prod()) // 4
+    assert [n.shape[0] for n in feats.pooler_output] == [units] and len(feats.deepstack_features) == 2
+    if r:
+        kept = units - r * len(model.model.visual.blocks)
+        assert int(feats.merged_counts[0]) == kept == expected["image_tokens"]

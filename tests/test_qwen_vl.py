@@ -417,8 +417,10 @@ def test_static_cache_and_a_second_turn_equal_unpatched(gen, kind):
         assert torch.equal(a, b)
 
 
-def test_bench_qwen_quick_rows(tmp_path):
-    """benchmarks/bench_qwen.py --quick writes rows for every config and prompt;
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bench_qwen_quick_rows(tmp_path, family):
+    """benchmarks/bench_qwen.py --quick writes rows for every config and prompt
+    (Qwen2.5-VL, and Qwen3-VL with deepstack and timestamped video frames);
     merging keeps fewer language-model tokens and costs fewer FLOPs."""
     import json
     import os
@@ -427,9 +429,11 @@ def test_bench_qwen_quick_rows(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_qwen.py"), "--quick", "--samples",
-                           "3", "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "3", "--family", family, "--results-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "qwen_quick.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / f"{'qwen3' if family == 'qwen3_vl' else 'qwen'}_quick.jsonl")]
+    assert all(r["family"] == family for r in rows)
     assert [(r["config"], r["prompt"]) for r in rows] == [
         (c, p) for c in ("stock", "r=12", "r=24", "thresholds", "stock (last)") for p in ("image", "video")]
     by = {(r["config"], r["prompt"]): r for r in rows}

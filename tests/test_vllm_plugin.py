@@ -648,3 +648,33 @@ def test_vllm_serve_with_plugin_over_http(served, served_http):
         assert 400 <= (res[name]["status"] or 0) < 500 and match in res[name]["error"], (name, res[name], log)
     assert served_http["health_after"] == 200 and served_http["returncode_before_stop"] is None, log
     assert "EngineDeadError" not in full_log and "Traceback" not in full_log, log
+
+
+def test_unserved_family_with_a_dymu_entry_is_refused_at_load():
+    """Qwen3-VL (patched by apply_dymu, not yet served by the plugin): a
+    ``dymu`` entry fails the config hook by name instead of being served as
+    stock vLLM; without one, vLLM's own hook for the class (if any) still runs."""
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    code = """
+import types
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from dymu_kernels.vllm import NOT_SERVED, register
+before = {a: MODELS_CONFIG_MAP.get(a) for a in NOT_SERVED}
+register(); register()  # idempotent
+for arch in NOT_SERVED:
+    hook = MODELS_CONFIG_MAP[arch]
+    assert hook._dymu and (before[arch] is None or issubclass(hook, before[arch]))
+    cfg = lambda entry: types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(
+        dymu=entry)))
+    try:
+        hook.verify_and_update_config(cfg({"r": 2}))
+    except ValueError as e:
+        assert f"does not serve {arch} yet" in str(e), e
+    else:
+        raise AssertionError(f"{arch}: a dymu entry was accepted")
+    hook.verify_and_update_config(cfg({"r": 2, "enabled": False})) if before[arch] is None else None
+print("ok")
+"""
+    proc = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

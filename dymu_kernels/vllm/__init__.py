@@ -33,6 +33,10 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2VLForConditionalGeneration",
 }
 
+# Families apply_dymu patches in transformers that this plugin does not serve yet: a ``dymu`` entry in their
+# config is refused at load, never silently served as stock vLLM (vLLM's own hook for them, if any, still runs).
+NOT_SERVED = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+
 __all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
 
 
@@ -64,6 +68,24 @@ def _config_hook():
     return DyMUEngineCheck
 
 
+def _refusing_hook(arch: str, base):
+    """A config hook for ``arch`` (not served): refuses a ``dymu`` entry, then runs vLLM's own hook ``base``."""
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class DyMUNotServed(base or VerifyAndUpdateConfig):
+        _dymu = True
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            if settings_from_config(vllm_config.model_config.hf_config) is not None:
+                raise ValueError(f"the DyMU vLLM plugin does not serve {arch} yet (apply_dymu does, in "
+                                 "transformers): remove the 'dymu' entry from the config / hf_overrides")
+            if base is not None:
+                base.verify_and_update_config(vllm_config)
+
+    return DyMUNotServed
+
+
 def register() -> None:
     """vLLM's plugin entry point: idempotent (vLLM may call it more than once per process)."""
     from vllm import ModelRegistry
@@ -79,3 +101,6 @@ def register() -> None:
         hook._dymu = True
         MODELS_CONFIG_MAP[arch] = hook
         ModelRegistry.register_model(arch, path)
+    for arch in NOT_SERVED:
+        if not getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
+            MODELS_CONFIG_MAP[arch] = _refusing_hook(arch, MODELS_CONFIG_MAP.get(arch))
