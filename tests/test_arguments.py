@@ -122,6 +122,8 @@ def test_per_call_feature_layer_and_strategy(gen):
         with pytest.raises(ValueError, match=r"vision_feature_select_strategy='full' per call"):
             model(input_ids=ids, pixel_values=pix, vision_feature_select_strategy="full")
         # The config's own values (or the same block counted from the front) are what it computes.
+        with pytest.raises(ValueError, match=r"output_attentions=True: the DyMU vision tower does not return"):
+            model.model.get_image_features(pix, output_attentions=True)
         same = model(input_ids=ids, pixel_values=pix, vision_feature_layer=2, vision_feature_select_strategy="default")
         torch.testing.assert_close(same.logits, unpatched, atol=2e-5, rtol=2e-5)
     assert dymu_stats(model).tokens_kept == [16]

@@ -278,3 +278,39 @@ def test_training_step_nothing_merged(gen, kind):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_calibration_cli_on_a_saved_qwen3_vl(tmp_path, capsys):
+    """``python3 -m dymu_kernels.calibrate --model <a Qwen3-VL folder>``: the
+    tower's blocks on 2x2 units (with its position embeddings), pixels and
+    grids from the model's own 16-px image processor; the file patches the
+    model and equals the API's result on the same images."""
+    Image = pytest.importorskip("PIL.Image")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from dymu_kernels import Thresholds
+    from dymu_kernels.calibrate import calibrate_tower, load_tower, main
+    from dymu_kernels.families.qwen_vit import QwenUnitDToMe
+
+    model = tiny_qwen3()
+    folder, images = tmp_path / "qwen3", tmp_path / "images"
+    model.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128).save_pretrained(folder)
+    images.mkdir()
+    rng = torch.Generator().manual_seed(3)
+    for i in range(4):
+        pixels = (torch.rand(96, 128, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        pixels[:, : 64 * (i % 2 + 1)] = 40 * i  # flat areas: something to merge
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    out = tmp_path / "t.json"
+    assert main(["--model", str(folder), "--images", str(images), "--r", "1", "--batch-size", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert f"calibrated {DEPTH} blocks on 4 images" in capsys.readouterr().out
+    encoder, processor = load_tower(str(folder))
+    assert isinstance(encoder, QwenUnitDToMe) and encoder.visual.pos_embed is not None
+    assert processor.patch_size == 16
+    from_cli = Thresholds.load(out)
+    assert from_cli == calibrate_tower(encoder, images, 1, processor=processor, batch_size=2, model=str(folder),
+                                       progress=False)
+    apply_dymu(model, out)
+    assert model._dymu.encoder.vit.thresholds == from_cli.thresholds

@@ -83,7 +83,9 @@ def apply_dymu(
 ):
     """Patch a supported transformers model instance with DyMU (see module
     doc): ``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
-    ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``.
+    ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+    ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``
+    (:func:`dymu_kernels.families.families`).
 
     Args:
         model: the model; patched in place and returned.
@@ -98,7 +100,8 @@ def apply_dymu(
             ``"default"`` is the family's published preset (LLaVA-1.5:
             ``"openai/clip-vit-large-patch14-336:low"``; SigLIP has none:
             calibrate with ``python3 -m dymu_kernels.calibrate``).
-            Qwen2-VL / Qwen2.5-VL (:mod:`dymu_kernels.families.qwen2_vl`):
+            Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE)
+            (:mod:`dymu_kernels.families.qwen2_vl`, :mod:`~dymu_kernels.families.qwen3_vl`):
             ``"vit"``, one per tower block, merging 2×2 units inside the
             tower, and ``"merger"``, one per merge round on the patch
             merger's outputs; none are published. None: nothing merges.
