@@ -58,18 +58,22 @@ def test_table_rows_and_markdown():
 
 
 @pytest.mark.parametrize("r", [0, 1])
-def test_qwen_meta_counts_equal_a_real_patched_run(r):
-    """The Qwen2.5-VL table's tower and language-model FLOPs (meta device,
-    fixed r units per block) equal FlopCounterMode on real forwards of the same
-    tiny random model, stock (r = 0) and patched with fixed r."""
+@pytest.mark.parametrize("size", ["quick", "quick3"], ids=["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_meta_counts_equal_a_real_patched_run(r, size):
+    """The Qwen tables' tower and language-model FLOPs (meta device, fixed r
+    units per block) equal FlopCounterMode on real forwards of the same tiny
+    random model, stock (r = 0) and patched with fixed r: Qwen2.5-VL (windows,
+    14-px patches) and Qwen3-VL (no windows, 16-px patches, deepstack tap
+    mergers on the units left at their blocks)."""
     from dymu_kernels.hf import apply_dymu
 
-    expected = tables.qwen_flops(tables.meta_qwen("quick"), r)
+    meta = tables.meta_qwen(size)
+    expected = tables.qwen_flops(meta, r)
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(tables.qwen_config("quick"),
-                                                                         attn_implementation="sdpa").eval()
-    grid = torch.tensor([tables.QWEN_GRID])
-    pixels = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14)
+    model = type(meta)._from_config(meta.config, attn_implementation="sdpa").eval()
+    visual = model.model.visual
+    grid = torch.tensor([tables.QWEN3_GRID if size == "quick3" else tables.QWEN_GRID])
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * visual.patch_size ** 2)
     if r:
         apply_dymu(model, r=r, backend="torch")
     with torch.no_grad():
@@ -78,32 +82,8 @@ def test_qwen_meta_counts_equal_a_real_patched_run(r):
     assert vision == expected["vision"]
     units = int(grid.prod()) // 4
     assert [n.shape[0] for n in feats.pooler_output] == [units]
+    if size == "quick3":
+        assert len(feats.deepstack_features) == 2
     if r:
-        kept = units - r * len(model.model.visual.blocks)
-        assert int(feats.merged_counts[0]) == kept == expected["image_tokens"]
-
-
-@pytest.mark.parametrize("r", [0, 1])
-def test_qwen3_meta_counts_equal_a_real_patched_run(r):
-    """The Qwen3-VL table's tower FLOPs (no windows, 16-px patches, deepstack
-    tap mergers on the units left at their blocks) equal FlopCounterMode on
-    real forwards of the same tiny random model, stock and patched with fixed r."""
-    from dymu_kernels.hf import apply_dymu
-
-    meta = tables.meta_qwen("quick3")
-    expected = tables.qwen_flops(meta, r)
-    torch.manual_seed(0)
-    model = transformers.Qwen3VLForConditionalGeneration._from_config(meta.config, attn_implementation="sdpa").eval()
-    grid = torch.tensor([tables.QWEN3_GRID])
-    pixels = torch.randn(int(grid.prod()), 3 * 2 * 16 * 16)
-    if r:
-        apply_dymu(model, r=r, backend="torch")
-    with torch.no_grad():
-        vision = tables._flops(lambda: model.model.get_image_features(pixels, grid))
-        feats = model.model.get_image_features(pixels, grid)
-    assert vision == expected["vision"]
-    units = int(grid.prod()) // 4
-    assert [n.shape[0] for n in feats.pooler_output] == [units] and len(feats.deepstack_features) == 2
-    if r:
-        kept = units - r * len(model.model.visual.blocks)
+        kept = units - r * len(visual.blocks)
         assert int(feats.merged_counts[0]) == kept == expected["image_tokens"]

@@ -12,8 +12,8 @@ from conftest import randn
 transformers = pytest.importorskip("transformers")
 
 from dymu_kernels.hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
+from test_qwen_vl import IMG, VEND, VID, VSTART, batch  # noqa: E402  (the same token ids; batch() is generic)
 
-IMG, VID, VSTART, VEND = 290, 291, 292, 293
 ROW = 3 * 2 * 16 * 16  # one patch row of pixel_values (channels x temporal patch x 16 x 16)
 INF = float("inf")
 DEPTH = 4
@@ -72,25 +72,6 @@ def sample(gen, items, pre=(3, 4, 5), post=(6, 7)):
         pixels[kind].append((randn(t * h * w, ROW, gen=gen), grid))
     ids += list(post)
     return torch.tensor(ids), pixels
-
-
-def batch(samples):
-    """Left-padded model inputs for a list of :func:`sample` outputs."""
-    L = max(len(ids) for ids, _ in samples)
-    input_ids = torch.zeros(len(samples), L, dtype=torch.long)
-    mask = torch.zeros(len(samples), L, dtype=torch.long)
-    for i, (ids, _) in enumerate(samples):
-        input_ids[i, L - len(ids):] = ids
-        mask[i, L - len(ids):] = 1
-    types = (input_ids == IMG).long() + 2 * (input_ids == VID).long()
-    kwargs = dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=types)
-    for kind, pix_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                    ("video", "pixel_values_videos", "video_grid_thw")):
-        found = [p for _, pixels in samples for p in pixels[kind]]
-        if found:
-            kwargs[pix_key] = torch.cat([p for p, _ in found])
-            kwargs[grid_key] = torch.tensor([g for _, g in found])
-    return kwargs
 
 
 PROMPTS = {
