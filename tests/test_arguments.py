@@ -144,3 +144,22 @@ def test_loss_keywords_reach_the_loss(gen):
     assert not torch.allclose(ref[0], ref[1])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_selected_hidden_states(gen):
+    """``output_hidden_states`` selecting some layers (transformers 5: an int
+    or a list; the others None) comes back at the full positions as for the
+    unpatched model (it crashed on the Nones)."""
+    model = tiny_llava()
+    ids, pix = prompt(1), images(gen, 1)
+    with torch.no_grad():
+        refs = {str(sel): model(input_ids=ids, pixel_values=pix, output_hidden_states=sel).hidden_states
+                for sel in ([1], -1, [0, 2])}
+        apply_dymu(model, NO_MERGE, backend="torch")
+        for sel in ([1], -1, [0, 2]):
+            got = model(input_ids=ids, pixel_values=pix, output_hidden_states=sel).hidden_states
+            ref = refs[str(sel)]
+            assert [h is None for h in got] == [h is None for h in ref] and any(h is None for h in ref), sel
+            for a, b in zip(got, ref):
+                if b is not None:
+                    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

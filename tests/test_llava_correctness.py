@@ -315,3 +315,28 @@ def test_static_cache_compiled_generation_compiles_like_the_unpatched_model(gen)
             eager = [model.generate(input_ids=i, pixel_values=p, disable_compile=True, **kwargs) for i, p in prompts]
             assert all(torch.equal(a, b) for a, b in zip(compiled, eager)), name
     assert graphs["dymu"] == graphs["stock"] <= 2, graphs
+
+
+def test_output_attentions_over_a_static_cache(gen):
+    """generate() on a static cache (what a compiled generate() uses) with
+    eager attention and output_attentions: every step's weights span the
+    cache's whole buffer, as unpatched (they came back [.., N, N] instead of
+    [.., N, max_cache_len]), and equal the unpatched weights with nothing merged."""
+    base = tiny_llava()
+    base.set_attn_implementation("eager")
+    patched = apply_dymu(tiny_llava(), NO_MERGE, backend="torch")
+    patched.set_attn_implementation("eager")
+    ids, pix = prompt(1), images(gen, 1)
+    runs = []
+    with torch.no_grad():
+        for model in (base, patched):
+            runs.append(model.generate(input_ids=ids, pixel_values=pix, max_new_tokens=3, do_sample=False,
+                                       cache_implementation="static", output_attentions=True,
+                                       return_dict_in_generate=True, suppress_tokens=[IMG]))
+    a, b = runs
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.attentions) == len(b.attentions) == 3
+    for step_a, step_b in zip(a.attentions, b.attentions):
+        for x, y in zip(step_a, step_b):
+            assert y.shape == x.shape and x.shape[-1] > ids.shape[1] + 2  # the whole static buffer
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=2e-5)

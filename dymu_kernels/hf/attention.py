@@ -181,6 +181,7 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
                            "only runs inside a DyMU forward")
     _check_attention_kwargs(module, dropout, kwargs)
     ctx: VTUContext = dymu_vtu
+    buffer = key.shape[2]  # a static cache hands over its whole buffer (max_cache_len rows)
     if not ctx.decode and key.shape[2] != query.shape[2]:
         # A static cache returns its whole buffer; a prompt (always on an empty
         # cache) wrote rows 0..N_un-1, the ones the map points into.
@@ -194,6 +195,9 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
                             deterministic=ctx.deterministic)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     probs = _attention_probs(query, key, ctx, scale) if ctx.weights else None
+    if probs is not None and buffer > probs.shape[-1]:
+        # A static cache: unpatched attention weighs its whole buffer (the slots past the positions get 0).
+        probs = torch.nn.functional.pad(probs, (0, buffer - probs.shape[-1]))
     return out.transpose(1, 2).contiguous(), probs
 
 

@@ -427,7 +427,9 @@ def _patched_forward(
     if use_cache:
         set_cache_state(cache, state)
     full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
-    hidden_states = None if out.hidden_states is None else tuple(full(h) for h in out.hidden_states)
+    # output_hidden_states may select some layers (an int or a list): the others come back as None
+    hidden_states = None if out.hidden_states is None else tuple(None if h is None else full(h)
+                                                                 for h in out.hidden_states)
     more = {}
     if getattr(out, "router_logits", None) is not None:  # MoE: per layer [B * rows, experts], at the full positions
         B = x.shape[0]
