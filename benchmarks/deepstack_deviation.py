@@ -49,7 +49,8 @@ def per_unit_taps_run(model, kwargs, r: int) -> torch.Tensor:
     inner = model.model
     stage = QwenUnitDToMe(inner.visual, r=r, backend="torch", trim=False)
     out = stage(kwargs["pixel_values"], kwargs["image_grid_thw"])
-    features = out.state.x[0].gather(0, out.state.pos_map[0].clamp_min(0)[:, None].expand(-1, out.state.x.shape[-1]))
+    index = out.state.pos_map[0].long().clamp_min(0)[:, None].expand(-1, out.state.x.shape[-1])
+    features = out.state.x[0].gather(0, index)
     taps = [t[0] for t in out.taps]
     ids = kwargs["input_ids"]
     embeds = inner.get_input_embeddings()(ids)

@@ -150,15 +150,16 @@ def test_selected_hidden_states(gen):
     """``output_hidden_states`` selecting some layers (transformers 5: an int
     or a list; the others None) comes back at the full positions as for the
     unpatched model (it crashed on the Nones)."""
-    model = tiny_llava()
-    ids, pix = prompt(1), images(gen, 1)
+    from test_qwen_vl import NO_MERGE as QWEN_NO_MERGE, PROMPTS, batch, sample
+
+    model = tiny_qwen("qwen2_5_vl")
+    kwargs = batch([sample(gen, PROMPTS["image"])])
+    selections = ([1], -1, [0, 2])
     with torch.no_grad():
-        refs = {str(sel): model(input_ids=ids, pixel_values=pix, output_hidden_states=sel).hidden_states
-                for sel in ([1], -1, [0, 2])}
-        apply_dymu(model, NO_MERGE, backend="torch")
-        for sel in ([1], -1, [0, 2]):
-            got = model(input_ids=ids, pixel_values=pix, output_hidden_states=sel).hidden_states
-            ref = refs[str(sel)]
+        refs = [model(**kwargs, output_hidden_states=sel).hidden_states for sel in selections]
+        apply_dymu(model, QWEN_NO_MERGE, backend="torch")
+        for sel, ref in zip(selections, refs):
+            got = model(**kwargs, output_hidden_states=sel).hidden_states
             assert [h is None for h in got] == [h is None for h in ref] and any(h is None for h in ref), sel
             for a, b in zip(got, ref):
                 if b is not None:

@@ -147,7 +147,9 @@ def _every_patch(state: MergeState, valid: torch.Tensor, unit: int) -> torch.Ten
     """``[L, C]``: every patch's row of its unique unit (window order)."""
     n, P, D = state.x.shape
     C = D // unit
-    rows = state.x.view(n, P, unit, C).gather(1, state.pos_map.clamp_min(0)[..., None, None].expand(-1, -1, unit, C))
+    # (int64 indices: torch 2.13's CPU gather misreads some expanded int32 indices)
+    index = state.pos_map.long().clamp_min(0)[..., None, None].expand(-1, -1, unit, C)
+    rows = state.x.view(n, P, unit, C).gather(1, index)
     return rows[valid].reshape(-1, C)
 
 
@@ -259,7 +261,8 @@ class QwenUnitDToMe(nn.Module):
             if i in tap_mergers:  # the tap merger on the unique units at this block (exact: it is per unit)
                 n, P = state.x.shape[:2]
                 rows = tap_mergers[i](state.x.reshape(n * P * unit, C)).view(n, P, -1)
-                taps.append(rows.gather(1, state.pos_map.clamp_min(0)[..., None].expand(-1, -1, rows.shape[-1])))
+                index = state.pos_map.long().clamp_min(0)[..., None].expand(-1, -1, rows.shape[-1])
+                taps.append(rows.gather(1, index))
         n, P = state.x.shape[:2]
         last = _every_patch(state, valid, unit)
         if hidden_states:
