@@ -261,7 +261,11 @@ def test_settings_parse_and_errors():
     s = settings_from_config(_cfg({}))
     assert s.thresholds == "default" and s.r is None and s.backend == "auto"
     assert settings_from_config(_cfg({"r": [1, 2]})).r == [1, 2]
+    # r in the tower with rounds after the merger: two stages, both kept (as apply_dymu takes them; it was refused)
+    s = settings_from_config(_cfg({"r": 2, "thresholds": {"merger": [0.5]}}))
+    assert s.r == 2 and s.thresholds == {"merger": [0.5]}
     bad = [({"rr": 1}, "unknown keys \\['rr'\\]"), ({"r": -1}, "dymu.r"), ({"r": 1, "thresholds": [0.9]}, "both"),
+           ({"r": 1, "thresholds": {"vit": [0.9], "merger": [0.5]}}, "both"),
            ({"backend": "cuda"}, "dymu.backend"), ({"enabled": "yes"}, "dymu.enabled"),
            ({"thresholds": 0.9}, "dymu.thresholds")]
     for entry, match in bad:

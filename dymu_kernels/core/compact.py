@@ -37,15 +37,12 @@ class MergedItems:
                              for t in (self.features, self.counts, self.slots, self.extra)))
 
     @staticmethod
-    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor],
-              extra: Optional[Sequence[torch.Tensor]] = None) -> "MergedItems":
-        """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map,
-        ``[U_i, E]`` extra rows), padded into one batch."""
+    def stack(features: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]) -> "MergedItems":
+        """Items given one by one (``[U_i, C]`` unique rows, ``[P_i]`` slot map), padded into one batch."""
         counts = torch.tensor([f.shape[0] for f in features], device=features[0].device)
         feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)
         maps = torch.nn.utils.rnn.pad_sequence([m.long() for m in slots], batch_first=True, padding_value=-1)
-        more = None if extra is None else torch.nn.utils.rnn.pad_sequence(list(extra), batch_first=True)
-        return MergedItems(feats, counts, maps, more)
+        return MergedItems(feats, counts, maps)
 
 
 @dataclass

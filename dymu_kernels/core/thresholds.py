@@ -139,9 +139,6 @@ class MergeArguments:
     thresholds: Dict[str, Optional[List[float]]]
     r: Optional[List[int]] = None
 
-    def any_merge(self) -> bool:
-        return self.r is not None or any(t is not None for t in self.thresholds.values())
-
 
 def _is_number(t) -> bool:
     return isinstance(t, numbers.Real) and not isinstance(t, bool)

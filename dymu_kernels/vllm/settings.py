@@ -58,20 +58,23 @@ def settings_from_config(hf_config) -> Optional[DyMUSettings]:
         raise ValueError(f"config 'dymu.backend' must be one of {BACKENDS}, got {backend!r}")
     r = entry.get("r")
     thresholds = entry.get("thresholds")
-    if r is not None and thresholds is not None:
-        raise ValueError("config 'dymu' gives both 'thresholds' (DyMU) and 'r' (fixed-r merging); give one")
+    # As apply_dymu reads them (core.thresholds.merge_arguments): r is for the tower's blocks (the 'vit' stage),
+    # so thresholds for it as well conflict; a dict of other stages (Qwen: {'merger': ...}) goes with r.
+    if r is not None and thresholds is not None and (not isinstance(thresholds, dict) or
+                                                     thresholds.get("vit") is not None):
+        raise ValueError("config 'dymu' gives both 'thresholds' (DyMU) and 'r' (fixed-r merging) for the tower's "
+                         "blocks; give one (a dict of other stages, e.g. {'merger': [...]}, goes with r)")
     if r is not None:
         ok = (isinstance(r, int) and not isinstance(r, bool) and r >= 0) or (
             isinstance(r, list) and r and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r))
         if not ok:
             raise ValueError(f"config 'dymu.r' must be a non-negative int or a list of them (one per block), got {r!r}")
-        return DyMUSettings(thresholds=None, r=r, backend=backend)
-    if thresholds is None:
+    elif thresholds is None:
         thresholds = "default"
-    if not isinstance(thresholds, (str, list, dict)):
+    if thresholds is not None and not isinstance(thresholds, (str, list, dict)):
         raise ValueError(f"config 'dymu.thresholds' must be a preset 'model:level', a file path, 'default', a list "
                          f"of floats or a dict of stages, got {type(thresholds).__name__}")
-    return DyMUSettings(thresholds=thresholds, r=None, backend=backend)
+    return DyMUSettings(thresholds=thresholds, r=r, backend=backend)
 
 
 def engine_kwargs(thresholds: Any = None, *, r: Any = None, backend: str = "auto", enabled: bool = True,
