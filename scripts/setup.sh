@@ -24,7 +24,9 @@ for arg in "$@"; do
 done
 if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# --no-compile: no byte-compiling of every installed module (a minute and more of CPU for torch and vLLM);
+# Python writes the bytecode of what is imported, on first import.
+pip_install() { "$PY" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
 
 # The vLLM environment (a venv of its own, minutes of installs from disk) is made
 # beside the main install: its dependencies now, in the background; this package

@@ -21,10 +21,10 @@ VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vl
 
 
 
-def run_vllm_worker(job, folder, name, plugins=None, **env_extra):
+def run_vllm_worker(job, folder, name):
     """Run ``tests/vllm_worker.py`` on ``job`` in the vLLM environment (its
-    doc gives the job's form) and return what it wrote; ``plugins``: the
-    ``VLLM_PLUGINS`` value ("none": vLLM without the plugin)."""
+    doc gives the job's form: engines without and with the plugin, in one
+    process) and return what it wrote."""
     import json
     import subprocess
 
@@ -32,14 +32,17 @@ def run_vllm_worker(job, folder, name, plugins=None, **env_extra):
     json.dump(job, open(job_path, "w"))
     # One unbound thread: the tiny models gain nothing from a second one, whose spinning (bound to the cores the
     # suite's other process runs on) costs that process time.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", **env_extra}
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env.pop("VLLM_PLUGINS", None)
     proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_worker.py"), job_path, out_path],
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=env, capture_output=True, text=True, timeout=1500)
     if proc.returncode != 0:
         raise AssertionError(f"vLLM worker failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.load(open(out_path))
+
+
+# Tensor parallel on the CPU: two workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "OMP_NUM_THREADS": "1"}
 
 
 def greedy_generation(model, inputs, new_tokens: int):
@@ -104,3 +107,15 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped for a missing extension ({report.longrepr}), but DYMU_NO_EXT=1 is not set: " \
                           "the C++ extension must build here"
+
+
+# Files whose module fixtures run for minutes (vLLM engines, ptxas, whole-model torch.compile, a cmake
+# build), slowest first. The suite runs a file per process at a time (--dist loadfile), handing files out in
+# collection order: these go first, so the last minutes are not one of them running alone.
+SLOW_FILES = ("test_vllm_families.py", "test_triton_aot.py", "test_vllm_plugin.py", "test_bench_vllm.py",
+              "test_qwen_vl.py", "test_qwen3_vl.py", "test_segment.py", "test_llava_generation.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept otherwise

@@ -12,7 +12,7 @@ from conftest import randn
 transformers = pytest.importorskip("transformers")
 
 from dymu_kernels.core.encoder import DToMeVisionEncoder
-from dymu_kernels.hf import apply_dymu, dymu_stats  # noqa: E402
+from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
 from dymu_kernels.core.encoder import unmerge_tokens  # noqa: E402
 from test_anyres_maps import CROP, tiny_onevision  # noqa: E402
 from test_llava_integration import NO_MERGE, P, images, prompt, tiny_llava  # noqa: E402
@@ -236,3 +236,70 @@ def test_onevision_video_mismatch_raises_with_transformers_message(gen):
         ours = raised(lambda: patched(input_ids=ids, pixel_values_videos=video))
     assert theirs == "Video features and video tokens do not match, tokens: 27, features: 28"
     assert ours.startswith(theirs + "; found 27 video placeholder tokens in input_ids but 1 video(s) with 28"), ours
+
+
+# --- The returned object, as transformers' suites and users read it ---------------
+
+
+def _feature_calls(gen):
+    """(family, model, no-merge thresholds, [(method, args)]) of LLaVA, Qwen2.5-VL and Qwen3-VL."""
+    import test_qwen3_vl as q3
+    import test_qwen_vl as q2
+
+    llava = tiny_llava()
+    out = [("llava", llava, NO_MERGE, [("get_image_features", (images(gen, 2),))])]
+    for name, model, sample, prompts, no_merge in (
+            ("qwen2_5_vl", q2.tiny_qwen("qwen2_5_vl"), q2.sample, q2.PROMPTS, q2.NO_MERGE),
+            ("qwen3_vl", q3.tiny_qwen3("qwen3_vl"), q3.sample, q3.PROMPTS, q3.NO_MERGE)):
+        kw = q2.batch([sample(gen, prompts["two images"]), sample(gen, prompts["video"])])
+        out.append((name, model, no_merge, [("get_image_features", (kw["pixel_values"], kw["image_grid_thw"])),
+                                            ("get_video_features", (kw["pixel_values_videos"], kw["video_grid_thw"]))]))
+    return out
+
+
+def _same_structure(got, want, where):
+    """Equal types and lengths all the way down, and equal tensors."""
+    assert type(got) is type(want), f"{where}: {type(got).__name__}, unpatched {type(want).__name__}"
+    if isinstance(want, (list, tuple)):
+        assert len(got) == len(want), f"{where}: {len(got)} entries, unpatched {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same_structure(g, w, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, **TOL, msg=where)
+
+
+@pytest.mark.parametrize("return_dict", [True, False, None])
+def test_feature_methods_return_what_the_unpatched_model_returns(gen, return_dict):
+    """With nothing merged, get_image_features / get_video_features return
+    the unpatched model's object: the same output class (a subclass of it),
+    the same keys in the same order, the same containers (tuples of items);
+    with ``return_dict=False`` the same tuple — a user's ``out[2]`` (Qwen3-VL:
+    the deepstack features) means the same thing patched or not. DyMU's own
+    fields are attributes after transformers' ones, never in the tuple."""
+    for family, model, no_merge, calls in _feature_calls(gen):
+        for hidden in (False, True):
+            kw = {"output_hidden_states": hidden}
+            if return_dict is not None:
+                kw["return_dict"] = return_dict
+            with torch.no_grad():
+                want = [getattr(model.model, m)(*args, **kw) for m, args in calls]
+                keys = [list(getattr(model.model, m)(*args, output_hidden_states=hidden).keys()) for m, args in calls]
+                apply_dymu(model, no_merge, backend="torch")
+                try:
+                    got = [getattr(model.model, m)(*args, **kw) for m, args in calls]
+                finally:
+                    remove_dymu(model)
+            # LLaVA's last_hidden_state is that of the tower DyMU runs, which ends at the selected block, and its
+            # default hidden_states only the selected block's, as transformers selects it (tests above).
+            skip = {"last_hidden_state"} | ({"hidden_states"} if not hidden else set()) if family == "llava" else set()
+            for (method, _), g, w, names in zip(calls, got, want, keys):
+                where = f"{family}.{method}(output_hidden_states={hidden}, return_dict={return_dict})"
+                if return_dict is False:
+                    assert type(g) is tuple and len(g) == len(w) == len(names), f"{where}: {len(g)} entries"
+                    g, w = dict(zip(names, g)), dict(zip(names, w))
+                else:
+                    assert isinstance(g, type(w)), f"{where}: {type(g).__name__} is not a {type(w).__name__}"
+                    assert list(g.keys())[:len(w.keys())] == list(w.keys()) == names, f"{where}: {list(g.keys())}"
+                for key in names:
+                    if key not in skip:
+                        _same_structure(g[key], w[key], f"{where}.{key}")

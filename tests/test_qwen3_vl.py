@@ -12,7 +12,7 @@ from conftest import randn
 transformers = pytest.importorskip("transformers")
 
 from dymu_kernels.hf import apply_dymu, dymu_stats, kv_cache_bytes, remove_dymu  # noqa: E402
-from test_qwen_vl import IMG, VEND, VID, VSTART, batch  # noqa: E402  (the same token ids; batch() is generic)
+from test_qwen_vl import IMG, VEND, VID, VSTART, batch, check_compiled_whole_model  # noqa: E402  (same token ids)
 
 ROW = 3 * 2 * 16 * 16  # one patch row of pixel_values (channels x temporal patch x 16 x 16)
 INF = float("inf")
@@ -236,6 +236,17 @@ def test_deepstack_rows_are_group_means_and_never_dropped(gen):
         finally:
             lm._deepstack_process = original
     assert (merged - stock).norm() < (dropped - stock).norm()
+
+
+def test_torch_compile_of_the_whole_model(gen):
+    """The compiled forward with merging in both stages (image + video), the
+    deepstack rows reaching the compiled language model, equals eager, and so
+    does generate() with it over a static cache (check_compiled_whole_model;
+    the MoE model's language model differs only in its MLP: two minutes of
+    tracing less in CI)."""
+    model = tiny_qwen3()
+    apply_dymu(model, MERGE, backend="cpp")
+    check_compiled_whole_model(model, batch([sample(gen, PROMPTS["image and video"])]), SUPPRESS)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -470,20 +470,17 @@ def test_inputs_embeds_without_positions_as_transformers(gen, kind):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
-def test_torch_compile_of_the_whole_model(gen):
-    """torch.compile of the forward with merging in both stages (image +
-    video; aot_eager: the trace through every op's fake, without inductor's
-    minutes of codegen here): the forward equals eager, and generate() with
-    the compiled forward and a static cache equals eager generate(); every
-    graph break is a data-dependent size (grids, segment lengths, token
-    counts — as the unpatched model's own vision code has) — none at a kernel
-    (all torch.library ops with fakes)."""
+def check_compiled_whole_model(model, kwargs, suppress):
+    """torch.compile of a patched model's forward (aot_eager: the trace
+    through every op's fake, without inductor's minutes of codegen here): the
+    forward equals eager, and generate() with the compiled forward and a
+    static cache equals eager generate(); every graph break is a
+    data-dependent size (grids, segment lengths, token counts — as the
+    unpatched model's own vision code has) — none at a kernel (all
+    torch.library ops with fakes)."""
     from torch._dynamo.utils import counters
 
-    model = tiny_qwen("qwen2_5_vl")
-    kwargs = batch([sample(gen, PROMPTS["image and video"])])
-    apply_dymu(model, MERGE, backend="cpp")
-    base = dict(kwargs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS)
+    base = dict(kwargs, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
@@ -496,9 +493,19 @@ def test_torch_compile_of_the_whole_model(gen):
         finally:
             del model.forward
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert reasons and all("Data dependent" in r or "Dynamic shape" in r or "Tensor.item()" in r
-                           for r in reasons), reasons
+    # Besides data-dependent sizes, transformers' own output-capturing hooks (installed on the model's modules
+    # once anything asked it for hidden states) read a ContextVar, which dynamo does not trace.
+    allowed = ("Data dependent", "Dynamic shape", "Tensor.item()", "`get` of class `ContextVar`")
+    assert reasons and all(any(a in r for a in allowed) for r in reasons), reasons
     assert torch.equal(compiled, eager)
+
+
+def test_torch_compile_of_the_whole_model(gen):
+    """The compiled forward with merging in both stages (image + video)
+    equals eager (check_compiled_whole_model)."""
+    model = tiny_qwen("qwen2_5_vl")
+    apply_dymu(model, MERGE, backend="cpp")
+    check_compiled_whole_model(model, batch([sample(gen, PROMPTS["image and video"])]), SUPPRESS)
 
 
 @pytest.mark.parametrize("kind", KINDS)

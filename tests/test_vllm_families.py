@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VLLM_PYTHON, assert_same_generation, greedy_generation, run_vllm_worker
+from conftest import TP2_ENV, VLLM_PYTHON, assert_same_generation, greedy_generation, run_vllm_worker
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,10 +53,11 @@ class Kind:
     # name: (request, mm_processor_kwargs, what the error says).
     rejects: Dict[str, Tuple[str, dict, str]]
     vllm_layout: Tuple[str, ...] = ()  # requests transformers' processor lays out otherwise: vLLM's prompt given
-    # Also under a compiled engine and on two tensor-parallel workers: those paths are the serving mixin's, the
-    # same for every family; Qwen2-VL shares Qwen2.5-VL's language model and serving class, so it skips them
-    # (two engine starts less in CI).
-    engine_variants: bool = True
+    # Also under a compiled engine (Qwen2-VL shares Qwen2.5-VL's language model and serving class: it skips it)
+    compiled: bool = True
+    # On two tensor-parallel workers: that path is the serving mixin's, the same for every family; LLaVA
+    # (test_vllm_plugin.py) and Qwen2.5-VL (M-RoPE) run it, each such engine start costing half a minute in CI.
+    tensor_parallel: bool = False
 
 
 QWEN_REQUESTS = {
@@ -87,9 +88,9 @@ ONEVISION_REJECTS = {
 }
 KINDS = {
     "qwen2_5_vl": Kind(transformers.Qwen2_5_VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
-                       QWEN_REJECTS),
+                       QWEN_REJECTS, tensor_parallel=True),
     "qwen2_vl": Kind(transformers.Qwen2VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
-                     QWEN_REJECTS, engine_variants=False),
+                     QWEN_REJECTS, compiled=False),
     "llava_onevision": Kind(transformers.LlavaOnevisionForConditionalGeneration, ONEVISION_REQUESTS, [0.5, 0.5],
                             768, ONEVISION_REJECTS, vllm_layout=("two",)),
 }
@@ -126,34 +127,54 @@ def _reference_inputs(kind: Kind, inputs, stock):
     return out
 
 
-def _serve(name, folder):
-    """What stock vLLM, the plugin (every engine) and patched transformers generated."""
+def _engines(name, folder):
+    """Kind ``name``'s tiny model folder (made by the worker) and its engines:
+    stock vLLM, and the plugin merging nothing, in the tower (``r``), by
+    thresholds, under chunked prefill, compiled and on two workers."""
     kind = KINDS[name]
     media = _media(folder, kind.requests)
     requests = {k: {"prompt": p, "images": media[k][0], "videos": media[k][1]} for k, (p, _, _) in kind.requests.items()}
-    model_dir, dump = os.path.join(folder, "model"), os.path.join(folder, "inputs.pt")
+    model_dir = os.path.join(folder, "model")
 
-    def engine(engine_name, dymu, batches, rejects=None, **llm):
-        return {"name": engine_name, "dymu": dymu, "engine": llm, "max_tokens": NEW_TOKENS, "ignore_eos": True,
-                "batches": {b: [requests[k] for k in BATCHES[b]] for b in batches}, "rejects": rejects or {}}
+    def engine(engine_name, dymu, batches, rejects=None, env=None, **llm):
+        return {"name": f"{name}/{engine_name}", "model": model_dir, "dymu": dymu, "engine": llm, "env": env or {},
+                "max_tokens": NEW_TOKENS, "ignore_eos": True, "rejects": rejects or {}, "plugin": dymu is not None,
+                "batches": {b: [requests[k] for k in BATCHES[b]] for b in batches}}
 
-    stock = {"model": model_dir, "engines": [engine("stock", None, ["single", "mixed"], enforce_eager=True)],
-             "folder": {"kind": name, "requests": requests, "dump": dump}}
-    vllm = run_vllm_worker(stock, folder, "stock", plugins="none")  # also saves the model and the inputs
     chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": kind.budget}
     engines = [engine("r0", {"r": 0}, ["single", "mixed"]), engine("r2", {"r": R}, ["single", "mixed"], rejects={
         n: dict(requests[key], mm_processor_kwargs=kwargs) for n, (key, kwargs, _) in kind.rejects.items()}),
                engine("thresholds", {"thresholds": kind.thresholds}, ["mixed"]),
                engine("r2_chunked", {"r": R}, ["mixed"], **chunked)]
-    if kind.engine_variants:
+    if kind.compiled:
         engines.append(engine("r2_compiled", {"r": R}, ["mixed"], enforce_eager=False))
-    vllm.update(run_vllm_worker({"model": model_dir, "engines": engines}, folder, "plugin"))
-    if kind.engine_variants:
-        # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
-        tp = {"model": model_dir, "engines": [engine("r2_tp2", {"r": R}, ["mixed"], tensor_parallel_size=2)]}
-        vllm.update(run_vllm_worker(tp, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
-    inputs = _reference_inputs(kind, torch.load(dump), vllm["stock"])
-    model = kind.model.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if kind.tensor_parallel:
+        engines.append(engine("r2_tp2", {"r": R}, ["mixed"], env=TP2_ENV, tensor_parallel_size=2))
+    folder_spec = {"model": model_dir, "kind": name, "requests": requests, "dump": os.path.join(folder, "inputs.pt")}
+    return folder_spec, engine("stock", None, ["single", "mixed"], enforce_eager=True), engines
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(tmp_path_factory):
+    """What vLLM generated for every kind, in one worker process (a process
+    start costs more than a tiny engine): the stock engines first, then the
+    plugin's. ``{kind: ({engine: output}, folder spec)}``."""
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    folder = tmp_path_factory.mktemp("vllm")
+    specs = {name: _engines(name, str(tmp_path_factory.mktemp(name))) for name in sorted(KINDS)}
+    job = {"folders": [f for f, _, _ in specs.values()],
+           "engines": [stock for _, stock, _ in specs.values()] + [e for _, _, es in specs.values() for e in es]}
+    out = run_vllm_worker(job, str(folder), "engines")
+    return {name: ({e.split("/", 1)[1]: v for e, v in out.items() if e.split("/", 1)[0] == name}, spec[0])
+            for name, spec in specs.items()}
+
+
+def _serve(name, vllm, folder_spec):
+    """What patched transformers generated next to what vLLM did."""
+    kind = KINDS[name]
+    inputs = _reference_inputs(kind, torch.load(folder_spec["dump"]), vllm["stock"])
+    model = kind.model.from_pretrained(folder_spec["model"], dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every request makes all its tokens
     hf = {}
     for ref, patch in (("stock", None), ("r2", dict(r=R)), ("thresholds", dict(thresholds=kind.thresholds))):
@@ -165,10 +186,8 @@ def _serve(name, folder):
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))
-def served(request, tmp_path_factory):
-    if not os.path.exists(VLLM_PYTHON):
-        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
-    return request.param, _serve(request.param, str(tmp_path_factory.mktemp(request.param)))
+def served(request, vllm_runs):
+    return request.param, _serve(request.param, *vllm_runs[request.param])
 
 
 @pytest.mark.slow
@@ -196,7 +215,7 @@ def test_merged_equals_patched_transformers(served, engine, batch):
     gives for it alone."""
     kind, s = served
     if engine not in s["vllm"]:
-        pytest.skip(f"{kind} does not run the {engine} engine (Kind.engine_variants: covered by qwen2_5_vl)")
+        pytest.skip(f"{kind} does not run the {engine} engine (Kind.compiled / tensor_parallel)")
     ref = s["hf"]["thresholds" if engine == "thresholds" else "r2"]
     for key, got in zip(BATCHES[batch], s["vllm"][engine][batch]):
         assert_same_generation(got, ref[key], f"{kind}: {engine}/{batch}/{key}")

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, VLLM_PYTHON, assert_same_generation, greedy_generation, randn, run_vllm_worker
+from conftest import (ROOT, TP2_ENV, VLLM_PYTHON, assert_same_generation, greedy_generation, randn,
+                      run_vllm_worker)
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
@@ -475,20 +476,16 @@ def served(tmp_path_factory):
         hf[name] = {k: _hf_generate(model, processor, r["prompt"], r["images"]) for k, r in requests.items()}
         if patch is not None:
             remove_dymu(model)
-    stock_job = {"model": model_dir, "engines": [
-        {"name": "stock", "engine": {"enforce_eager": True}, "batches": batches(["single", "batch"]),
-         "max_tokens": NEW_TOKENS}]}
     rejects = {n: {k: dict(r, prompt=PROMPTS[r["prompt"]][0], images=[paths[i] for i in PROMPTS[r["prompt"]][1]])
                    for k, r in spec.items()} for n, spec in REJECTS.items()}
-    plugin_job = {"model": model_dir, "engines": [
-        {"name": n, "dymu": d, "engine": e, "batches": batches(b), "max_tokens": NEW_TOKENS,
-         "rejects": rejects.get(n, {})} for n, d, e, b in ENGINES]}
-    vllm = run_vllm_worker(stock_job, folder, "stock", plugins="none")  # vLLM without the plugin
-    vllm.update(run_vllm_worker(plugin_job, folder, "plugin"))
-    # Tensor parallel: two CPU workers, one core each (vLLM binds one NUMA node's cores per worker otherwise).
-    tp_job = {"model": model_dir, "engines": [{"name": "r8_tp2", "dymu": {"r": R}, "batches": batches(["batch"]),
-                                               "engine": {"tensor_parallel_size": 2}, "max_tokens": NEW_TOKENS}]}
-    vllm.update(run_vllm_worker(tp_job, folder, "tp", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1"))
+    engines = [{"name": "stock", "plugin": False, "engine": {"enforce_eager": True},  # vLLM without the plugin
+                "batches": batches(["single", "batch"])}]
+    engines += [{"name": n, "dymu": d, "engine": e, "batches": batches(b), "rejects": rejects.get(n, {})}
+                for n, d, e, b in ENGINES]
+    engines.append({"name": "r8_tp2", "dymu": {"r": R}, "batches": batches(["batch"]),
+                    "engine": {"tensor_parallel_size": 2}, "env": TP2_ENV})
+    job = {"engines": [dict(e, model=model_dir, max_tokens=NEW_TOKENS) for e in engines]}
+    vllm = run_vllm_worker(job, folder, "engines")
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
 

@@ -1,16 +1,19 @@
-"""Runs vLLM on a job file and writes what it generated (run by tests/test_vllm_plugin.py).
+"""Runs vLLM on a job file and writes what it generated (run by the vLLM tests).
 
 Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
-JOB: ``{"model": DIR, "engines": [{"name", "engine": {LLM kwargs}, "dymu": {engine_kwargs} | null,
-"batches": {name: [{"prompt", "images": [PNG paths], "videos": [NPY paths of frames]}]}, "max_tokens",
-"ignore_eos", "rejects": {name: {"prompt", "images", "mm_processor_kwargs"}}}]}``, optionally with
-``"folder": {"kind", "requests": {name: request}, "dump": PT path}``: first save a tiny
-Qwen-VL or LLaVA-OneVision of that kind at DIR (``benchmarks/vllm_folder.py``) and dump its processor's outputs
-for each request (what transformers is then given). Each engine is
-started once, is sent its rejects first (each one request that must fail), then serves
-all its batches (each batch one ``generate`` call);
+JOB: ``{"engines": [{"name", "model": DIR, "plugin": bool (default true), "env": {variables},
+"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "batches": {name: [{"prompt", "images": [PNG paths],
+"videos": [NPY paths of frames]}]}, "max_tokens", "ignore_eos", "rejects": {name: {"prompt", "images",
+"mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}]}``.
+Each folder is made first: a tiny Qwen-VL or LLaVA-OneVision of that kind saved at DIR
+(``benchmarks/vllm_folder.py``) and its processor's outputs per request dumped (what transformers is then
+given). Engines run one after another in this process (a process start is most of a tiny engine's cost):
+those with ``"plugin": false`` are vLLM without the plugin (``VLLM_PLUGINS=none``) and come first; vLLM then
+loads the plugin from its entry point for the rest, as a fresh process would. ``env`` holds variables for one
+engine (its worker processes inherit them). Each engine is sent its rejects first (each one request that must
+fail), then serves all its batches (each batch one ``generate`` call).
 OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null},
 "tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines)}}``
 or ``{engine: {"error": message}}`` when the engine refused to start.
@@ -20,6 +23,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: stats readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of the machine's memory
@@ -80,56 +84,115 @@ def _tower_linears(model):
     return [len(layers), sum(hasattr(m, "cpu_linear") for m in layers)]
 
 
-def main(job_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
+class _Environment:
+    """The variables one engine runs under: set before it starts, restored after
+    (vLLM caches its variables once an engine is up: the cache is reset)."""
 
+    def __init__(self, values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        import vllm.envs
+
+        for key, value in self.values.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+        vllm.envs.disable_envs_cache()
+
+    def __exit__(self, *exc):
+        import vllm.envs
+
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        vllm.envs.disable_envs_cache()
+
+
+def _load_plugin_from_now_on() -> None:
+    """vLLM loads its general plugins once per process: after the engines without
+    the plugin, let it load them (from the entry point) at the next engine's
+    start, and forget the model classes it resolved per model folder (else the
+    plugin's engines would get the stock classes the first engines resolved)."""
+    import vllm.envs
+    import vllm.plugins
+    from vllm.model_executor.model_loader import utils
+
+    os.environ.pop("VLLM_PLUGINS", None)
+    vllm.envs.disable_envs_cache()
+    vllm.plugins.plugins_loaded = False
+    utils._MODEL_ARCH_BY_HASH.clear()
+
+
+def _serve(llm, spec) -> dict:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0,
+                            ignore_eos=spec.get("ignore_eos", False))
+    out = {"rejects": {}}
+    for name, req in spec.get("rejects", {}).items():
+        item = {"prompt": req["prompt"], "multi_modal_data": _mm_data(req)}
+        if req.get("mm_processor_kwargs"):
+            item["mm_processor_kwargs"] = req["mm_processor_kwargs"]
+        try:
+            llm.generate([item], params, use_tqdm=False)
+            out["rejects"][name] = None
+        except Exception as e:  # the engine's batches below show it still serves
+            out["rejects"][name] = f"{type(e).__name__}: {e}"
+    for name, batch in spec["batches"].items():
+        prompts = []
+        for req in batch:
+            item = {"prompt": req["prompt"]}
+            if req.get("images") or req.get("videos"):
+                item["multi_modal_data"] = _mm_data(req)
+            prompts.append(item)
+        gens = llm.generate(prompts, params, use_tqdm=False)
+        out[name] = [{"tokens": list(g.outputs[0].token_ids), "prompt_token_ids": list(g.prompt_token_ids),
+                      "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]}
+                     for g in gens]
+    return out
+
+
+def main(job_path: str, out_path: str) -> None:
     job = json.load(open(job_path))
-    if job.get("folder"):
-        _save_folder(job["model"], job["folder"])
+    for folder in job.get("folders", []):
+        _save_folder(folder["model"], folder)
+    engines = job["engines"]
+    stock = [spec.get("plugin", True) is False for spec in engines]
+    if stock != sorted(stock, reverse=True):
+        raise ValueError("engines without the plugin must come before those with it (vLLM loads plugins once)")
+    if any(stock):
+        os.environ["VLLM_PLUGINS"] = "none"
+    from vllm import LLM
+
     results = {}
-    for spec in job["engines"]:
-        kwargs = dict(model=job["model"], dtype="float32", seed=0, max_model_len=1024, **spec.get("engine", {}))
+    for spec, without_plugin in zip(engines, stock):
+        if not without_plugin and os.environ.get("VLLM_PLUGINS") == "none":
+            _load_plugin_from_now_on()
+        kwargs = dict(model=spec["model"], dtype="float32", seed=0, max_model_len=1024, **spec.get("engine", {}))
         if spec.get("dymu") is not None:
             from dymu_kernels.vllm import engine_kwargs
 
             kwargs.update(engine_kwargs(**spec["dymu"]))
             kwargs.update(spec.get("engine", {}))
-        try:
-            llm = LLM(**kwargs)
-        except Exception as e:  # the refusals the tests check
-            results[spec["name"]] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0,
-                                ignore_eos=spec.get("ignore_eos", False))
-        out = {"rejects": {}}
-        for name, req in spec.get("rejects", {}).items():
-            item = {"prompt": req["prompt"], "multi_modal_data": _mm_data(req)}
-            if req.get("mm_processor_kwargs"):
-                item["mm_processor_kwargs"] = req["mm_processor_kwargs"]
+        start = time.perf_counter()
+        with _Environment(spec.get("env", {})):
             try:
-                llm.generate([item], params, use_tqdm=False)
-                out["rejects"][name] = None
-            except Exception as e:  # the engine's batches below show it still serves
-                out["rejects"][name] = f"{type(e).__name__}: {e}"
-        for name, batch in spec["batches"].items():
-            prompts = []
-            for req in batch:
-                item = {"prompt": req["prompt"]}
-                if req.get("images") or req.get("videos"):
-                    item["multi_modal_data"] = _mm_data(req)
-                prompts.append(item)
-            gens = llm.generate(prompts, params, use_tqdm=False)
-            out[name] = [{"tokens": list(g.outputs[0].token_ids), "prompt_token_ids": list(g.prompt_token_ids),
-                          "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]}
-                         for g in gens]
-        from dymu_kernels.vllm import serving_stats
+                llm = LLM(**kwargs)
+            except Exception as e:  # the refusals the tests check
+                results[spec["name"]] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            out = _serve(llm, spec)
+            from dymu_kernels.vllm import serving_stats
 
-        out["stats"] = serving_stats(llm)[0]
-        if kwargs.get("tensor_parallel_size", 1) == 1:  # (a function of this script reaches no worker process)
-            out["tower_linears"] = llm.apply_model(_tower_linears)[0]
-        results[spec["name"]] = out
-        del llm
-        gc.collect()
+            out["stats"] = serving_stats(llm)[0]
+            if kwargs.get("tensor_parallel_size", 1) == 1:  # (a function of this script reaches no worker process)
+                out["tower_linears"] = llm.apply_model(_tower_linears)[0]
+            del llm
+            gc.collect()
+            out["seconds"] = time.perf_counter() - start  # start, serve, stop: where a test's time goes
+            results[spec["name"]] = out
     json.dump(results, open(out_path, "w"))
 
 

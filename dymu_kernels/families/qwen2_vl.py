@@ -190,4 +190,5 @@ FAMILY = Family(
     vision_kwargs=VISION_KWARGS,
     tower_attr="visual",
     positions=MRopePositions(),
+    feature_items=tuple,
 )

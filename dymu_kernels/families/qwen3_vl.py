@@ -40,5 +40,11 @@ def deepstack_inputs(inner, extra: torch.Tensor, visual: torch.Tensor) -> dict:
     return {"visual_pos_masks": visual, "deepstack_visual_embeds": list(extra[visual].chunk(taps, -1))}
 
 
+def _feature_output():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    return BaseModelOutputWithDeepstackFeatures
+
+
 FAMILY = replace(QWEN2_VL, model_type="qwen3_vl", class_name="Qwen3VLForConditionalGeneration",
-                 lm_inputs=deepstack_inputs)
+                 lm_inputs=deepstack_inputs, feature_output=_feature_output)

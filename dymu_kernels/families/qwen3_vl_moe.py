@@ -18,5 +18,11 @@ def _output_class():
     return Qwen3VLMoeBaseModelOutputWithPast  # with the text model's router_logits
 
 
+def _feature_output():
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import BaseModelOutputWithDeepstackFeatures
+
+    return BaseModelOutputWithDeepstackFeatures  # the module's own copy of Qwen3-VL's class
+
+
 FAMILY = replace(QWEN3_VL, model_type="qwen3_vl_moe", class_name="Qwen3VLMoeForConditionalGeneration",
-                 output_class=_output_class)
+                 output_class=_output_class, feature_output=_feature_output)

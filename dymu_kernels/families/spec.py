@@ -151,6 +151,10 @@ class Family:
     # model's forward for a prompt whose items carry extra rows (MergedItems.extra; laid out with their unique
     # rows into the compact sequence: ``visual`` marks the visual items' rows). None: the family has none.
     lm_inputs: Optional[Callable] = None
+    # The stock encoding methods' output class (imported lazily; None: transformers' BaseModelOutputWithPooling)
+    # and the sequence their ``pooler_output`` holds the items in (LLaVA: a list; Qwen: torch.split's tuple).
+    feature_output: Optional[Callable[[], type]] = None
+    feature_items: type = list
 
     def encoder(self, config, tower, thresholds="default", r=None, backend: str = "auto",
                 trim: Union[str, bool] = "auto", names: Sequence[str] = ()):

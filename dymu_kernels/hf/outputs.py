@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,9 +45,6 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
     merged_counts: Optional[torch.Tensor] = None  # [n_img] unique tokens per image
     merged_slots: Optional[torch.Tensor] = None  # [n_img, P] unique token of each placeholder
     merged_extra: Optional[torch.Tensor] = None  # [n_img, U_cap, E] more rows per unique token (MergedItems.extra)
-    # Qwen3-VL: per deepstack tap, per item, one row per placeholder (its group's tap row), as transformers'
-    # BaseModelOutputWithDeepstackFeatures holds them; None for families without deepstack.
-    deepstack_features: Optional[list] = None
     image_rows: Optional[tuple] = None  # the pooler_output tensors as encoded, in image order
 
     def merged_items(self) -> MergedItems:
@@ -62,14 +60,46 @@ class DyMUImageOutputs(BaseModelOutputWithPooling):
         return images if order == list(range(len(self.image_rows))) else images.select(order)
 
 
-def image_outputs(encoded: Encoded) -> DyMUImageOutputs:
+# DyMU's own fields: attributes after transformers' keys, never in the tuple of return_dict=False.
+_DYMU_FIELDS = ("merged_features", "merged_counts", "merged_slots", "merged_extra", "image_rows")
+
+
+@functools.lru_cache(maxsize=None)
+def output_type(stock: type) -> type:
+    """The output class of a patched encoding method whose unpatched one
+    returns ``stock``: a subclass of both ``stock`` and
+    :class:`DyMUImageOutputs` (``isinstance`` holds for either), with
+    ``stock``'s fields first (Qwen3-VL: ``deepstack_features``)."""
+    if issubclass(DyMUImageOutputs, stock):
+        return DyMUImageOutputs
+    cls = dataclass(type(f"DyMU{stock.__name__}", (DyMUImageOutputs, stock),
+                         {"__module__": __name__, "__qualname__": f"DyMU{stock.__name__}",
+                          "__doc__": f"{stock.__name__} with DyMU's merged items (see DyMUImageOutputs)."}))
+    globals()[cls.__name__] = cls  # picklable by name
+    return cls
+
+
+def image_outputs(encoded: Encoded, family) -> DyMUImageOutputs:
     """A family's :class:`~dymu_kernels.families.Encoded` in transformers'
-    output type: ``pooler_output`` holds, per item, one row per placeholder
-    (its unique token's features), as transformers expects; the tower's
-    hidden states as the family gave them."""
+    output type (``family.feature_output``'s, with DyMU's fields):
+    ``pooler_output`` holds, per item, one row per placeholder (its unique
+    token's features) in the family's sequence type; the tower's hidden
+    states as the family gave them. Keys come in the unpatched method's
+    order — its constructor's fields, then ``hidden_states``, which
+    transformers' towers record after building their output — and DyMU's
+    own fields last."""
+    stock = family.feature_output() if family.feature_output is not None else BaseModelOutputWithPooling
     merged = encoded.items
     rows = tuple(encoded.rows())
-    return DyMUImageOutputs(last_hidden_state=encoded.last_hidden_state, pooler_output=list(rows),
-                            hidden_states=encoded.hidden_states, merged_features=merged.features,
-                            merged_counts=merged.counts, merged_slots=merged.slots, merged_extra=merged.extra,
-                            image_rows=rows, **encoded.outputs)
+    out = output_type(stock)(last_hidden_state=encoded.last_hidden_state, pooler_output=family.feature_items(rows),
+                             **encoded.outputs)
+    if encoded.hidden_states is not None:
+        out.hidden_states = encoded.hidden_states
+    for name, value in zip(_DYMU_FIELDS, (merged.features, merged.counts, merged.slots, merged.extra, rows)):
+        setattr(out, name, value)
+    return out
+
+
+def stock_tuple(out: DyMUImageOutputs) -> tuple:
+    """``return_dict=False``: the unpatched method's tuple (transformers' keys only, in order)."""
+    return tuple(value for key, value in out.items() if key not in _DYMU_FIELDS)

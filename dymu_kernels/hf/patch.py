@@ -270,15 +270,15 @@ def merged_features(self, patch: Patch, modality: Modality, pixels, vision_kwarg
     """What a patched encoding method returns: the modality's merged items in
     transformers' output type, or its tuple. A tower output the DyMU tower
     does not compute (its attentions) raises by name."""
-    from .outputs import image_outputs
+    from .outputs import image_outputs, stock_tuple
 
     if vision_kwargs.get("output_attentions"):
         raise ValueError(f"output_attentions=True: the DyMU vision tower does not return its attention weights "
                          f"({modality.method}); call the unpatched model's tower for them")
     proj = getattr(self, "multi_modal_projector", None)
     dtype = proj.linear_1.weight.dtype if hasattr(proj, "linear_1") else pixels.dtype
-    out = image_outputs(modality.encode(self, patch, pixels, dtype, vision_kwargs))
-    return out if return_dict is not False else out.to_tuple()
+    out = image_outputs(modality.encode(self, patch, pixels, dtype, vision_kwargs), patch.family)
+    return out if return_dict is not False else stock_tuple(out)
 
 
 def _placeholder_mask(self, input_ids, embeds, token_id: int):
@@ -414,7 +414,8 @@ def _patched_forward(
         for m in modalities:
             pixels = vision_kwargs.get(m.pixels)
             if encoded[m.name] is None and pixels is not None:
-                encoded[m.name] = image_outputs(m.encode(self, patch, pixels, embeds.dtype, vision_kwargs))
+                encoded[m.name] = image_outputs(m.encode(self, patch, pixels, embeds.dtype, vision_kwargs),
+                                                patch.family)
             if encoded[m.name] is not None and not isinstance(encoded[m.name], DyMUImageOutputs):
                 raise ValueError(f"{m.name} features were encoded without DyMU; pass {m.pixels} to the patched model")
             items.append(encoded[m.name].merged_items() if encoded[m.name] is not None else None)
