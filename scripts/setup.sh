@@ -70,11 +70,14 @@ if error is not None:
 reason = _ext.missing_reason()
 print("[setup] C++ extension:", "built" if reason is None else f"skipped on purpose (DYMU_NO_EXT=1): {reason}")
 PY
+echo "[setup] package installed (${SECONDS}s)"
 if [[ -n "$vllm_pid" ]]; then
   if ! wait "$vllm_pid"; then
     tail -n 40 "$vllm_log" >&2
     echo "[setup] ERROR: the vLLM environment failed (full log: $vllm_log)" >&2
     exit 1
   fi
+  echo "[setup] vLLM dependencies installed (${SECONDS}s)"
   bash scripts/setup_vllm.sh
+  echo "[setup] done (${SECONDS}s)"
 fi
