@@ -24,9 +24,7 @@ for arg in "$@"; do
 done
 if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
-# --no-compile: no byte-compiling of every installed module (a minute and more of CPU for torch and vLLM);
-# Python writes the bytecode of what is imported, on first import.
-pip_install() { "$PY" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # The vLLM environment (a venv of its own, minutes of installs from disk) is made
 # beside the main install: its dependencies now, in the background; this package
