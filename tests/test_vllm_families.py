@@ -6,9 +6,10 @@ processors need torchvision, see ``scripts/setup_vllm.sh``) together with
 its processor's outputs for every request; vLLM serves the requests — stock
 (no plugin), and with the plugin merging nothing, merging in the tower
 (``r``), merging by thresholds (Qwen: after the patch merger; OneVision: in
-the SigLIP tower), under chunked prefill, and on two tensor-parallel CPU
-workers — and the package's patched transformers model (``apply_dymu``,
-transformers 5.24 here) generates from the same processor outputs. Plugin ==
+the SigLIP tower), under chunked prefill, under a compiled engine and on two
+tensor-parallel CPU workers (where ``Kind`` says so) — all in one vLLM
+worker process — and the package's patched transformers model
+(``apply_dymu``) generates from the same processor outputs. Plugin ==
 patched transformers (tokens, logprobs) with merging; == stock vLLM with
 nothing merged.
 """
