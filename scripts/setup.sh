@@ -6,6 +6,12 @@
 #                                           # of the plugin's tests (scripts/setup_vllm.sh, ~7 GB)
 #   bash scripts/setup.sh --test --no-vllm  # ... without the vLLM environment (its tests are skipped)
 #
+# The vLLM environment is made in the background and may still be in the
+# making when this script returns (the main install is done then): the tests
+# that need it wait for build/vllm-env.status to say "ready" (or fail with its
+# log, build/setup_vllm.log), while the others run. So the minutes it takes to
+# install are spent beside the test suite, not before it.
+#
 # torch is never replaced: an installed torch (and triton) is pinned for every
 # pip call below, and only a machine without torch gets torch==2.13.0. The C++
 # extension is compiled against that torch (--no-build-isolation); the script
@@ -27,15 +33,29 @@ if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # The vLLM environment (a venv of its own, minutes of installs from disk) is made
-# beside the main install: its dependencies now, in the background; this package
-# goes into it at the end, once the extension is built here.
-vllm_pid=""
+# in a detached background job: its dependencies now, beside the main install;
+# this package goes into it once the extension is built here (build/.main-installed).
+# The job writes its outcome to build/vllm-env.status ("building PID", "ready",
+# "failed"), which tests/conftest.py reads.
 if [[ "$with_vllm" == 1 ]]; then
   mkdir -p build
   vllm_log="build/setup_vllm.log"
+  rm -f build/.main-installed build/.main-failed
+  trap '[[ -e build/.main-installed ]] || touch build/.main-failed' EXIT
   echo "[setup] making the vLLM environment in the background (log: $vllm_log)"
-  bash scripts/setup_vllm.sh --deps-only > "$vllm_log" 2>&1 &
-  vllm_pid=$!
+  echo building > build/vllm-env.status  # now: an older "ready" must not be read while this one runs
+  nohup setsid bash -c '
+    status=build/vllm-env.status
+    echo "building $$" > "$status"
+    start=$SECONDS
+    ok=0
+    if bash scripts/setup_vllm.sh --deps-only; then
+      until [[ -e build/.main-installed || -e build/.main-failed ]]; do sleep 2; done
+      if [[ -e build/.main-installed ]] && bash scripts/setup_vllm.sh; then ok=1; fi
+    fi
+    echo "[setup-vllm] finished after $((SECONDS - start))s"
+    if [[ $ok == 1 ]]; then echo ready > "$status"; else echo failed > "$status"; fi
+  ' > "$vllm_log" 2>&1 < /dev/null &
 fi
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -45,7 +65,11 @@ fi
 torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
 echo "[setup] using torch $torch_version"
 constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
+if [[ "$with_vllm" == 1 ]]; then
+  trap 'rm -f "$constraints"; [[ -e build/.main-installed ]] || touch build/.main-failed' EXIT
+else
+  trap 'rm -f "$constraints"' EXIT
+fi
 echo "torch==${torch_version}" > "$constraints"
 # Keep an installed triton (GPU machines ship one matched to torch); otherwise
 # take 3.6.0, the version whose CPU interpreter the tests are known to run on.
@@ -69,13 +93,8 @@ reason = _ext.missing_reason()
 print("[setup] C++ extension:", "built" if reason is None else f"skipped on purpose (DYMU_NO_EXT=1): {reason}")
 PY
 echo "[setup] package installed (${SECONDS}s)"
-if [[ -n "$vllm_pid" ]]; then
-  if ! wait "$vllm_pid"; then
-    tail -n 40 "$vllm_log" >&2
-    echo "[setup] ERROR: the vLLM environment failed (full log: $vllm_log)" >&2
-    exit 1
-  fi
-  echo "[setup] vLLM dependencies installed (${SECONDS}s)"
-  bash scripts/setup_vllm.sh
-  echo "[setup] done (${SECONDS}s)"
+if [[ "$with_vllm" == 1 ]]; then
+  touch build/.main-installed
+  echo "[setup] the vLLM environment is being finished in the background (build/vllm-env.status, log: $vllm_log);"
+  echo "[setup] the tests that need it wait for it"
 fi

@@ -2,22 +2,68 @@
 
 import os
 
-import pytest
-import torch
+# Under pytest-xdist each worker takes one core (pyproject: two workers): one
+# thread for OpenMP (torch, and the processes tests start: benchmark scripts,
+# vLLM workers and servers — torch in a child would take every core, spinning
+# against the other worker) and for OpenBLAS (NumPy: the Triton interpreter's
+# dots). Set before torch and NumPy load, which read them once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in its CPU interpreter, which must be
 # chosen before any @triton.jit decorator runs (kernel modules import lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist each worker takes one core: torch runs one thread per
-# worker, so the workers share the machine instead of oversubscribing it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The vLLM environment of the plugin's tests (scripts/setup_vllm.sh makes it).
 VLLM_PYTHON = os.environ.get("DYMU_VLLM_PYTHON", os.path.join(ROOT, "build", "vllm-env", "bin", "python"))
+# What scripts/setup.sh --test's background job says of it: "building PID", "ready" or "failed".
+VLLM_STATUS = os.path.join(ROOT, "build", "vllm-env.status")
+VLLM_WAIT_S = 1800
+
+
+def _vllm_status():
+    try:
+        words = open(VLLM_STATUS).read().split()
+    except OSError:
+        return None, None
+    status = words[0] if words else None
+    pid = int(words[1]) if status == "building" and len(words) > 1 and words[1].isdigit() else None
+    return status, pid
+
+
+def require_vllm_env() -> str:
+    """The vLLM environment's python, for a test that runs vLLM. While
+    ``scripts/setup.sh --test`` still makes it in the background, wait (the
+    other tests run meanwhile); if that failed or its job is gone, fail with
+    its log; with no environment at all, skip."""
+    import time
+
+    deadline = time.monotonic() + VLLM_WAIT_S
+    status, pid = _vllm_status()
+    while status == "building":
+        if pid is not None and not os.path.exists(f"/proc/{pid}"):
+            status = "failed"  # the job ended without a word (killed)
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"the vLLM environment was still being made after {VLLM_WAIT_S} s ({VLLM_STATUS})")
+        time.sleep(2)
+        status, pid = _vllm_status()
+    if status == "failed":
+        log = os.path.join(ROOT, "build", "setup_vllm.log")
+        tail = open(log, errors="replace").read()[-4000:] if os.path.exists(log) else "(no log)"
+        pytest.fail(f"scripts/setup.sh --test could not make the vLLM environment ({log}):\n{tail}")
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    return VLLM_PYTHON
 
 
 
@@ -109,13 +155,17 @@ def pytest_runtest_makereport(item, call):
                           "the C++ extension must build here"
 
 
-# Files whose module fixtures run for minutes (vLLM engines, ptxas, whole-model torch.compile, a cmake
-# build), slowest first. The suite runs a file per process at a time (--dist loadfile), handing files out in
+# Files whose module fixtures run for minutes (ptxas, whole-model torch.compile, a cmake build), slowest
+# first. The suite runs a file per process at a time (--dist loadfile), handing files out in
 # collection order: these go first, so the last minutes are not one of them running alone.
-SLOW_FILES = ("test_vllm_families.py", "test_triton_aot.py", "test_vllm_plugin.py", "test_bench_vllm.py",
-              "test_qwen_vl.py", "test_qwen3_vl.py", "test_segment.py", "test_llava_generation.py")
+SLOW_FILES = ("test_triton_aot.py", "test_qwen_vl.py", "test_qwen3_vl.py", "test_llava_generation.py",
+              "test_segment.py")
+# The files that run vLLM come last: scripts/setup.sh --test may still be making its environment when the
+# suite starts (require_vllm_env waits), and their minutes-long fixtures, one per process, end the run together.
+VLLM_FILES = ("test_vllm_families.py", "test_vllm_plugin.py", "test_bench_vllm.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept otherwise
+    order = SLOW_FILES + (None,) + VLLM_FILES  # None: every other file, in collection order
+    rank = {name: i for i, name in enumerate(order)}
+    items.sort(key=lambda item: rank.get(item.path.name, order.index(None)))  # stable: file order kept otherwise

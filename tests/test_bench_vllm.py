@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, VLLM_PYTHON
+from conftest import ROOT, VLLM_PYTHON, require_vllm_env
 
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
@@ -18,8 +18,7 @@ VLLM_TORCH = "2.14.1"  # what scripts/setup_vllm.sh installs for vLLM's CPU buil
 
 @pytest.mark.slow
 def test_quick_run_writes_rows(tmp_path):
-    if not os.path.exists(VLLM_PYTHON):
-        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    require_vllm_env()
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_vllm.py"), "--size", "quick", "--configs",
            "stock,r=8,stock", "--requests", "2", "--new-tokens", "2", "--samples", "3", "--results-dir", str(tmp_path),
            "--vllm-python", VLLM_PYTHON]

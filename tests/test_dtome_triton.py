@@ -27,8 +27,13 @@ def run_both(args, **kwargs):
 SHAPES = [(5, 1024), (50, 256), (577, 64), (1025, 64)]
 
 
-@pytest.mark.parametrize("N,C", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# Every shape in every dtype, but the largest (the plan's tiles, B=2) in fp32 only: the interpreter runs it
+# for seconds per call, and the half dtypes take the same code path at 577 tokens.
+DTYPE_SHAPES = [(N, C, dtype) for N, C in SHAPES for dtype in (torch.float32, torch.float16, torch.bfloat16)
+                if N <= 600 or dtype == torch.float32]
+
+
+@pytest.mark.parametrize("N,C,dtype", DTYPE_SHAPES)
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_triton_threshold_merge_matches_reference(gen, N, C, dtype, cls_token):
     args = mixed_batch(gen, N, C, dtype, B=2 if N > 600 else 3)

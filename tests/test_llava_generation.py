@@ -13,7 +13,7 @@ from test_llava_integration import IMG, NO_MERGE, P, images, left_padded, prompt
 
 transformers = pytest.importorskip("transformers")
 
-from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
+from dymu_kernels.hf import apply_dymu, dymu_stats  # noqa: E402
 
 BASE = dict(max_new_tokens=4, suppress_tokens=[IMG], pad_token_id=0, return_dict_in_generate=True)
 
@@ -280,6 +280,13 @@ def test_cache_length_crop_reset_and_new_images(gen):
         with pytest.raises(ValueError, match="new image placeholders on a DyMU KV cache"):
             model(input_ids=prompt(1), pixel_values=pix, past_key_values=again.past_key_values)
         static = model.generate(input_ids=ids, pixel_values=pix, cache_implementation="static", **BASE, do_sample=False)
+        assert torch.equal(static.sequences, out.sequences)
+        # The static cache's VTU state is preallocated: cropping turns its last columns back into padding.
+        static.past_key_values.crop(-2)
+        assert static.past_key_values.get_seq_length() == full - 2
+        again = model.generate(input_ids=out.sequences[:, : full - 1], past_key_values=static.past_key_values,
+                               **dict(BASE, max_new_tokens=2), do_sample=False)  # the static cache's length
+        assert torch.equal(again.sequences, fresh.sequences[:, : full + 1])
         static.past_key_values.reset()
         assert static.past_key_values.get_seq_length() == 0
         assert torch.equal(model(input_ids=ids, pixel_values=pix, past_key_values=static.past_key_values).logits,
@@ -287,29 +294,41 @@ def test_cache_length_crop_reset_and_new_images(gen):
 
 
 def test_torch_compile_of_the_whole_model(gen):
-    """torch.compile(model): forward equals eager, generate() with a compiled
-    forward equals eager generate(); the only graph breaks are the
+    """torch.compile of the forward equals eager, its only graph breaks the
     data-dependent token count and the cache's one-time class swap — none in
-    the kernels (all torch.library ops with matching fakes)."""
+    the kernels (all torch.library ops with matching fakes) — and fullgraph
+    compiled generate() equals eager (check_compiled_whole_model); so does
+    generate() with a compiled forward over transformers' default growing
+    cache (the VTU state's length marked dynamic)."""
+    from test_qwen_vl import check_compiled_whole_model
+
     model = tiny_llava()
     apply_dymu(model, [0.5, 0.5])
     ids, pix = prompt(1), images(gen, 1, flat=(0,))
-    torch._dynamo.reset()
+    check_compiled_whole_model(model, dict(input_ids=ids, pixel_values=pix), [IMG])
     with torch.no_grad():
-        expected = model(input_ids=ids, pixel_values=pix).logits
-        explanation = torch._dynamo.explain(model)(input_ids=ids, pixel_values=pix)
-        reasons = [str(b.reason) for b in explanation.break_reasons]
-        assert all("Data dependent" in r or "compiler.disable" in r for r in reasons), reasons
-        got = torch.compile(model)(input_ids=ids, pixel_values=pix).logits
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         eager = model.generate(input_ids=ids, pixel_values=pix, **BASE, do_sample=False).sequences
-        static = model.generate(input_ids=ids, pixel_values=pix, cache_implementation="static", **BASE,
-                                do_sample=False).sequences
-        model.forward = torch.compile(model.forward)
-        compiled = model.generate(input_ids=ids, pixel_values=pix, **BASE, do_sample=False).sequences
-        compiled_static = model.generate(input_ids=ids, pixel_values=pix, cache_implementation="static", **BASE,
-                                         do_sample=False).sequences
-    assert torch.equal(compiled, eager) and torch.equal(static, eager) and torch.equal(compiled_static, eager)
+        model.forward = torch.compile(model.forward, backend="eager")  # dynamo's trace, symbolic lengths
+        try:
+            compiled = model.generate(input_ids=ids, pixel_values=pix, **BASE, do_sample=False).sequences
+        finally:
+            del model.forward
+            torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("thresholds", [NO_MERGE, [0.5, 0.5]], ids=["nothing merged", "merging"])
+def test_fullgraph_static_generate_compiles_once(gen, thresholds):
+    """A left-padded batch through generate() with a fullgraph static-shape
+    compiled forward: equal to eager, from one graph (the padding mask comes
+    padded to the static cache's length; check_fullgraph_static_generate)."""
+    from test_qwen_vl import check_fullgraph_static_generate
+
+    model = tiny_llava()
+    apply_dymu(model, thresholds)
+    ids, mask = left_padded(prompt(1), prompt(1, pre=1))
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=images(gen, 2, flat=(0,)), pad_token_id=0)
+    check_fullgraph_static_generate(model, kwargs, [IMG])
 
 
 @pytest.mark.parametrize("thresholds", [NO_MERGE, [0.5, 0.5]])

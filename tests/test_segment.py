@@ -131,9 +131,8 @@ def test_backend_errors(gen):
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_standalone_build(tmp_path, gen):
     """CMakeLists.txt builds the same extension; the module it builds matches
-    the reference. As one translation unit (CMake's unity build): torch's
-    headers parsed once, half the compile time in CI; setup.py compiles the
-    same sources one by one."""
+    the reference. As one translation unit (CMake's unity build, as setup.py
+    builds it): torch's headers parsed once, half the compile time in CI."""
     pybind11 = pytest.importorskip("pybind11")
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

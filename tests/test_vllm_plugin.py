@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, TP2_ENV, VLLM_PYTHON, assert_same_generation, greedy_generation, randn,
+from conftest import (ROOT, VLLM_PYTHON, assert_same_generation, greedy_generation, randn, require_vllm_env,
                       run_vllm_worker)
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
 from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
@@ -344,7 +344,8 @@ def test_engine_refusals():
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             check_engine(_engine(**{path: value}))
-    assert unsupported_settings(_engine(**{"parallel_config.tensor_parallel_size": 2})) == []  # served, tested below
+    # served (test_vllm_families' Qwen2.5-VL engine)
+    assert unsupported_settings(_engine(**{"parallel_config.tensor_parallel_size": 2})) == []
     # Producers (this instance encodes / prefills, others consume) and text-only models are fine.
     assert unsupported_settings(_engine(**{"ec_transfer_config": types.SimpleNamespace(is_ec_consumer=False),
                                            "kv_transfer_config": types.SimpleNamespace(is_kv_consumer=False),
@@ -395,7 +396,7 @@ ENGINES = [
     ("r8", {"r": R}, {}, ["single", "batch", "long"]),
     ("r8_chunked", {"r": R}, CHUNKED, ["split", "batch", "long"]),
     ("thresholds", {"thresholds": THRESHOLDS}, {}, ["batch"]),
-    ("off", {"r": R, "enabled": False}, {"enforce_eager": False}, ["single"]),
+    ("off", {"r": R, "enabled": False}, {}, ["single"]),
     ("r8_compiled", {"r": R}, {"enforce_eager": False}, ["batch"]),  # torch.compile where nothing merged
     # Refused at load time:
     ("refuse_prefix_cache", {"r": R}, {"enable_prefix_caching": True}, []),
@@ -452,8 +453,7 @@ def _hf_generate(model, processor, prompt, images):
 def served(tmp_path_factory):
     """What vLLM (without the plugin, and with it in every configuration) and
     transformers generated for every prompt."""
-    if not os.path.exists(VLLM_PYTHON):
-        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    require_vllm_env()
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from vllm_folder import save_llava_folder
 
@@ -482,9 +482,8 @@ def served(tmp_path_factory):
                 "batches": batches(["single", "batch"])}]
     engines += [{"name": n, "dymu": d, "engine": e, "batches": batches(b), "rejects": rejects.get(n, {})}
                 for n, d, e, b in ENGINES]
-    engines.append({"name": "r8_tp2", "dymu": {"r": R}, "batches": batches(["batch"]),
-                    "engine": {"tensor_parallel_size": 2}, "env": TP2_ENV})
-    job = {"engines": [dict(e, model=model_dir, max_tokens=NEW_TOKENS) for e in engines]}
+    job = {"engines": [dict(e, model=model_dir, max_tokens=NEW_TOKENS) for e in engines],
+           "scripts": [{"name": "readme", "code": _readme_example(model_dir, paths[3])}]}
     vllm = run_vllm_worker(job, folder, "engines")
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
@@ -499,7 +498,7 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
             assert_same_generation(stock, hf[key], f"stock vLLM vs transformers, {key}")
             assert_same_generation(got, stock, f"plugin (nothing merged) vs stock vLLM, {key}")
     assert vllm["r0"]["stats"]["tower_tokens_kept"] == vllm["r0"]["stats"]["tower_tokens"] > 0
-    # enabled: false is vLLM's LLaVA as it is (compiled, too).
+    # enabled: false is vLLM's LLaVA as it is.
     assert_same_generation(vllm["off"]["single"][0], vllm["stock"]["single"][0], "dymu disabled vs stock")
     assert vllm["off"]["stats"] is None
 
@@ -507,14 +506,15 @@ def test_unmerged_equals_stock_vllm_and_transformers(served):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,batch", [("r8", "single"), ("r8", "batch"), ("r8", "long"),
                                           ("r8_chunked", "split"), ("r8_chunked", "batch"), ("r8_chunked", "long"),
-                                          ("thresholds", "batch"), ("r8_compiled", "batch"),
-                                          ("r8_tp2", "batch")])
+                                          ("thresholds", "batch"), ("r8_compiled", "batch")])
 def test_merged_equals_patched_transformers(served, engine, batch):
     """With merging, every request — alone, batched with others (text-only
     among them), with two images, prefilled in chunks (two requests sharing an
-    image where vLLM's own scheduler would split it), on two tensor-parallel
-    workers, under a compiled engine (decode steps compiled, merged steps
-    eager) — gives what the package's patched transformers model gives for it alone."""
+    image where vLLM's own scheduler would split it), under a compiled engine
+    (decode steps compiled, merged steps eager) — gives what the package's
+    patched transformers model gives for it alone. (Two tensor-parallel
+    workers: test_vllm_families' Qwen2.5-VL engine; that path is the serving
+    mixin's, the same for every family.)"""
     ref = served["hf"]["thresholds" if engine == "thresholds" else "r8"]
     for key, got in zip(BATCHES[batch], served["vllm"][engine][batch]):
         assert_same_generation(got, ref[key], f"{engine}/{batch}/{key}")
@@ -569,24 +569,27 @@ def test_bad_pixels_refused_while_processing(served):
     assert "expected 64, got 32" in err
 
 
-@pytest.mark.slow
-def test_readme_vllm_example_runs(served, tmp_path):
+def _readme_example(model_dir, image):
     """The README's vLLM example, as written, on the tiny model (its id and photo swapped for local files, the
     published thresholds for the tiny tower's: the preset is for CLIP-L's 24 blocks)."""
     from test_readme import readme_vllm_blocks
 
     blocks = readme_vllm_blocks()
     assert len(blocks) == 1
-    code = blocks[0].replace('"llava-hf/llava-1.5-7b-hf"', repr(served["model_dir"]))
-    code = code.replace('"photo.png"', repr(served["images"][3]))
+    code = blocks[0].replace('"llava-hf/llava-1.5-7b-hf"', repr(model_dir)).replace('"photo.png"', repr(image))
     code = code.replace('engine_kwargs(thresholds="default")', f"engine_kwargs(thresholds={THRESHOLDS!r})")
-    assert code != blocks[0]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
-    proc = subprocess.run([VLLM_PYTHON, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert code.count(repr(model_dir)) == code.count(repr(image)) == 1 and repr(THRESHOLDS) in code
+    return code
+
+
+@pytest.mark.slow
+def test_readme_vllm_example_runs(served):
+    """The README's vLLM example runs (in the vLLM worker's process, after its engines: _readme_example)."""
+    run = served["vllm"]["readme"]
+    assert run["error"] is None, run["error"][-4000:]
     # 16 new tokens, printed as words of the tiny vocabulary (ids past it, untrained, print as nothing)
-    words = proc.stdout.strip().splitlines()[-1].split()
-    assert 0 < len(words) <= 16 and all(w[0] == "w" and w[1:].isdigit() for w in words), proc.stdout[-500:]
+    words = run["stdout"].strip().splitlines()[-1].split()
+    assert 0 < len(words) <= 16 and all(w[0] == "w" and w[1:].isdigit() for w in words), run["stdout"][-500:]
 
 
 def test_cpu_alias_version():
@@ -621,7 +624,7 @@ def served_http(served, tmp_path_factory):
            "chat": [dict(c, max_tokens=NEW_TOKENS) for c in chat]}
     job_path, out_path = os.path.join(folder, "job.json"), os.path.join(folder, "out.json")
     json.dump(job, open(job_path, "w"))
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind")  # one thread (conftest), not bound to a core
     proc = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_server.py"), job_path, out_path],
                           env=env, capture_output=True, text=True, timeout=900)
     log = open(job["log"], "rb").read() if os.path.exists(job["log"]) else b""
@@ -655,8 +658,7 @@ def test_unserved_family_with_a_dymu_entry_is_refused_at_load():
     """Qwen3-VL (patched by apply_dymu, not yet served by the plugin): a
     ``dymu`` entry fails the config hook by name instead of being served as
     stock vLLM; without one, vLLM's own hook for the class (if any) still runs."""
-    if not os.path.exists(VLLM_PYTHON):
-        pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (bash scripts/setup_vllm.sh makes it)")
+    require_vllm_env()
     code = """
 import types
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP

@@ -6,17 +6,20 @@ the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 JOB: ``{"engines": [{"name", "model": DIR, "plugin": bool (default true), "env": {variables},
 "engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "batches": {name: [{"prompt", "images": [PNG paths],
 "videos": [NPY paths of frames]}]}, "max_tokens", "ignore_eos", "rejects": {name: {"prompt", "images",
-"mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}]}``.
+"mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}],
+"scripts": [{"name", "code": Python source}]}``.
 Each folder is made first: a tiny Qwen-VL or LLaVA-OneVision of that kind saved at DIR
 (``benchmarks/vllm_folder.py``) and its processor's outputs per request dumped (what transformers is then
 given). Engines run one after another in this process (a process start is most of a tiny engine's cost):
 those with ``"plugin": false`` are vLLM without the plugin (``VLLM_PLUGINS=none``) and come first; vLLM then
 loads the plugin from its entry point for the rest, as a fresh process would. ``env`` holds variables for one
 engine (its worker processes inherit them). Each engine is sent its rejects first (each one request that must
-fail), then serves all its batches (each batch one ``generate`` call).
+fail), then serves all its batches (each batch one ``generate`` call). Scripts run last, in this process
+with the plugin loaded, each as ``__main__`` (the README's example: a fresh process would import vLLM again).
 OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null},
 "tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines)}}``
-or ``{engine: {"error": message}}`` when the engine refused to start.
+or ``{engine: {"error": message}}`` when the engine refused to start; ``{script: {"stdout", "error":
+traceback | null}}``.
 """
 
 import gc
@@ -193,7 +196,26 @@ def main(job_path: str, out_path: str) -> None:
             gc.collect()
             out["seconds"] = time.perf_counter() - start  # start, serve, stop: where a test's time goes
             results[spec["name"]] = out
+    for script in job.get("scripts", []):
+        if os.environ.get("VLLM_PLUGINS") == "none":
+            _load_plugin_from_now_on()
+        results[script["name"]] = _run_script(script)
     json.dump(results, open(out_path, "w"))
+
+
+def _run_script(script) -> dict:
+    import contextlib
+    import io
+    import traceback
+
+    stdout, error = io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(stdout):
+            exec(compile(script["code"], script["name"], "exec"), {"__name__": "__main__"})
+    except Exception:  # the test shows it
+        error = traceback.format_exc()
+    gc.collect()
+    return {"stdout": stdout.getvalue(), "error": error}
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ position rules (M-RoPE has quirks of its own). A family's *position provider*
   the positions of a prompt of ``N`` (virtual) positions (``embeds``
   ``[B, N, C]``: the full sequence's embeddings), ``[B, N]`` (1-D RoPE) or
   ``[k, B, N]`` (``k`` rotary axes: M-RoPE's t, h, w);
-- ``step(inner, previous, position_ids, embeds)``: the positions of the ``T``
-  new tokens ``embeds [B, T, C]`` on a cache whose positions so far are
-  ``previous`` (stored form, below).
+- ``step(inner, previous, seen, position_ids, embeds)``: the positions of
+  the ``T`` new tokens ``embeds [B, T, C]`` on a cache that has seen ``seen``
+  positions (an int or a 0-d tensor), stored in ``previous`` (stored form,
+  below; a static cache's state is preallocated: its columns from ``seen`` on
+  hold 0).
 
 Whatever the model's rotary module takes, it turns into per-position cos/sin
 ``[B, N, D]``, which is all :func:`dymu_kernels.vtu_attention` needs.
@@ -49,10 +51,12 @@ class PositionProvider(Protocol):
         """Positions of a prompt of ``N`` virtual positions (``embeds [B, N, C]``):
         ``[B, N]`` (1-D RoPE) or ``[k, B, N]`` (``k`` rotary axes), a fresh tensor."""
 
-    def step(self, inner, previous: torch.Tensor, position_ids: Optional[torch.Tensor],
+    def step(self, inner, previous: torch.Tensor, seen, position_ids: Optional[torch.Tensor],
              embeds: torch.Tensor) -> torch.Tensor:
         """Positions of ``T`` new tokens (``embeds [B, T, C]``) after a cache
-        whose positions so far are ``previous`` (stored form): ``[B, T]`` / ``[k, B, T]``."""
+        that has seen ``seen`` positions (int or 0-d tensor), stored in
+        ``previous`` (stored form; columns from ``seen`` on hold 0):
+        ``[B, T]`` / ``[k, B, T]``."""
 
 
 class LinearPositions:
@@ -70,12 +74,12 @@ class LinearPositions:
             return position_ids.to(device).long().expand(B, N).clone()
         return torch.arange(N, device=device).expand(B, N).clone()
 
-    def step(self, inner, previous: torch.Tensor, position_ids: Optional[torch.Tensor],
+    def step(self, inner, previous: torch.Tensor, seen, position_ids: Optional[torch.Tensor],
              embeds: torch.Tensor) -> torch.Tensor:
         B, T, device = embeds.shape[0], embeds.shape[1], previous.device
         if position_ids is not None:
             return position_ids[..., -T:].to(device).expand(B, T).long()
-        return (previous.shape[1] + torch.arange(T, device=device)).expand(B, T)
+        return (seen + torch.arange(T, device=device)).expand(B, T)
 
 
 def _three_axes(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -116,11 +120,12 @@ class MRopePositions:
             positions = torch.arange(N, device=embeds.device).expand(3, B, N)
         return positions.to(embeds.device).long().clone()
 
-    def step(self, inner, previous: torch.Tensor, position_ids: Optional[torch.Tensor],
+    def step(self, inner, previous: torch.Tensor, seen, position_ids: Optional[torch.Tensor],
              embeds: torch.Tensor) -> torch.Tensor:
         B, T = embeds.shape[:2]
         if position_ids is not None:
             return _three_axes(position_ids, B)[..., -T:].to(previous.device).long()
-        # As the model continues without positions (its rope_deltas): text after the largest position so far.
+        # As the model continues without positions (its rope_deltas): text after the largest position so far
+        # (unwritten columns of a preallocated state hold 0, which never exceeds it).
         start = previous.flatten(1).amax(1) + 1
         return (start[:, None] + torch.arange(T, device=previous.device)).expand(3, B, T)

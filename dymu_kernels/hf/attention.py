@@ -20,11 +20,12 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
 from ..ops.vtu import vtu_attention, vtu_decode_attention
+from .cache import static_length
 
 
 ATTN_NAME = "dymu_vtu"
@@ -46,13 +47,18 @@ class VTUContext:
     backend: str
     deterministic: bool = True  # Triton: no fp32 atomics in the re-merge (bit-identical run to run)
     weights: bool = False  # also return attention probabilities at the full positions (output_attentions, eager)
+    # Decode on a preallocated cache state (static caches): the positions the T new tokens hold in the cache's
+    # state, [T]. The map and tables then end with the new tokens' columns (where decode attention takes its
+    # queries), their own columns masked; attention weights go back to the cache's layout.
+    query_columns: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = False) -> "VTUContext":
         """The context on ``device``: accelerate's hooks (``device_map`` over
         several GPUs) move arguments they do not know by calling ``.to``, so
         the map and tables follow each layer like its other inputs."""
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, merge_map=move(self.merge_map), cos=move(self.cos), sin=move(self.sin))
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, merge_map=move(self.merge_map), cos=move(self.cos), sin=move(self.sin),
+                       query_columns=move(self.query_columns))
 
 
 class DeferredMask:
@@ -61,11 +67,19 @@ class DeferredMask:
 
     VTU needs no mask of its own, only the 2-D padding mask — which
     ``generate()`` with a static cache turns into a 4-D mask object *before*
-    calling the model; this keeps the padding mask for the patched forward.
+    calling the model; this keeps the padding mask for the patched forward,
+    also padded with zeros to the cache's length (``static``): what a decode
+    step on a preallocated state (:meth:`VTUCacheState.preallocated`) takes,
+    in one shape at every step.
     """
 
     def __init__(self, mask_kwargs: dict):
         self.padding = mask_kwargs.get("attention_mask")  # [B, L] or None
+        cache = mask_kwargs.get("cache", mask_kwargs.get("past_key_values"))  # transformers >= 5.25: "cache"
+        capacity = static_length(cache)
+        self.static = None  # [B, capacity] or None
+        if self.padding is not None and capacity is not None and capacity >= self.padding.shape[-1]:
+            self.static = torch.nn.functional.pad(self.padding, (0, capacity - self.padding.shape[-1]))
 
 
 # Per thread: how many calls carrying a VTU context are running. The two
@@ -168,6 +182,9 @@ def _attention_probs(query, key, ctx: "VTUContext", scale: float):
     allowed = allowed & (ctx.merge_map >= 0)[:, None, None, :]
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a query with no key at all: zeros
+    if ctx.query_columns is not None:  # the new tokens' weights back at their own (masked, 0) columns
+        T = query.shape[2]
+        probs = probs[..., :-T].index_copy(-1, ctx.query_columns, probs[..., -T:])
     return probs.to(query.dtype)
 
 

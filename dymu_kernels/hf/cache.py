@@ -81,6 +81,16 @@ def _vtu_cache_class(base: type) -> type:
     return type(f"VTU{base.__name__}", (_VTUCacheMixin, base), {"__module__": __name__})
 
 
+def static_length(cache) -> Optional[int]:
+    """The length of a static (compileable) cache — how many positions
+    ``generate()`` sized it for — or None for a growing cache."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    length = getattr(cache, "get_max_length", None) or getattr(cache, "get_max_cache_shape")  # transformers < 5.2x
+    length = length()
+    return length if isinstance(length, int) and length > 0 else None
+
+
 def cache_state(cache) -> Optional[VTUCacheState]:
     """The VTU state of ``cache`` (None for no cache, or one DyMU never filled)."""
     return getattr(cache, "_dymu_state", None)

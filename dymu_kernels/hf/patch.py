@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from dataclasses import replace
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -39,7 +38,7 @@ from ..core.positions import stored_positions
 from ..core.thresholds import Thresholds
 from ..families import DyMUStats, Modality, Patch, family_for, model_names
 from .attention import DeferredMask, VTUContext, install_vtu
-from .cache import VTUCacheState, cache_state, set_cache_state
+from .cache import VTUCacheState, cache_state, set_cache_state, static_length
 
 SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))  # [min, max): the versions tested
 
@@ -213,14 +212,17 @@ def kv_cache_bytes(cache) -> Dict[str, int]:
 # ----------------------------------------------------------------------------
 
 
-def _padding_mask(attention_mask):
+def _padding_mask(attention_mask, preallocated: bool = False):
     """The 2-D ``[B, L]`` padding mask in what a patched forward may get: the
     mask itself, one mask per layer type (Qwen2: the same padding in each), or
-    the :class:`DeferredMask` generate() made for a static cache."""
+    the :class:`DeferredMask` generate() made for a static cache — its mask
+    padded to the cache's length when the cache's state is ``preallocated``
+    (a compiled decode step then takes inputs of fixed shapes)."""
     if isinstance(attention_mask, dict):
         attention_mask = next(iter(attention_mask.values()))
     if isinstance(attention_mask, DeferredMask):
-        attention_mask = attention_mask.padding
+        attention_mask = attention_mask.static if preallocated and attention_mask.static is not None \
+            else attention_mask.padding
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"a DyMU-patched model takes a 2-D [batch, sequence] padding attention_mask, got shape "
@@ -229,18 +231,24 @@ def _padding_mask(attention_mask):
     return attention_mask
 
 
-def _visible_map(merge_map, attention_mask):
+def _visible_map(state: VTUCacheState, attention_mask):
     """The map a call attends through: positions its ``attention_mask`` hides
     (0) are -1, as masked keys are for the unpatched model. The mask covers
-    every position — the cache's and this call's, as transformers expects."""
+    every position — the cache's and this call's, as transformers expects (for
+    a preallocated state: those, or the state's whole capacity)."""
+    merge_map = state.merge_map
     if attention_mask is None:
         return merge_map
+    attention_mask = attention_mask.to(merge_map.device)
+    B, capacity = merge_map.shape
+    if state.filled is not None and attention_mask.shape[1] != capacity and attention_mask.shape == (B, state.length):
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, capacity - state.length))
     if attention_mask.shape != merge_map.shape:
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; with the cache's positions and this call's "
-            f"tokens it must be {tuple(merge_map.shape)} (batch, cached + new positions)"
+            f"tokens it must be {(B, state.length)} (batch, cached + new positions)"
         )
-    return merge_map.masked_fill(attention_mask.to(merge_map.device) == 0, -1)
+    return merge_map.masked_fill(attention_mask == 0, -1)
 
 
 def _feature_method(inner, patch: Patch, modality: Modality):
@@ -327,16 +335,37 @@ def _decode_state(self, patch: Patch, state: VTUCacheState, embeds, position_ids
     numbers them after the cache's)."""
     B, T, _ = embeds.shape
     device = state.merge_map.device
-    new_pos = patch.family.positions.step(self, state.positions, position_ids, embeds)
-    rows = (state.rows + torch.arange(T, device=device)).to(torch.int32)
+    new_pos = patch.family.positions.step(self, state.positions, state.seen, position_ids, embeds)
+    rows = (state.rows + torch.arange(T, device=device)).expand(B, T)
     cos_new, sin_new = self.language_model.rotary_emb(embeds, new_pos)
-    mask = state.compact_mask
-    if mask is not None:  # no-VTU ablation: the new rows' padding
-        new = mask.new_ones(B, T) if attention_mask is None else attention_mask[:, -T:].to(mask)
-        mask = torch.cat([mask, new], 1)
-    return replace(state, merge_map=torch.cat([state.merge_map, rows.expand(B, T)], 1),
-                   cos=torch.cat([state.cos, cos_new], 1), sin=torch.cat([state.sin, sin_new], 1),
-                   positions=torch.cat([state.positions, stored_positions(new_pos)], 1), rows=state.rows + T, compact_mask=mask)
+    mask = None
+    if state.compact_mask is not None:  # no-VTU ablation: the new rows' padding
+        mask = state.compact_mask.new_ones(B, T) if attention_mask is None else attention_mask[:, -T:].to(state.compact_mask)
+    return state.append(rows, cos_new, sin_new, stored_positions(new_pos), mask)
+
+
+def _decode_view(state: VTUCacheState, old: VTUCacheState, visible: torch.Tensor, T: int):
+    """``(merge_map, cos, sin, query_columns)`` decode attention takes for T
+    new tokens, which it reads at the map's last T positions. A preallocated
+    state holds them at its columns ``old.filled ..`` instead: there they are
+    masked (-1) and their columns appended at the end — ``[B, capacity + T]``,
+    the same shapes at every step; ``query_columns`` says where they came
+    from (:class:`VTUContext`)."""
+    if state.filled is None:
+        return visible, state.cos, state.sin, None
+    at = old.filled + torch.arange(T, device=visible.device)
+    pick = lambda t: t.index_select(1, at)  # noqa: E731
+    return (torch.cat([visible.index_fill(1, at, -1), pick(visible)], 1), torch.cat([state.cos, pick(state.cos)], 1),
+            torch.cat([state.sin, pick(state.sin)], 1), at)
+
+
+def _cache_form(cache, patch: Patch, state: VTUCacheState) -> VTUCacheState:
+    """The prompt's state as the cache keeps it: preallocated to a static
+    cache's length (VTU only), so compiled decode steps see fixed shapes."""
+    capacity = static_length(cache)
+    if patch.vtu and capacity is not None and capacity >= state.merge_map.shape[1]:
+        return state.preallocated(capacity)
+    return state
 
 
 def _run_language_model(lm, patch: Patch, x, old: Optional[VTUCacheState], state: VTUCacheState, n_unique, cache,
@@ -355,11 +384,12 @@ def _run_language_model(lm, patch: Patch, x, old: Optional[VTUCacheState], state
             positions = old.compact_mask.sum(-1, keepdim=True) + torch.arange(T, device=x.device)
         return lm(inputs_embeds=x, attention_mask=state.compact_mask, position_ids=positions, use_cache=use_cache,
                   cache=cache, **kwargs)
-    merge_map = state.merge_map if old is None else _visible_map(state.merge_map, attention_mask)
+    merge_map, cos, sin, at = (state.merge_map, state.cos, state.sin, None) if old is None else \
+        _decode_view(state, old, _visible_map(state, attention_mask), T)
     weights = bool(kwargs.get("output_attentions", lm.config.output_attentions)) and \
         lm.config._attn_implementation == "eager"
-    ctx = VTUContext(merge_map, state.cos, state.sin, decode=old is not None, backend=patch.backend,
-                     deterministic=patch.deterministic, weights=weights)
+    ctx = VTUContext(merge_map, cos, sin, decode=old is not None, backend=patch.backend,
+                     deterministic=patch.deterministic, weights=weights, query_columns=at)
     return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
               cache=cache, **kwargs)
 
@@ -381,7 +411,6 @@ def _patched_forward(
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     lm = self.language_model
-    attention_mask = _padding_mask(attention_mask)
     vision_kwargs = {n: kwargs.pop(n) for n in patch.family.vision_kwargs if n in kwargs}
     modalities = patch.family.modalities
     encoded = {m.name: (mm_encoder_outputs or {}).get(m.name) for m in modalities}
@@ -397,6 +426,7 @@ def _patched_forward(
         return _placeholder_mask(self, input_ids, embeds, getattr(self.config, m.token_attr))
 
     old = cache_state(cache)
+    attention_mask = _padding_mask(attention_mask, preallocated=old is not None and old.filled is not None)
     if old is not None:  # a generation step, or new text on a filled cache
         for m in modalities:
             given = vision_kwargs.get(m.pixels) is not None or encoded[m.name] is not None
@@ -426,7 +456,7 @@ def _patched_forward(
                                             vision_kwargs, kwargs)
     out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, attention_mask, kwargs)
     if use_cache:
-        set_cache_state(cache, state)
+        set_cache_state(cache, state if old is not None else _cache_form(cache, patch, state))
     full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
     # output_hidden_states may select some layers (an int or a list): the others come back as None
     hidden_states = None if out.hidden_states is None else tuple(None if h is None else full(h)
