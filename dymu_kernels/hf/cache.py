@@ -86,8 +86,8 @@ def static_length(cache) -> Optional[int]:
     ``generate()`` sized it for — or None for a growing cache."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return None
-    length = getattr(cache, "get_max_length", None) or getattr(cache, "get_max_cache_shape")  # transformers < 5.2x
-    length = length()
+    method = getattr(cache, "get_max_length", None) or getattr(cache, "get_max_cache_shape", None)  # older name
+    length = method() if method is not None else None
     return length if isinstance(length, int) and length > 0 else None
 
 
