@@ -42,6 +42,12 @@ if [[ "$with_vllm" == 1 ]]; then
   vllm_log="build/setup_vllm.log"
   rm -f build/.main-installed build/.main-failed
   trap '[[ -e build/.main-installed ]] || touch build/.main-failed' EXIT
+  read -r state job < build/vllm-env.status 2>/dev/null || true
+fi
+if [[ "$with_vllm" == 1 && "${state:-}" == building && -n "${job:-}" && -e "/proc/${job}" ]]; then
+  # An earlier run's job is still at it: it installs this package once this run's build is done.
+  echo "[setup] the vLLM environment is already being made (job $job, log: $vllm_log)"
+elif [[ "$with_vllm" == 1 ]]; then
   echo "[setup] making the vLLM environment in the background (log: $vllm_log)"
   echo building > build/vllm-env.status  # now: an older "ready" must not be read while this one runs
   nohup setsid bash -c '
