@@ -32,6 +32,15 @@ if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
+# On exit: the pip constraints file goes; a main install that did not finish
+# tells the vLLM job below (which waits for it) by build/.main-failed.
+constraints=""
+on_exit() {
+  if [[ -n "$constraints" ]]; then rm -f "$constraints"; fi
+  if [[ "$with_vllm" == 1 && ! -e build/.main-installed ]]; then touch build/.main-failed; fi
+}
+trap on_exit EXIT
+
 # The vLLM environment (a venv of its own, minutes of installs from disk) is made
 # in a detached background job: its dependencies now, beside the main install;
 # this package goes into it once the extension is built here (build/.main-installed).
@@ -41,7 +50,6 @@ if [[ "$with_vllm" == 1 ]]; then
   mkdir -p build
   vllm_log="build/setup_vllm.log"
   rm -f build/.main-installed build/.main-failed
-  trap '[[ -e build/.main-installed ]] || touch build/.main-failed' EXIT
   read -r state job < build/vllm-env.status 2>/dev/null || true
 fi
 if [[ "$with_vllm" == 1 && "${state:-}" == building && -n "${job:-}" && -e "/proc/${job}" ]]; then
@@ -71,11 +79,6 @@ fi
 torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
 echo "[setup] using torch $torch_version"
 constraints="$(mktemp)"
-if [[ "$with_vllm" == 1 ]]; then
-  trap 'rm -f "$constraints"; [[ -e build/.main-installed ]] || touch build/.main-failed' EXIT
-else
-  trap 'rm -f "$constraints"' EXIT
-fi
 echo "torch==${torch_version}" > "$constraints"
 # Keep an installed triton (GPU machines ship one matched to torch); otherwise
 # take 3.6.0, the version whose CPU interpreter the tests are known to run on.
