@@ -16,7 +16,6 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: stats readable
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: enough for the batch, leaves the machine its memory
 
 
 def _probe(model):
@@ -46,6 +45,8 @@ def main(job_path: str, out_path: str) -> None:
     from vllm_folder import video_item  # this script's folder
 
     job = json.load(open(job_path))
+    if "kv_cache_memory_bytes" not in job.get("engine", {}):  # (on the CPU the variable wins over the argument)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: enough for the batch, leaves the machine its memory
     kwargs = dict(model=job["model"], seed=0, max_model_len=2048)
     if job.get("dymu") is not None:
         from dymu_kernels.vllm import engine_kwargs

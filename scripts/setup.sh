@@ -72,17 +72,28 @@ elif [[ "$with_vllm" == 1 ]]; then
   ' > "$vllm_log" 2>&1 < /dev/null &
 fi
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# The installed torch's version, and triton's: an installed triton is kept (GPU
+# machines ship one matched to torch); otherwise 3.6.0, the version whose CPU
+# interpreter the tests are known to run on. One interpreter start (torch's
+# import takes seconds).
+versions() {
+  "$PY" -c 'import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except Exception:  # none, or one that does not import: the default
+    triton_version = "3.6.0"
+print(torch.__version__, triton_version)' 2>/dev/null
+}
+if ! found="$(versions)"; then
   echo "[setup] no torch found: installing torch==2.13.0"
   pip_install "torch==2.13.0"
+  found="$(versions)"
 fi
-torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
+read -r torch_version triton_version <<< "$found"
 echo "[setup] using torch $torch_version"
 constraints="$(mktemp)"
 echo "torch==${torch_version}" > "$constraints"
-# Keep an installed triton (GPU machines ship one matched to torch); otherwise
-# take 3.6.0, the version whose CPU interpreter the tests are known to run on.
-triton_version="$("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null || echo 3.6.0)"
 echo "triton==${triton_version}" >> "$constraints"
 
 # Build tools for the extension (no build isolation: it must see this torch).

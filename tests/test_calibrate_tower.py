@@ -168,7 +168,7 @@ def test_onevision_checkpoint_calibrates_every_crop(photo_dir, tmp_path):
     assert torch.all(((before - counts).mean(0) - 5).abs() <= 1)
 
 
-def test_cli_calibrates_a_saved_qwen2_5_vl(photo_dir, tmp_path):
+def test_cli_calibrates_a_saved_qwen2_5_vl(photo_dir, tmp_path, capsys):
     """The CLI on a saved Qwen2.5-VL checkpoint: the tower's blocks on 2x2
     units, pixels and grids from the model's own image processor; the file
     equals the API's result, patches the model, and its thresholds merge
@@ -184,11 +184,13 @@ def test_cli_calibrates_a_saved_qwen2_5_vl(photo_dir, tmp_path):
     cmd = [sys.executable, "-m", "dymu_kernels.calibrate", "--model", str(model_dir), "--images", str(photo_dir),
            "--batch-size", "4", "--out", str(out), "--no-progress"]
     # More merges than these small images have units for: refused, saying what is feasible, nothing written
-    # (it used to write thresholds of 0.0 that merge less than asked).
-    run = subprocess.run(cmd + ["--r", "3"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and not out.exists()
+    # (it used to write thresholds of 0.0 that merge less than asked). The CLI's main in this process (the
+    # run below starts it as `python -m`: each start imports torch and transformers again).
+    with pytest.raises(SystemExit) as exit_info:
+        main(cmd[3:] + ["--r", "3"])
+    assert exit_info.value.code == 2 and not out.exists()
     assert re.search(r"--r: r asks for 3 merges per image in block \d of 4, but only [\d.]+ tokens per image can "
-                     r"merge there.*no constant r above about [\d.]+ lasts through 4 blocks", run.stderr), run.stderr
+                     r"merge there.*no constant r above about [\d.]+ lasts through 4 blocks", capsys.readouterr().err)
     run = subprocess.run(cmd + ["--r", "1"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "calibrated 4 blocks on 8 images" in run.stdout

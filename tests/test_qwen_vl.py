@@ -142,6 +142,32 @@ def test_padded_batch_and_generate_modes_nothing_merged(gen, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_assisted_and_prompt_lookup_decoding(gen, kind):
+    """Assisted decoding (the model as its own assistant, two candidates a
+    step) and prompt lookup crop the cache back past rejected candidates:
+    nothing merged, both equal the unpatched model's greedy tokens; merging,
+    the patched model's own greedy tokens (a crop after merged items removes
+    generated positions only)."""
+    model = tiny_qwen(kind)
+    kwargs = batch([sample(gen, PROMPTS["image and video"])])
+    gen_kwargs = dict(kwargs, max_new_tokens=5, do_sample=False, suppress_tokens=SUPPRESS)
+    config = model.generation_config
+    saved = config.num_assistant_tokens, config.num_assistant_tokens_schedule
+    # What the assistant reads from its own generation config (the cached tiny model gets its own back after).
+    config.num_assistant_tokens, config.num_assistant_tokens_schedule = 2, "constant"
+    with torch.no_grad():
+        expected = model.generate(**gen_kwargs)
+        for stages in (NO_MERGE, MERGE):
+            apply_dymu(model, stages, backend="torch")
+            if stages is MERGE:
+                expected = model.generate(**gen_kwargs)
+            for extra in (dict(assistant_model=model), dict(prompt_lookup_num_tokens=2)):
+                assert torch.equal(model.generate(**gen_kwargs, **extra), expected), (stages, list(extra))
+            remove_dymu(model)
+    config.num_assistant_tokens, config.num_assistant_tokens_schedule = saved
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bands", [False, True], ids=["sets", "bands"])
 def test_merging_batch_equals_each_alone_and_cpp_equals_torch(gen, kind, bands, monkeypatch):
     """With merging: each sample of a left-padded batch (images of different
