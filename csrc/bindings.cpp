@@ -1,6 +1,9 @@
 // Python bindings of dymu_kernels._C (pybind11). TORCH_EXTENSION_NAME is set
 // by torch.utils.cpp_extension (setup.py) and by CMakeLists.txt.
-#include <torch/extension.h>
+// torch/csrc/utils/pybind.h gives pybind11 its at::Tensor caster (what
+// torch/extension.h includes for it), without the C++ frontend that
+// torch/extension.h also brings in (torch/all.h): half the compile time.
+#include <torch/csrc/utils/pybind.h>
 
 #include "dymu_kernels.h"
 

@@ -30,7 +30,9 @@ for arg in "$@"; do
 done
 if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# --no-compile: pip byte-compiles every module it installs (torch, transformers, ...: tens of thousands of
+# files, a minute of one core); Python compiles those a program imports, once, on first import.
+pip_install() { "$PY" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
 
 # On exit: the pip constraints file goes; a main install that did not finish
 # tells the vLLM job below (which waits for it) by build/.main-failed.
