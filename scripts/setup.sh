@@ -30,9 +30,9 @@ for arg in "$@"; do
 done
 if [[ "${no_vllm:-0}" == 1 ]]; then with_vllm=0; fi
 
-# --no-compile: pip byte-compiles every module it installs (torch, transformers, ...: tens of thousands of
-# files, a minute of one core); Python compiles those a program imports, once, on first import.
-pip_install() { "$PY" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
+# (pip byte-compiles what it installs: a process then imports from .pyc files even where
+# PYTHONDONTWRITEBYTECODE=1 keeps Python from writing them, as on CI's machines.)
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # On exit: the pip constraints file goes; a main install that did not finish
 # tells the vLLM job below (which waits for it) by build/.main-failed.

