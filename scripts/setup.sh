@@ -85,7 +85,7 @@ try:
     triton_version = triton.__version__
 except Exception:  # none, or one that does not import: the default
     triton_version = "3.6.0"
-print(torch.__version__, triton_version)' 2>/dev/null
+print(torch.__version__, triton_version)' 2>/dev/null | tail -n 1  # (the last line: an import may print)
 }
 if ! found="$(versions)"; then
   echo "[setup] no torch found: installing torch==2.13.0"
