@@ -61,7 +61,9 @@ def main(job_path: str, out_path: str) -> None:
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
     cmd = [vllm, "serve", job["model"], "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
            "--chat-template", template, "--chat-template-content-format", "openai",
-           "--kv-cache-memory-bytes", str(128 * 2**20), *job["args"]]  # the tiny model's few MiB (not a GiB)
+           # the tiny model's few MiB, as vllm_worker.KV_CACHE_BYTES (importing that script here would set
+           # its environment defaults for the server too)
+           "--kv-cache-memory-bytes", str(128 * 2**20), *job["args"]]
     log = open(job["log"], "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -202,7 +202,9 @@ def main(job_path: str, out_path: str) -> None:
     for script in job.get("scripts", []):
         if os.environ.get("VLLM_PLUGINS") == "none":
             _load_plugin_from_now_on()
-        with _Environment({"VLLM_CPU_KVCACHE_SPACE": "1"}):  # GiB: a script's LLM takes the platform's sizing
+        # A script's LLM() passes no KV size (the README's does not): 1 GiB, not the CPU platform's default of
+        # most of the machine's memory.
+        with _Environment({"VLLM_CPU_KVCACHE_SPACE": "1"}):
             results[script["name"]] = _run_script(script)
     json.dump(results, open(out_path, "w"))
 
