@@ -60,7 +60,8 @@ def engine_spec(config: str, thresholds_path: str):
     """(plugins env value or None, dymu engine_kwargs or None, LLM kwargs) of a configuration."""
     base, compiled = (config[:-len("-compiled")], True) if config.endswith("-compiled") else (config, False)
     if base == "stock":
-        return "none", None, ({} if compiled else {"enforce_eager": True, "enable_prefix_caching": False})
+        # Eager as DyMU's engines on the CPU (engine_kwargs); prefix caching as vLLM sets it, on both sides.
+        return "none", None, ({} if compiled else {"enforce_eager": True})
     if base.startswith("r=") and base[2:].isdigit():
         dymu = {"r": int(base[2:])}
     elif base == "threshold":

@@ -50,7 +50,7 @@ def test_engine_specs():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_vllm import engine_spec
 
-    assert engine_spec("stock", "t.json") == ("none", None, {"enforce_eager": True, "enable_prefix_caching": False})
+    assert engine_spec("stock", "t.json") == ("none", None, {"enforce_eager": True})
     assert engine_spec("stock-compiled", "t.json") == ("none", None, {})
     assert engine_spec("r=8", "t.json") == (None, {"r": 8}, {})
     assert engine_spec("r=8-compiled", "t.json") == (None, {"r": 8}, {"enforce_eager": False})

@@ -143,3 +143,36 @@ def test_value_checks_on_gpu_tensors_follow_debug_mode(monkeypatch):
     finally:
         set_debug(False)
     assert not _validation.values_checkable(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("mode", ["threshold", "r"])
+def test_nonfinite_metric_rows_merge_nothing_when_serving(backend, mode, gen):
+    """Inside ``unmerged_if_nonfinite`` (what the vLLM plugin encodes under) an
+    image whose metric holds NaN or inf merges nothing in that block — its
+    state comes back as it went in — and the other images merge exactly as
+    alone; the rows are counted. Outside it the same call raises."""
+    from conftest import TRITON_DEVICE, needs_extension, randn
+
+    from dymu_kernels.reference.dtome import unmerged_if_nonfinite
+
+    if backend == "cpp":
+        needs_extension()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    B, N, C = 3, 21, 8
+    state = dymu_kernels.init_merge_state(randn(B, N, C, gen=gen).to(device))
+    metric = randn(B, N, C, gen=gen).to(device)
+    metric[1, 6, 2] = float("nan")
+    metric[2, 3, 0] = float("inf")
+    sel = dict(threshold=-0.5) if mode == "threshold" else dict(r=4)  # both merge every clean image
+    with pytest.raises(ValueError, match="metric must be finite"):
+        dymu_kernels.dtome_merge(*state, metric, backend=backend, **sel)
+    with unmerged_if_nonfinite() as rows:
+        out = dymu_kernels.dtome_merge(*state, metric, backend=backend, **sel)
+    assert rows() == 2
+    alone = dymu_kernels.dtome_merge(*(t[:1] for t in state), metric[:1], backend=backend, **sel)
+    assert int(alone.lengths[0]) < N  # the clean image merged
+    for got, want in zip(out, state):
+        torch.testing.assert_close(got[1:], want[1:], rtol=0, atol=0)  # unmerged: bit for bit
+    for got, want in zip(out, alone):
+        torch.testing.assert_close(got[:1], want, rtol=0, atol=0)

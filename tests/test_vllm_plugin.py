@@ -22,7 +22,8 @@ import torch
 from conftest import (ROOT, VLLM_PYTHON, assert_same_generation, greedy_generation, randn, require_vllm_env,
                       run_vllm_worker)
 from dymu_kernels.vllm.engine_checks import SCHEDULER, check_engine, configure_engine, unsupported_settings
-from dymu_kernels.vllm.groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces, whole_items_end
+from dymu_kernels.vllm.groups import (TAG_COLUMNS, StepGroups, prefix_hit_end, step_groups, tag_item, untag_pieces,
+                                      whole_items_end)
 from dymu_kernels.vllm.settings import engine_kwargs, settings_from_config
 
 # --------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def test_split_image_raises():
     """A piece that is not a whole item (an image split across steps) is refused, never averaged in part."""
     slots = torch.tensor([0, 1, 1, 2, 2, 2])
     tagged = tag_item(torch.randn(3, 4)[slots], slots)
-    with pytest.raises(RuntimeError, match="in part .*4 of 6.*enable_prefix_caching=False"):
+    with pytest.raises(RuntimeError, match="in part .*4 of 6.*disable_chunked_mm_input=True"):
         untag_pieces([tagged[:4]])
 
 
@@ -117,6 +118,20 @@ def test_step_groups_checks_and_padding():
     assert g.first.tolist() == [0, 1, 3, 4]
 
 
+def test_prefix_hit_end():
+    """A prefix-cache hit ending inside an image is rounded down to the block holding the image's start
+    (again, if that is inside another one); one ending at an image's end, between images or before them stays."""
+    ns = types.SimpleNamespace
+    items = [ns(offset=10, length=64), ns(offset=80, length=64)]  # [10, 74) and [80, 144)
+    assert prefix_hit_end(items, 96, 16) == 80  # inside the second: to its start
+    assert prefix_hit_end(items, 64, 32) == 0 and prefix_hit_end(items, 64, 16) == 0  # inside the first
+    # Inside the second; the block holding its start (64) ends inside the first: on to the first's start.
+    assert prefix_hit_end(items, 96, 32) == 0
+    assert prefix_hit_end(items, 144, 16) == 144 and prefix_hit_end(items, 74, 2) == 74  # at an image's end
+    assert prefix_hit_end(items, 80, 16) == 80 and prefix_hit_end(items, 160, 32) == 160  # between, after
+    assert prefix_hit_end(items, 0, 32) == 0 and prefix_hit_end([], 96, 32) == 96
+
+
 def test_whole_items_end():
     """The plugin's scheduler ends a step before an image it would end inside (vLLM's rolls back only a step
     that starts before the image, see test_merged_equals_patched_transformers[r8_chunked-split])."""
@@ -127,7 +142,7 @@ def test_whole_items_end():
     assert whole_items_end(items, 0, 30) == 10
     assert whole_items_end(items, 0, 74) == 74 and whole_items_end(items, 74, 6) == 6  # ends at/between items
     assert whole_items_end(items, 0, 200) == 200
-    assert whole_items_end(items, 20, 10) == 10  # starts inside one (refused settings only): left to untag_pieces
+    assert whole_items_end(items, 20, 10) == 10  # starts inside one (prefix_hit_end prevents it): left to untag_pieces
 
 
 # --------------------------------------------------------------------------
@@ -278,11 +293,19 @@ def test_settings_parse_and_errors():
         engine_kwargs(r="8")
 
 
-def test_engine_kwargs():
-    kw = engine_kwargs("t.json", hf_overrides={"foo": 1}, max_num_seqs=4)
-    assert kw["hf_overrides"] == {"foo": 1, "dymu": {"enabled": True, "backend": "auto", "thresholds": "t.json"}}
-    assert kw["enforce_eager"] is True and kw["enable_prefix_caching"] is False and kw["disable_chunked_mm_input"]
-    assert kw["max_num_seqs"] == 4
+def test_engine_kwargs(monkeypatch):
+    """engine_kwargs() adds the dymu entry and no chunked multimodal input, and leaves vLLM's defaults: prefix
+    caching, async scheduling, and on a GPU compilation with CUDA graphs (eager on vLLM's CPU platform)."""
+    import dymu_kernels.vllm.settings as settings
+
+    for cpu in (True, False):
+        monkeypatch.setattr(settings, "_cpu_platform", lambda: cpu)
+        kw = engine_kwargs("t.json", hf_overrides={"foo": 1}, max_num_seqs=4)
+        assert kw["hf_overrides"] == {"foo": 1, "dymu": {"enabled": True, "backend": "auto", "thresholds": "t.json"}}
+        assert kw["disable_chunked_mm_input"] is True and kw["max_num_seqs"] == 4
+        assert kw.get("enforce_eager") is (True if cpu else None)
+        assert not {"enable_prefix_caching", "async_scheduling", "compilation_config"} & set(kw)
+        assert engine_kwargs(r=2, enforce_eager=False)["enforce_eager"] is False  # kwargs win
 
 
 def _engine(**over):
@@ -318,16 +341,20 @@ def test_engine_gets_the_whole_item_scheduler():
 def test_engine_refusals():
     assert unsupported_settings(_engine()) == []
     check_engine(_engine())
-    # Compiled forwards serve the steps where nothing merged; CUDA graphs (GPU) are refused.
+    # Compiled forwards serve the steps where nothing merged; CUDA graphs: full ones for decode steps only.
     assert unsupported_settings(_engine(**{"model_config.enforce_eager": False})) == []
-    assert unsupported_settings(_engine(**{"model_config.enforce_eager": False,
-                                           "compilation_config.cudagraph_mode": types.SimpleNamespace(name="NONE")})) == []
+    for mode in ("NONE", "PIECEWISE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):
+        for given in (mode, types.SimpleNamespace(name=mode)):  # as set, and as vLLM's CUDAGraphMode
+            assert unsupported_settings(_engine(**{"model_config.enforce_eager": False,
+                                                   "compilation_config.cudagraph_mode": given})) == [], mode
     graphs = unsupported_settings(_engine(**{"model_config.enforce_eager": False,
-                                             "compilation_config.cudagraph_mode": "FULL_AND_PIECEWISE"}))
-    assert len(graphs) == 1 and "cudagraph_mode" in graphs[0]
-    assert unsupported_settings(_engine(**{"compilation_config.cudagraph_mode": "FULL_AND_PIECEWISE"})) == []  # eager
-    cases = {             "cache_config.enable_prefix_caching": (True, "enable_prefix_caching=False"),
-             "scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
+                                             "compilation_config.cudagraph_mode": types.SimpleNamespace(name="FULL")}))
+    assert len(graphs) == 1 and "not 'FULL'" in graphs[0]
+    assert unsupported_settings(_engine(**{"compilation_config.cudagraph_mode": "FULL"})) == []  # eager: none
+    # vLLM's GPU defaults: prefix caching, async scheduling.
+    assert unsupported_settings(_engine(**{"cache_config.enable_prefix_caching": True,
+                                           "scheduler_config.async_scheduling": True})) == []
+    cases = {"scheduler_config.disable_chunked_mm_input": (False, "disable_chunked_mm_input=True"),
              "speculative_config": (object(), "speculative"),
              "lora_config": (object(), "LoRA"),
              "parallel_config.pipeline_parallel_size": (2, "pipeline_parallel_size=1"),
@@ -336,11 +363,10 @@ def test_engine_refusals():
              "model_config.multimodal_config.enable_mm_embeds": (True, "enable_mm_embeds=False \\(no --enable-mm-embeds\\)"),
              "ec_transfer_config": (types.SimpleNamespace(is_ec_consumer=True), "encoder-cache transfer consumer"),
              "kv_transfer_config": (types.SimpleNamespace(is_kv_consumer=True), "KV-cache transfer consumer"),
-             # Prompts as embeddings have no token ids to find images by; the async scheduler is not the plugin's.
+             # Prompts as embeddings have no token ids to find images by.
              "model_config.enable_prompt_embeds": (True, "enable_prompt_embeds=False"),
              # vLLM's own video pruning (EVS) drops placeholders after the tower.
-             "model_config.multimodal_config.video_pruning_rate": (0.5, "no video_pruning_rate"),
-             "scheduler_config.async_scheduling": (True, "async_scheduling=False")}
+             "model_config.multimodal_config.video_pruning_rate": (0.5, "no video_pruning_rate")}
     for path, (value, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             check_engine(_engine(**{path: value}))
@@ -382,9 +408,24 @@ PROMPTS = {
     # budget: vLLM's scheduler would send 2 of its 64 placeholders, the plugin's waits a step.
     "split0": (f"<s> {_words(100, 49)} <image> {_words(200, 30)}", [0]),  # 144 tokens, image at 50
     "split1": (f"<s> {_words(300, 39)} <image> {_words(400, 10)}", [0]),  # 114 tokens, image at 40
+    # Prefix caching (blocks of PREFIX_BLOCK tokens), a first batch then a second one:
+    # the same system prompt and picture, then another question: the hit vLLM finds (96 tokens: the common
+    # 105, to a block) ends inside the image [41, 105): rounded down to 32, the image runs whole again;
+    "sys0": (f"<s> {_words(500, 40)} <image> w13 w14", [2]),
+    "sys1": (f"<s> {_words(500, 40)} <image> w23 w24 w25", [2]),
+    # a second chat turn (the first turn, an answer, a new question): its hit (96) ends after the image [2, 66),
+    # whose cached KV is used as it is;
+    "turn1": (f"<s> w61 <image> {_words(600, 30)}", [3]),
+    "turn2": (f"<s> w61 <image> {_words(600, 30)} {_words(700, 12)} w62", [3]),
+    # text sharing a system prompt: a hit of 64.
+    "text0": (f"<s> {_words(800, 70)} w1", []),
+    "text1": (f"<s> {_words(800, 70)} w2 w3", []),
 }
+PREFIX_BLOCK = 32  # vLLM's CPU attention takes multiples of 32
+PREFIX_HITS = {"sys1": 32, "turn2": 96, "text1": 64}  # what the second batch's requests find cached
 BATCHES = {"single": ["A"], "batch": ["A", "B", "C", "D", "multi"], "long": ["long0", "C", "long1"],
-           "split": ["split0", "split1"]}
+           "split": ["split0", "split1"], "prefix_first": ["sys0", "turn1", "text0"],
+           "prefix_second": ["sys1", "turn2", "text1"], "prefix_all": ["sys0", "turn1", "text0", "sys1", "turn2", "text1"]}
 R = 8  # tokens merged per block and image: 64 patches -> 48 kept after 2 blocks
 # The tiny tower's 2 blocks LLaVA reads, with the published CLIP-L "low" values of its first two blocks (the
 # preset itself is for 24 blocks: not cut to fit).
@@ -394,12 +435,14 @@ CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 96}
 ENGINES = [
     ("r0", {"r": 0}, {}, ["single", "batch"]),
     ("r8", {"r": R}, {}, ["single", "batch", "long"]),
-    ("r8_chunked", {"r": R}, CHUNKED, ["split", "batch", "long"]),
+    # Also the reference of the prefix-caching engine: every request of its two batches, nothing cached.
+    ("r8_chunked", {"r": R}, dict(CHUNKED, enable_prefix_caching=False), ["split", "batch", "long", "prefix_all"]),
+    # engine_kwargs() leaves prefix caching as vLLM has it (on); the second batch hits the first's blocks.
+    ("r8_prefix", {"r": R}, {"block_size": PREFIX_BLOCK}, ["prefix_first", "prefix_second"]),
     ("thresholds", {"thresholds": THRESHOLDS}, {}, ["batch"]),
     ("off", {"r": R, "enabled": False}, {}, ["single"]),
     ("r8_compiled", {"r": R}, {"enforce_eager": False}, ["batch"]),  # torch.compile where nothing merged
     # Refused at load time:
-    ("refuse_prefix_cache", {"r": R}, {"enable_prefix_caching": True}, []),
     ("refuse_chunked_mm", {"r": R}, {"enable_chunked_prefill": True, "disable_chunked_mm_input": False}, []),
     ("refuse_mm_embeds", {"r": R}, {"enable_mm_embeds": True}, []),
     ("bad_thresholds", {"thresholds": [0.5, 1.5]}, {}, []),
@@ -407,7 +450,9 @@ ENGINES = [
 # Requests an engine must refuse while processing them (then serve its batches): {engine: {name: request}}.
 # Offline (and served with --trust-request-mm-kwargs) per-request processor options reach the image processor;
 # pixels the tower cannot take would otherwise fail in vLLM's embed_multimodal, inside the engine step.
-REJECTS = {"r8": {"crop_size": {"prompt": "A", "mm_processor_kwargs": {"crop_size": {"height": 32, "width": 32}}}}}
+REJECTS = {"r8": {"crop_size": {"prompt": "A", "mm_processor_kwargs": {"crop_size": {"height": 32, "width": 32}}},
+                  # pixels of inf / NaN: a NaN tower output for that request
+                  "zero_std": {"prompt": "A", "mm_processor_kwargs": {"image_std": [0.0, 0.0, 0.0]}}}}
 
 
 def _tiny_llava():
@@ -480,10 +525,11 @@ def served(tmp_path_factory):
                    for k, r in spec.items()} for n, spec in REJECTS.items()}
     engines = [{"name": "stock", "plugin": False, "engine": {"enforce_eager": True},  # vLLM without the plugin
                 "batches": batches(["single", "batch"])}]
-    engines += [{"name": n, "dymu": d, "engine": e, "batches": batches(b), "rejects": rejects.get(n, {})}
-                for n, d, e, b in ENGINES]
+    engines += [{"name": n, "dymu": d, "engine": e, "batches": batches(b), "rejects": rejects.get(n, {}),
+                 "probe_nonfinite": n == "r8"} for n, d, e, b in ENGINES]
     job = {"engines": [dict(e, model=model_dir, max_tokens=NEW_TOKENS) for e in engines],
-           "scripts": [{"name": "readme", "code": _readme_example(model_dir, paths[3])}]}
+           "scripts": [{"name": "readme", "code": _readme_example(model_dir, paths[3])},
+                       {"name": "gpu_defaults", "code": GPU_DEFAULTS.replace("MODEL_DIR", repr(model_dir))}]}
     vllm = run_vllm_worker(job, folder, "engines")
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
@@ -521,6 +567,49 @@ def test_merged_equals_patched_transformers(served, engine, batch):
 
 
 @pytest.mark.slow
+def test_gpu_defaults_are_served(served):
+    """vLLM's GPU defaults, decided on the CPU build: async scheduling as vLLM
+    resolves it after the config hooks (the model's build accepts it; the
+    plugin's scheduler then is the whole-item async one) with prefix caching
+    on; and under every CUDA-graph mode, a step with merged images never
+    replays a full graph (so merged steps run their own forward) unless the
+    mode is one the plugin refuses, while decode steps get full graphs."""
+    run = served["vllm"]["gpu_defaults"]
+    assert run["error"] is None, run["error"][-4000:]
+    out = json.loads(run["stdout"].strip().splitlines()[-1])
+    assert out["async"] is True and out["prefix"] is True and out["scheduler"] == "WholeItemAsyncScheduler"
+    assert set(out["graphs"]) >= {"FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "PIECEWISE", "FULL"}
+    for mode, got in out["graphs"].items():
+        assert (set(got["merged"]) == {"FULL"}) == got["refused"], (mode, got)
+        assert "FULL" not in got["merged"] or got["refused"], (mode, got)
+    assert out["graphs"]["FULL_AND_PIECEWISE"] == {"merged": ["PIECEWISE"] * 3, "decode": "FULL", "refused": False}
+    assert out["graphs"]["FULL_DECODE_ONLY"] == {"merged": ["NONE"] * 3, "decode": "FULL", "refused": False}
+
+
+@pytest.mark.slow
+def test_prefix_caching_is_exact_and_hits(served):
+    """With prefix caching on (engine_kwargs' default): a request sharing a
+    system prompt and picture with an earlier one, a second chat turn and a
+    text request sharing a system prompt give exactly what an engine without
+    the cache gives (which equals patched transformers: test above); vLLM
+    reports their hits — the first rounded down to the image's start
+    (vLLM's own hit ends inside it: the engine step would get part of the
+    image and fail), the others as vLLM found them."""
+    got, ref = served["vllm"]["r8_prefix"], served["vllm"]["r8_chunked"]["prefix_all"]
+    served_in_order = got["prefix_first"] + got["prefix_second"]
+    for key, run, want in zip(BATCHES["prefix_all"], served_in_order, ref):
+        assert_same_generation(run, want, f"prefix caching vs none, {key}")
+        assert want["cached"] == 0, key
+    assert {k: r["cached"] for k, r in zip(BATCHES["prefix_second"], got["prefix_second"])} == PREFIX_HITS
+    assert all(r["cached"] == 0 for r in got["prefix_first"])
+    # The language model ran the positions past each hit only (prompts, then NEW_TOKENS - 1 decode steps each).
+    st = got["stats"]
+    runs = served_in_order
+    assert st["llm_positions"] == sum(len(r["prompt_token_ids"]) - r["cached"] + NEW_TOKENS - 1 for r in runs)
+    assert st["llm_rows"] < st["llm_positions"]
+
+
+@pytest.mark.slow
 def test_merging_saves_what_it_reports(served):
     """Stats: 64 placeholders per image, 48 kept at r=8; the language model's
     token-wise rows shrink, its positions (attention, KV cache) do not; the
@@ -549,8 +638,7 @@ def test_merging_saves_what_it_reports(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,message", [("refuse_prefix_cache", "enable_prefix_caching=False"),
-                                            ("refuse_chunked_mm", "disable_chunked_mm_input=True"),
+@pytest.mark.parametrize("engine,message", [("refuse_chunked_mm", "disable_chunked_mm_input=True"),
                                             ("refuse_mm_embeds", r"enable_mm_embeds=False \(no --enable-mm-embeds\)"),
                                             ("bad_thresholds", r"thresholds\[1\] = 1.5 is outside \[-1, 1\]")])
 def test_refused_at_load_time(served, engine, message):
@@ -567,6 +655,78 @@ def test_bad_pixels_refused_while_processing(served):
     err = served["vllm"]["r8"]["rejects"]["crop_size"]
     assert err is not None and "the image processor made pixels the vision tower cannot take" in err, err
     assert "expected 64, got 32" in err
+    err = served["vllm"]["r8"]["rejects"]["zero_std"]
+    assert err is not None and "pixel_values holds NaN or inf" in err and "mm_processor_kwargs" in err, err
+
+
+@pytest.mark.slow
+def test_nonfinite_tower_output_merges_nothing_for_that_item(served):
+    """An image whose tower output overflows (finite pixels, a first layer scaled by 1e30: what fp16 overflow
+    does) is encoded in the engine's own model without an error — it merges nothing (64 placeholders, 64 unique
+    rows, both blocks' row counted) — and the engine then serves its batches exactly (checked above: r8)."""
+    probe = served["vllm"]["r8"]["nonfinite"]
+    assert "error" not in probe, probe
+    assert probe == {"rows": 64, "unique": 64, "nonfinite_rows": 2}
+
+
+# Run in the vLLM worker (CPU build): what decides how a GPU engine with vLLM's defaults serves DyMU.
+GPU_DEFAULTS = """
+import json
+import types
+
+from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+from vllm.engine.arg_utils import EngineArgs
+from vllm.platforms import current_platform
+from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from dymu_kernels.vllm import engine_kwargs
+from dymu_kernels.vllm.engine_checks import FULL_MIXED_GRAPHS, check_engine
+from dymu_kernels.vllm.scheduler import DyMUScheduler
+
+# 1. Async scheduling. VllmConfig runs the config hooks (the plugin's among them), then resolves
+# async_scheduling=None to what the executor supports (uniproc: True), then the platform's check: the CPU
+# platform's sets False there, a GPU's keeps it. Keep the resolution's choice, as a GPU would.
+platform = type(current_platform)
+cpu_check = platform.check_and_update_config
+
+def gpu_like(cls, vllm_config):
+    chosen = vllm_config.scheduler_config.async_scheduling
+    cpu_check.__func__(cls, vllm_config)
+    vllm_config.scheduler_config.async_scheduling = chosen
+
+platform.check_and_update_config = classmethod(gpu_like)
+try:
+    kwargs = dict(engine_kwargs(r=8), enforce_eager=True)  # (what a GPU's engine_kwargs leaves out: eager here)
+    config = EngineArgs(model=MODEL_DIR, dtype="float32", max_model_len=1024, distributed_executor_backend="uni",
+                        kv_cache_memory_bytes=2**27, **kwargs).create_engine_config()
+finally:
+    platform.check_and_update_config = cpu_check
+check_engine(config)  # what the model's build runs, after the resolution
+out = {"async": config.scheduler_config.async_scheduling, "prefix": config.cache_config.enable_prefix_caching,
+       "scheduler": DyMUScheduler.scheduler_class(config).__name__, "graphs": {}}
+
+# 2. CUDA graphs: vLLM's dispatcher, for a step with merged images (a request of 2 or more tokens: an image's
+# placeholders, the smallest merge) and for a decode step, under every graph mode.
+for mode in CUDAGraphMode:
+    if mode.name == "NONE":
+        continue
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=mode,
+                           cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128], max_cudagraph_capture_size=128)
+    cc.set_splitting_ops_for_v1("allgather_reducescatter")
+    cc.post_init_cudagraph_sizes()
+    dispatcher = CudagraphDispatcher(types.SimpleNamespace(
+        compilation_config=cc, num_speculative_tokens=0, lora_config=None,
+        scheduler_config=types.SimpleNamespace(max_num_seqs=16)))
+    dispatcher.initialize_cudagraph_keys(mode, 1)
+    merged = []
+    for lens in ([2], [1, 69], [1, 1, 1, 66]):
+        uniform = GPUModelRunner._is_uniform_decode(max(lens), 1, sum(lens), len(lens))
+        merged.append(dispatcher.dispatch(sum(lens), uniform_decode=uniform)[0].name)
+    out["graphs"][mode.name] = {"merged": merged, "decode": dispatcher.dispatch(4, uniform_decode=True)[0].name,
+                                "refused": mode.name in FULL_MIXED_GRAPHS}
+print(json.dumps(out))
+"""
 
 
 def _readme_example(model_dir, image):
@@ -600,7 +760,7 @@ def test_cpu_alias_version():
 
 
 # The README's `vllm serve` flags, plus what the tiny model and this machine need.
-SERVE_ARGS = ["--hf-overrides", json.dumps({"dymu": {"r": R}}), "--enforce-eager", "--no-enable-prefix-caching",
+SERVE_ARGS = ["--hf-overrides", json.dumps({"dymu": {"r": R}}), "--enforce-eager",
               "--disable-chunked-mm-input",
               "--dtype", "float32", "--seed", "0", "--max-model-len", "1024", "--distributed-executor-backend", "uni",
               "--trust-request-mm-kwargs"]  # lets a request's mm_processor_kwargs reach the processor (bad_pixels)

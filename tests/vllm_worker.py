@@ -4,7 +4,7 @@ Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
 JOB: ``{"engines": [{"name", "model": DIR, "plugin": bool (default true), "env": {variables},
-"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "batches": {name: [{"prompt", "images": [PNG paths],
+"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "probe_nonfinite": bool, "batches": {name: [{"prompt", "images": [PNG paths],
 "videos": [NPY paths of frames]}]}, "max_tokens", "ignore_eos", "rejects": {name: {"prompt", "images",
 "mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}],
 "scripts": [{"name", "code": Python source}]}``.
@@ -13,11 +13,13 @@ Each folder is made first: a tiny Qwen-VL or LLaVA-OneVision of that kind saved 
 given). Engines run one after another in this process (a process start is most of a tiny engine's cost):
 those with ``"plugin": false`` are vLLM without the plugin (``VLLM_PLUGINS=none``) and come first; vLLM then
 loads the plugin from its entry point for the rest, as a fresh process would. ``env`` holds variables for one
-engine (its worker processes inherit them). Each engine is sent its rejects first (each one request that must
-fail), then serves all its batches (each batch one ``generate`` call). Scripts run last, in this process
+engine (its worker processes inherit them). Each engine is probed first where its spec says (``_nonfinite_probe``), then sent its rejects (each one request that must
+fail), then serves all its batches (each batch one ``generate`` call, in order: a later batch can hit
+the prefix cache of an earlier one). Scripts run last, in this process
 with the plugin loaded, each as ``__main__`` (the README's example: a fresh process would import vLLM again).
-OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids"}], "stats": {...} | null, "rejects": {name: error | null},
-"tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines)}}``
+OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids", "cached"}], "stats": {...} | null, "rejects": {name: error | null},
+"tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines),
+"nonfinite": _nonfinite_probe's result (engines with "probe_nonfinite")}}``
 or ``{engine: {"error": message}}`` when the engine refused to start; ``{script: {"stdout", "error":
 traceback | null}}``.
 """
@@ -89,6 +91,37 @@ def _tower_linears(model):
     return [len(layers), sum(hasattr(m, "cpu_linear") for m in layers)]
 
 
+def _nonfinite_probe(model):
+    """The DyMU tower encoding an image whose tower output overflows (its first
+    layer's weights scaled by 1e30), in the engine's own model: ``{"rows":
+    placeholders, "unique": unique rows, "nonfinite_rows": crops left unmerged}``
+    or ``{"error": message}``. The weights are restored after."""
+    import torch
+
+    from dymu_kernels.vllm.groups import untag_pieces
+
+    tower = getattr(model, model.dymu_tower_attr)
+    first = next(m for m in tower.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    size = model.config.vision_config.image_size
+    before = model._dymu_encoded.nonfinite_rows
+    saved = first.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            first.weight.mul_(1e30)
+            tagged = model._dymu_encode("image", torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                                        {})
+    except Exception as e:  # the test shows it
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        with torch.no_grad():
+            first.weight.copy_(saved)
+    _, ids = untag_pieces(tagged)
+    out = {"rows": int(ids[0].numel()), "unique": int(ids[0].unique().numel()),
+           "nonfinite_rows": model._dymu_encoded.nonfinite_rows - before}
+    model._dymu_encoded = type(model._dymu_encoded)()  # not an item vLLM encoded: not counted
+    return out
+
+
 class _Environment:
     """The variables one engine runs under: set before it starts, restored after
     (vLLM caches its variables once an engine is up: the cache is reset)."""
@@ -154,7 +187,8 @@ def _serve(llm, spec) -> dict:
             prompts.append(item)
         gens = llm.generate(prompts, params, use_tqdm=False)
         out[name] = [{"tokens": list(g.outputs[0].token_ids), "prompt_token_ids": list(g.prompt_token_ids),
-                      "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]}
+                      "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)],
+                      "cached": g.num_cached_tokens}  # the prompt tokens its prefix-cache hit covered
                      for g in gens]
     return out
 
@@ -189,7 +223,10 @@ def main(job_path: str, out_path: str) -> None:
             except Exception as e:  # the refusals the tests check
                 results[spec["name"]] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            out = _serve(llm, spec)
+            probe = llm.apply_model(_nonfinite_probe)[0] if spec.get("probe_nonfinite") else None
+            out = _serve(llm, spec)  # (after a probe: the engine serves on)
+            if probe is not None:
+                out["nonfinite"] = probe
             from dymu_kernels.vllm import serving_stats
 
             out["stats"] = serving_stats(llm)[0]

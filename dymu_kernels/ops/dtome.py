@@ -78,12 +78,15 @@ def dtome_merge(
         from . import dtome_triton
 
         node_max, node_idx, merge = dtome_triton.match(metric, lengths, threshold, cls_token=cls_token)
-        ref.check_scores(node_max)
+        checked = ref.check_scores(node_max, metric)  # (the kernel's maximum skips NaN scores)
+        if checked is not node_max and merge is not None:  # rows left unmerged: select again, as the kernel does
+            merge = (checked > threshold).to(merge.dtype)
+        node_max = checked
         if merge is None:
             merge = ref.fixed_r_mask(node_max, r)
         return dtome_triton.merge_tokens(state, node_idx, merge, node_max, cls_token=cls_token)
     node_max, node_idx = ref.bipartite_match(metric, lengths, cls_token=cls_token)
-    ref.check_scores(node_max)
+    node_max = ref.check_scores(node_max)
     mask = ref.select_merges(node_max, threshold, r)
     if name == "torch":
         return ref.merge_tokens(state, node_idx, mask, node_max, cls_token=cls_token)

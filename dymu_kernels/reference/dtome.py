@@ -54,6 +54,8 @@ The capacity ``N_cap`` is kept, so output shapes never depend on the data;
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -62,7 +64,6 @@ import torch.nn.functional as F
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_no_nan,
     check_index_range,
     check_same_device,
     check_shape,
@@ -339,7 +340,7 @@ def dtome_merge(
     """
     threshold, r = check_dtome_args(x, size, lengths, pos_map, metric, threshold, r)
     node_max, node_idx = bipartite_match(metric, lengths, cls_token=cls_token)
-    check_scores(node_max)
+    node_max = check_scores(node_max)
     mask = select_merges(node_max, threshold, r)
     return merge_tokens(MergeState(x, size, lengths, pos_map), node_idx, mask, node_max, cls_token=cls_token)
 
@@ -363,10 +364,57 @@ def check_dtome_args(x, size, lengths, pos_map, metric, threshold=None, r=None):
     return None, _check_r(r, B, x.device)
 
 
-def check_scores(node_max: torch.Tensor) -> None:
+class _NonFinite(threading.local):
+    """The policy for a metric that is not finite, per thread (see :func:`unmerged_if_nonfinite`)."""
+
+    depth = 0  # > 0: inside unmerged_if_nonfinite
+    rows = 0  # images (batch rows) left unmerged in a block since the outermost one began
+
+
+_NONFINITE = _NonFinite()
+
+
+@contextmanager
+def unmerged_if_nonfinite():
+    """Within this block an image (batch row) whose metric is not finite in a
+    block merges nothing there — as if its threshold were above every score —
+    instead of raising; the other images of the batch merge as they would
+    alone. For serving (dymu_kernels.vllm): one request's overflowing tower
+    (fp16) must not stop the engine's step for every request; its features
+    stay what the stock tower gives. Yields a function returning how many
+    rows were left unmerged so far (counted where values are readable: CPU, or
+    debug mode)."""
+    _NONFINITE.depth += 1
+    if _NONFINITE.depth == 1:
+        _NONFINITE.rows = 0
+    try:
+        yield lambda: _NONFINITE.rows
+    finally:
+        _NONFINITE.depth -= 1
+
+
+def check_scores(node_max: torch.Tensor, metric: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A NaN/inf in the metric makes its scores NaN; checking the ``[B, N/2]``
-    scores is far cheaper than scanning the whole metric."""
-    check_no_nan("metric", node_max, "must be finite: it contains NaN or inf")
+    scores is far cheaper than scanning the whole metric — unless ``metric``
+    is given: a kernel whose maximum skips NaN scores (Triton's) has to be
+    checked on the metric itself. Raises ValueError naming the metric (where
+    values are readable: CPU, or debug mode), or — inside
+    :func:`unmerged_if_nonfinite` — returns the scores with each such row's
+    set to -inf (a row that merges nothing, order kept: rule (a)); else
+    ``node_max`` itself."""
+
+    def nonfinite_rows() -> torch.Tensor:  # [B, 1] bool
+        bad = torch.isnan(node_max) if metric is None else ~torch.isfinite(metric)
+        return bad.flatten(1).any(-1)[:, None]
+
+    if _NONFINITE.depth == 0:
+        if values_checkable(node_max) and bool(nonfinite_rows().any()):
+            raise ValueError("metric must be finite: it contains NaN or inf")
+        return node_max
+    bad = nonfinite_rows()  # no host read: also on a GPU, also while compiling
+    if values_checkable(node_max):
+        _NONFINITE.rows += int(bad.sum())
+    return node_max.masked_fill(bad, float("-inf"))
 
 
 def select_merges(node_max: torch.Tensor, threshold=None, r=None) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Engine settings the plugin cannot serve under, refused at load time.
 
-Every input kind the plugin cannot merge is refused here, once, for the whole
-engine — never per request inside an engine step, where an error would take
-the server down: precomputed image embeddings (``--enable-mm-embeds``, and the
-disaggregated roles that accept them: encoder-cache transfer, KV consumers),
-and prompts given as embeddings (``--enable-prompt-embeds``).
+vLLM's GPU defaults are served: async scheduling, prefix caching,
+torch.compile and CUDA graphs (full graphs for decode steps, piecewise ones
+for the rest; only ``cudagraph_mode=FULL`` is refused). Every input kind the
+plugin cannot merge is refused here, once, for the whole engine — never per
+request inside an engine step, where an error would take the server down:
+precomputed image embeddings (``--enable-mm-embeds``, and the disaggregated
+roles that accept them: encoder-cache transfer, KV consumers), and prompts
+given as embeddings (``--enable-prompt-embeds``).
 """
 
 from __future__ import annotations
@@ -15,20 +18,24 @@ from .settings import settings_from_config
 
 # The scheduler the plugin serves with (see :mod:`.scheduler`); vLLM imports it by this name.
 SCHEDULER = "dymu_kernels.vllm.scheduler.DyMUScheduler"
+# CUDA-graph modes that replay one full graph for steps with prefill (vLLM's CUDAGraphMode names whose
+# ``mixed_mode()`` is FULL). A step with merged images has a request of two or more tokens (an image's
+# placeholders), so vLLM never counts it a uniform decode step: under FULL_AND_PIECEWISE and FULL_DECODE_ONLY it
+# gets a piecewise graph or none, and a piecewise graph is part of the compiled forward that merged steps skip
+# (model._uncompiled). Only FULL would replay the stock forward on it.
+FULL_MIXED_GRAPHS = ("FULL",)
 
 def unsupported_settings(vllm_config) -> List[str]:
     """What must change in ``vllm_config`` for DyMU to serve exactly (empty: fine)."""
     out = []
     model = vllm_config.model_config
     graphs = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
-    if not model.enforce_eager and graphs is not None and str(getattr(graphs, "name", graphs)) != "NONE":
-        out.append("compilation_config={'cudagraph_mode': 'NONE'} (-cc.cudagraph_mode=NONE), or enforce_eager=True: "
-                   "a CUDA graph replays the steps it captured, and a step with merged images runs the language "
-                   "model eagerly on its unique rows (torch.compile alone is fine: it serves the steps where nothing "
-                   "merged)")
-    if vllm_config.cache_config.enable_prefix_caching:
-        out.append("enable_prefix_caching=False (--no-enable-prefix-caching): a cached prefix can end inside an "
-                   "image, and a merged image's rows depend on all of its positions at once")
+    if not model.enforce_eager and graphs is not None and str(getattr(graphs, "name", graphs)) in FULL_MIXED_GRAPHS:
+        out.append("compilation_config={'cudagraph_mode': 'FULL_AND_PIECEWISE'} (vLLM's default) or "
+                   "'FULL_DECODE_ONLY', not 'FULL': a full CUDA graph of a step with prefill replays the stock "
+                   "language model, and a step with merged images must run it on its unique rows; "
+                   "FULL_AND_PIECEWISE replays full graphs for decode steps only and piecewise ones, which "
+                   "merged steps skip, for the others")
     sched = vllm_config.scheduler_config
     if sched.enable_chunked_prefill and not sched.disable_chunked_mm_input:
         out.append("disable_chunked_mm_input=True (--disable-chunked-mm-input): chunked prefill may otherwise split "
@@ -54,13 +61,11 @@ def unsupported_settings(vllm_config) -> List[str]:
     kv = getattr(vllm_config, "kv_transfer_config", None)
     if kv is not None and getattr(kv, "is_kv_consumer", False):
         out.append("no KV-cache transfer consumer (kv_transfer_config): a loaded prefix can end inside an image, "
-                   "as with prefix caching (vLLM also turns on enable_mm_embeds for it)")
+                   "whose rows depend on all of its positions at once (the plugin's scheduler rounds local "
+                   "prefix-cache hits to an image's start, not loads; vLLM also turns on enable_mm_embeds for it)")
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         out.append("pipeline_parallel_size=1: the unique rows cannot cross pipeline stages")
-    if getattr(sched, "async_scheduling", False):
-        out.append("async_scheduling=False (no --async-scheduling): DyMU serves with its own synchronous scheduler "
-                   f"({SCHEDULER}), which never ends a step inside an image")
     if getattr(sched, "scheduler_cls", None) not in (None, SCHEDULER):
         out.append(f"no custom scheduler_cls (--scheduler-cls): DyMU serves with {SCHEDULER}, which never "
                    "ends a step inside an image")

@@ -17,9 +17,9 @@ the model's ``embed_input_ids`` the pieces scheduled in this step, in
 placeholder order, with the ``is_multimodal`` mask; :func:`untag_pieces`
 strips the columns and :func:`step_groups` turns (piece, unique index) into
 groups — text tokens are groups of one. A piece shorter than its item (an
-image split across steps, which prefix caching, chunked multimodal input or
-vLLM's own scheduler under chunked prefill would do: see :mod:`.scheduler`)
-raises: a merged group's attention output averages over all its positions,
+image split across steps, which a prefix-cache hit ending inside it, chunked
+multimodal input or vLLM's own scheduler under chunked prefill would do: see
+:mod:`.scheduler`) raises: a merged group's attention output averages over all its positions,
 so its rows depend on the whole image at once.
 """
 
@@ -75,17 +75,18 @@ def untag_pieces(pieces: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], Li
     local, total = _number(tags[:, :_DIGITS]), _number(tags[:, _DIGITS:])
     expected = torch.repeat_interleave(torch.tensor(lengths, device=total.device),
                                        torch.tensor(lengths, device=total.device))
-    # Engine step, but no client reaches it: only the scheduler splits an item; the settings that start a step
-    # inside one (prefix caching, KV-transfer consumers) are refused at load (engine_checks), and the plugin's
-    # scheduler (scheduler.py) never ends a step inside one (vLLM's does, under chunked prefill, tested).
+    # Engine step, but no client reaches it: only the scheduler splits an item; the plugin's scheduler
+    # (scheduler.py) never ends a step inside one (vLLM's does, under chunked prefill, tested) nor starts one
+    # there (a prefix-cache hit is rounded down to the item's start), and the settings that could (KV-transfer
+    # consumers, chunked multimodal input) are refused at load (engine_checks).
     if 0 in lengths or bool((total != expected).any()):  # one host read for all pieces
         for n, t in zip(lengths, total.split(lengths)):
             if n == 0 or bool((t != n).any()):
                 full = int(t[0]) if n else 0
                 raise RuntimeError(
                     f"a merged image reached the language model in part ({n} of {full} placeholders in one step). "
-                    "DyMU needs each image in one step: serve with enable_prefix_caching=False and "
-                    "disable_chunked_mm_input=True (dymu_kernels.vllm.engine_kwargs() sets both)"
+                    "DyMU needs each image in one step: serve with the plugin's scheduler and "
+                    "disable_chunked_mm_input=True (dymu_kernels.vllm.engine_kwargs() sets it)"
                 )
     return [piece[:, :-TAG_COLUMNS] for piece in pieces], list(local.split(lengths))
 
@@ -177,3 +178,21 @@ def whole_items_end(ranges: Sequence, num_computed: int, num_new: int) -> int:
         if num_computed <= r.offset < end < r.offset + r.length:
             return r.offset - num_computed
     return num_new
+
+
+def prefix_hit_end(ranges: Sequence, hit: int, block_size: int) -> int:
+    """A prefix-cache hit of ``hit`` tokens, rounded down so that it ends
+    inside none of the items (``ranges``: vLLM ``PlaceholderRange``s): to the
+    start of the block holding the start of an item it would end inside,
+    again until no item holds the end. A hit ending at an item's end (or
+    later) keeps the item's cached KV, computed when the whole item was
+    merged; one ending before its start recomputes all of it. Used by
+    :mod:`.scheduler`."""
+    moved = True
+    while moved and hit > 0:
+        moved = False
+        for r in ranges:
+            if r.offset < hit < r.offset + r.length:
+                hit = r.offset // block_size * block_size
+                moved = True
+    return hit

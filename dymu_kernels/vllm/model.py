@@ -21,6 +21,7 @@ Without it every method is vLLM's. :class:`ServingStats` counts what was saved.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -29,6 +30,7 @@ import torch
 
 from ..core.lm_features import check_full_attention
 from ..families import Patch, families, model_names
+from ..reference.dtome import unmerged_if_nonfinite
 from .cpu_gemm import use_vllm_cpu_gemm
 from .engine_checks import check_engine
 from .groups import StepGroups, step_groups, tag_item, untag_pieces
@@ -52,6 +54,7 @@ class ServingStats:
     steps: int = 0  # language-model forwards
     max_step_positions: int = 0  # the most positions one forward ran (chunked prefill keeps it <= its budget)
     tokens_per_block: List[List[int]] = field(default_factory=list)  # last tower batch: per crop, after each block
+    nonfinite_rows: int = 0  # crops / frames left unmerged in a block for a non-finite tower output (see _dymu_encode)
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
@@ -61,13 +64,15 @@ class ServingStats:
 
     def add_tower(self, other: "ServingStats") -> None:
         """Add ``other``'s tower counts (items, tokens in and out, placeholders, unique rows)."""
-        for name in ("items_encoded", "tower_tokens", "tower_tokens_kept", "placeholders", "unique_rows"):
+        for name in ("items_encoded", "tower_tokens", "tower_tokens_kept", "placeholders", "unique_rows",
+                     "nonfinite_rows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.tokens_per_block:
             self.tokens_per_block = other.tokens_per_block
 
 
 _UNMERGED = object()  # a counted step whose tokens are all distinct rows
+logger = logging.getLogger(__name__)
 
 
 class DyMUServing:
@@ -135,10 +140,17 @@ class DyMUServing:
         mod = {m.name: m for m in patch.family.modalities}[modality]
         projector = getattr(self, "multi_modal_projector", None)  # LLaVA-type: the tower runs in its dtype
         dtype = next((projector or self).parameters()).dtype
-        out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
+        # An item whose tower output is not finite (fp16 overflow) merges nothing instead of raising in the
+        # engine step, which would stop it for every request; the processors refuse non-finite pixels earlier.
+        with unmerged_if_nonfinite() as unmerged_rows:
+            out = mod.encode(self, patch, pixels, dtype, vision_kwargs)
+        if unmerged_rows():
+            logger.warning("DyMU: %d image / frame rows had a non-finite tower output in a block and merged "
+                           "nothing there (their features are what the stock tower gives)", unmerged_rows())
         rows = out.rows()  # per item, each placeholder's unique token: [P_i, C]
         tower = patch.counts[modality]
         st = self._dymu_encoded
+        st.nonfinite_rows += unmerged_rows()
         st.items_encoded += len(rows)
         st.tower_tokens += tower.total_patches()
         st.tower_tokens_kept += int(tower.kept.sum())

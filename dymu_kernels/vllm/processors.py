@@ -6,7 +6,9 @@ merge size, AnyRes grid). vLLM's model classes find out in
 ``embed_multimodal``, inside the engine step, where an error stops the
 engine for every request. The processors of the plugin's classes check the
 pixels right after the image processor made them (:class:`CheckedPixels`),
-so such a request fails alone, as a 4xx.
+so such a request fails alone, as a 4xx — as does one whose options make
+pixels that are not finite (``image_std`` of 0): they would make the tower's
+output, and every answer to that request, NaN.
 """
 
 from __future__ import annotations
@@ -30,10 +32,22 @@ class CheckedPixels:
         out = super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed)
         try:
             self.check_pixels(out, self.info.get_hf_config(), hf_kwargs)
+            check_finite(out)
         except ValueError as e:
             raise ValueError(f"the image processor made pixels the vision tower cannot take (check the "
                              f"request's mm_processor_kwargs): {e}") from None
         return out
+
+
+def check_finite(out) -> None:
+    """Raise ValueError naming the first floating-point input of ``out`` (a
+    processed request: tensors, or lists of them) holding NaN or inf."""
+    import torch
+
+    for key, value in out.items():
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{key} holds NaN or inf")
 
 
 def register_checked_processor(model_cls, processor_cls):

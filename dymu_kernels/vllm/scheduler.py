@@ -1,4 +1,4 @@
-"""vLLM's scheduler, never ending a step inside an image (DyMU serving only).
+"""vLLM's scheduler, never starting or ending a step inside an image (DyMU serving only).
 
 A merged image's rows depend on all of its positions at once (see
 :mod:`.groups`), so each image must reach the language model in one step.
@@ -20,6 +20,14 @@ step (their encoder budget returned). vLLM's load-time check that an image
 fits in ``max_num_batched_tokens`` (made under ``disable_chunked_mm_input``,
 which :mod:`.engine_checks` requires) keeps such a request schedulable.
 
+A step can also *start* inside an image: a prefix-cache hit ends at a block
+boundary wherever the requests sharing the prefix diverge, and that can be
+inside an image they share (the same picture, then different questions).
+:class:`WholeItems` rounds such a hit down to the image's start
+(:func:`~.groups.prefix_hit_end`), so the image is encoded and run whole
+again; hits ending before or after an image, shared system prompts and
+earlier turns of a chat, are kept as vLLM finds them.
+
 :class:`DyMUScheduler` is what the plugin's config hook names in
 ``scheduler_config.scheduler_cls``: it builds the whole-image form of the
 scheduler vLLM picks itself (``AsyncScheduler`` under async scheduling,
@@ -31,7 +39,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from .groups import whole_items_end
+from .groups import prefix_hit_end, whole_items_end
 
 
 class WholeItems:
@@ -57,6 +65,16 @@ class WholeItems:
         return kept(run), cut, budget, kept(external), kept(duplicate)
 
 
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
+        if hit and request.mm_features:
+            end = prefix_hit_end([f.mm_position for f in request.mm_features], hit, self.block_size)
+            if end < hit:
+                blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, end)
+                hit = end
+        return blocks, hit, boundary, diverged
+
+
 class WholeItemScheduler(WholeItems, Scheduler):
     pass
 
@@ -71,5 +89,9 @@ class DyMUScheduler:
 
     def __new__(cls, *args, **kwargs):
         vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
-        base = WholeItemAsyncScheduler if vllm_config.scheduler_config.async_scheduling else WholeItemScheduler
-        return base(*args, **kwargs)
+        return cls.scheduler_class(vllm_config)(*args, **kwargs)
+
+    @staticmethod
+    def scheduler_class(vllm_config) -> type:
+        """The class built for ``vllm_config`` (async scheduling as vLLM resolved it)."""
+        return WholeItemAsyncScheduler if vllm_config.scheduler_config.async_scheduling else WholeItemScheduler

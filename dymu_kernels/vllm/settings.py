@@ -4,8 +4,8 @@ Set it in the checkpoint's ``config.json`` or, without touching the
 checkpoint, through vLLM's ``hf_overrides``::
 
     LLM(model, **dymu_kernels.vllm.engine_kwargs(thresholds="t.json"))
-    # = LLM(model, hf_overrides={"dymu": {"thresholds": "t.json"}},
-    #       enforce_eager=True, enable_prefix_caching=False, disable_chunked_mm_input=True)
+    # = LLM(model, hf_overrides={"dymu": {"thresholds": "t.json"}}, disable_chunked_mm_input=True)
+    #   (+ enforce_eager=True on vLLM's CPU platform)
 
 Keys: ``enabled`` (default True), ``thresholds`` (a preset ``"model:level"``,
 a threshold JSON file, a list of per-block floats, ``"default"``: the
@@ -81,12 +81,15 @@ def engine_kwargs(thresholds: Any = None, *, r: Any = None, backend: str = "auto
                   hf_overrides: Optional[Dict[str, Any]] = None, **kwargs) -> Dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` (or ``EngineArgs``) serving with DyMU.
 
-    Adds the ``dymu`` config entry to ``hf_overrides`` and the engine settings
-    the plugin needs: no prefix caching and no chunked multimodal input (each
-    image reaches the language model whole, in one step); and eager execution
-    by default — ``enforce_eager=False`` gives compiled decode (merged steps
-    still run eagerly; on this CPU compiled DyMU decodes ~10% faster but the
-    engine starts minutes later: README, Serving with vLLM). ``kwargs`` pass
+    Adds the ``dymu`` config entry to ``hf_overrides`` and the one engine
+    setting the plugin needs: no chunked multimodal input (each image reaches
+    the language model whole, in one step). Everything else stays as vLLM sets
+    it — prefix caching (the plugin's scheduler rounds a hit down to an
+    image's start), async scheduling, and on a GPU torch.compile with CUDA
+    graphs (merged steps run eagerly, decode steps replay graphs) — except on
+    vLLM's CPU platform, where it adds ``enforce_eager=True``: compiled DyMU
+    decodes ~10% faster there but the engine starts minutes later (README,
+    Serving with vLLM; pass ``enforce_eager=False`` for it). ``kwargs`` pass
     through and win.
     """
     entry: Dict[str, Any] = {"enabled": enabled, "backend": backend}
@@ -97,7 +100,18 @@ def engine_kwargs(thresholds: Any = None, *, r: Any = None, backend: str = "auto
     overrides = dict(hf_overrides or {})
     overrides["dymu"] = entry
     settings_from_config(type("Config", (), {"dymu": entry})())  # fail here, not in the engine
-    out = dict(enforce_eager=True, enable_prefix_caching=False, disable_chunked_mm_input=True)
+    out: Dict[str, Any] = dict(disable_chunked_mm_input=True)
+    if _cpu_platform():
+        out["enforce_eager"] = True
     out.update(kwargs)
     out["hf_overrides"] = overrides
     return out
+
+
+def _cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform here (False without vLLM)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
