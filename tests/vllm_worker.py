@@ -4,7 +4,7 @@ Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
 JOB: ``{"engines": [{"name", "model": DIR, "plugin": bool (default true), "env": {variables},
-"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "probe_nonfinite": bool, "batches": {name: [{"prompt", "images": [PNG paths],
+"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "probe_nonfinite": bool, "rank1_disagrees": bool, "batches": {name: [{"prompt", "images": [PNG paths],
 "videos": [NPY paths of frames]}]}, "max_tokens", "ignore_eos", "rejects": {name: {"prompt", "images",
 "mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}],
 "scripts": [{"name", "code": Python source}]}``.
@@ -19,11 +19,13 @@ the prefix cache of an earlier one). Scripts run last, in this process
 with the plugin loaded, each as ``__main__`` (the README's example: a fresh process would import vLLM again).
 OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids", "cached"}], "stats": {...} | null, "rejects": {name: error | null},
 "tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines),
-"nonfinite": _nonfinite_probe's result (engines with "probe_nonfinite")}}``
+"nonfinite": _nonfinite_probe's result (engines with "probe_nonfinite"), "stats_other_ranks": [...] (tensor
+parallel; "rank1_disagrees": rank 1 merges otherwise, see _Rank1Disagrees)}}``
 or ``{engine: {"error": message}}`` when the engine refused to start; ``{script: {"stdout", "error":
 traceback | null}}``.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -122,6 +124,49 @@ def _nonfinite_probe(model):
     return out
 
 
+# Run at the start of each worker process of an engine under _Rank1Disagrees (a sitecustomize module).
+_RANK1_NOISE = """
+import torch
+from vllm.distributed import get_tp_group
+
+from dymu_kernels.vllm.model import DyMUServing
+
+_encode = DyMUServing._dymu_encode
+
+
+def _noisy(model, modality, pixels, vision_kwargs):
+    if get_tp_group().rank_in_group == 1:
+        noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(1))
+        pixels = pixels + noise.to(pixels)
+    return _encode(model, modality, pixels, vision_kwargs)
+
+
+DyMUServing._dymu_encode = _noisy
+"""
+
+
+class _Rank1Disagrees:
+    """While held, tensor-parallel rank 1's DToMe tower sees other pixels than
+    rank 0's (noise added), so the ranks decide other merges. vLLM's CPU
+    platform spawns its workers: they get the patch from a sitecustomize
+    module on their PYTHONPATH (this process is not a rank)."""
+
+    def __enter__(self):
+        import tempfile
+
+        self.folder = tempfile.TemporaryDirectory()
+        open(os.path.join(self.folder.name, "sitecustomize.py"), "w").write(_RANK1_NOISE)
+        self.saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (self.folder.name, self.saved) if p)
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = self.saved
+        self.folder.cleanup()
+
+
 class _Environment:
     """The variables one engine runs under: set before it starts, restored after
     (vLLM caches its variables once an engine is up: the cache is reset)."""
@@ -217,7 +262,8 @@ def main(job_path: str, out_path: str) -> None:
             kwargs.update(engine_kwargs(**spec["dymu"]))
             kwargs.update(spec.get("engine", {}))
         start = time.perf_counter()
-        with _Environment(spec.get("env", {})):
+        disagree = _Rank1Disagrees() if spec.get("rank1_disagrees") else contextlib.nullcontext()
+        with _Environment(spec.get("env", {})), disagree:
             try:
                 llm = LLM(**kwargs)
             except Exception as e:  # the refusals the tests check
@@ -229,7 +275,9 @@ def main(job_path: str, out_path: str) -> None:
                 out["nonfinite"] = probe
             from dymu_kernels.vllm import serving_stats
 
-            out["stats"] = serving_stats(llm)[0]
+            out["stats"], *others = serving_stats(llm)
+            if others:  # tensor-parallel ranks 1, 2, ...
+                out["stats_other_ranks"] = others
             if kwargs.get("tensor_parallel_size", 1) == 1:  # (a function of this script reaches no worker process)
                 out["tower_linears"] = llm.apply_model(_tower_linears)[0]
             del llm

@@ -33,7 +33,7 @@ from ..families import Patch, families, model_names
 from ..reference.dtome import unmerged_if_nonfinite
 from .cpu_gemm import use_vllm_cpu_gemm
 from .engine_checks import check_engine
-from .groups import StepGroups, step_groups, tag_item, untag_pieces
+from .groups import TAG_COLUMNS, StepGroups, step_groups, tag_item, untag_pieces
 from .layers import StepHolder, install_vtu_hooks
 from .settings import settings_from_config
 
@@ -55,6 +55,7 @@ class ServingStats:
     max_step_positions: int = 0  # the most positions one forward ran (chunked prefill keeps it <= its budget)
     tokens_per_block: List[List[int]] = field(default_factory=list)  # last tower batch: per crop, after each block
     nonfinite_rows: int = 0  # crops / frames left unmerged in a block for a non-finite tower output (see _dymu_encode)
+    tp_disagreements: int = 0  # items this tensor-parallel rank merged otherwise than rank 0, whose it serves
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
@@ -65,7 +66,7 @@ class ServingStats:
     def add_tower(self, other: "ServingStats") -> None:
         """Add ``other``'s tower counts (items, tokens in and out, placeholders, unique rows)."""
         for name in ("items_encoded", "tower_tokens", "tower_tokens_kept", "placeholders", "unique_rows",
-                     "nonfinite_rows"):
+                     "nonfinite_rows", "tp_disagreements"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.tokens_per_block:
             self.tokens_per_block = other.tokens_per_block
@@ -157,7 +158,7 @@ class DyMUServing:
         st.placeholders += sum(r.shape[0] for r in rows)
         st.unique_rows += int(out.items.counts.sum())
         st.tokens_per_block = torch.stack(tower.per_layer, dim=1).tolist()
-        return [tag_item(r, out.items.slots[i, :r.shape[0]]) for i, r in enumerate(rows)]
+        return _rank0_items([tag_item(r, out.items.slots[i, :r.shape[0]]) for i, r in enumerate(rows)], st)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         if self.dymu is None:
@@ -193,6 +194,31 @@ class DyMUServing:
         with self._dymu_holder.running(step), _uncompiled():
             hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds))
         return step.expand(hidden)
+
+
+def _rank0_items(tagged: List[torch.Tensor], stats: ServingStats) -> List[torch.Tensor]:
+    """Every tensor-parallel rank serves rank 0's encoded items (rows and
+    merge maps), broadcast over vLLM's TP group; the items as they are on one rank.
+
+    Each rank runs the whole DToMe tower (it is transformers' tower, not
+    vLLM's sharded one) and decides merges on its own: a rank whose tower
+    differs in the last bits (thread counts, instruction sets) can merge
+    otherwise at a threshold, and ranks running different rows would hang in,
+    or sum garbage through, the language model's all-reduces. Items whose maps
+    this rank decided otherwise are counted (``tp_disagreements``). The item
+    sizes (placeholders) are vLLM's, equal on every rank: one broadcast."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1 or not tagged:
+        return tagged
+    local = torch.cat(tagged)
+    shared = group.broadcast(local.clone(), src=0)
+    if group.rank_in_group != 0:
+        lengths = [t.shape[0] for t in tagged]
+        differs = (shared[:, -TAG_COLUMNS:] != local[:, -TAG_COLUMNS:]).any(-1)
+        stats.tp_disagreements += sum(bool(d.any()) for d in differs.split(lengths))
+    return list(shared.split([t.shape[0] for t in tagged]))
 
 
 @contextmanager
