@@ -4,6 +4,8 @@
     python3 benchmarks/bench_vllm.py --size quick    # a tiny model, seconds
     python3 benchmarks/bench_vllm.py --family qwen2_5_vl --configs stock,r=24,threshold,stock --requests 4
                                                      # Qwen2.5-VL (3B widths, cut): photographs and a video
+    python3 benchmarks/bench_vllm.py --workload chat --configs stock,r=21,stock --requests 4 --turns 3
+                                                     # multi-turn chats over an image, prefix caching on
 
 Builds bench_e2e.py's random LLaVA (CLIP ViT-L/14-336 + an 8-layer 1B-class
 Llama at ``small``), saves it as a vLLM folder (benchmarks/vllm_folder.py),
@@ -78,6 +80,27 @@ def prompt_text(config) -> str:
     return " ".join(["<s>", *before, "<image>", *after])
 
 
+def chat_prompts(config, conversations: int, turns: int):
+    """A multi-turn chat per conversation: the first turn is the throughput
+    prompt (the system words, the image, a question); each later turn appends
+    an answer (12 words, as if generated) and a new question (8 words, its
+    own per conversation and turn). ``[[turn prompts] per conversation]``."""
+    vocab = config.image_token_id - 3
+
+    def words(seed: int, n: int) -> str:
+        return " ".join(f"w{3 + (seed * 31 + 17 * i) % vocab}" for i in range(n))
+
+    out = []
+    for c in range(conversations):
+        text, prompts = prompt_text(config), []
+        for t in range(turns):
+            if t:
+                text += f" {words(1000 + 10 * c + t, 12)} {words(2000 + 10 * c + t, 8)}"
+            prompts.append(text)
+        out.append(prompts)
+    return out
+
+
 def save_photos(folder: str, size: int):
     """bench_e2e.py's photographs, square at the tower's size, as PNG files."""
     import skimage.data
@@ -108,7 +131,8 @@ def prepare_llava(args, folder: str):
     model_dir = os.path.join(folder, "model")
     save_llava_folder(model, model_dir)
     prompt = prompt_text(config)
-    return model_dir, [{"prompt": prompt, "image": p} for p in photos], thresholds_path, lm_layers
+    chat = chat_prompts(config, args.requests, args.turns) if args.workload == "chat" else None
+    return model_dir, [{"prompt": prompt, "image": p} for p in photos], thresholds_path, lm_layers, chat
 
 
 QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
@@ -150,7 +174,7 @@ def prepare_qwen(args, folder: str):
     np.save(os.path.join(folder, "video.npy"), video)
     items.insert(3, {"prompt": qwen_prompt("video", "What happens in this video?"),
                      "video": os.path.join(folder, "video.npy")})
-    return model_dir, items, thresholds_path, lm_layers
+    return model_dir, items, thresholds_path, lm_layers, None
 
 
 def qwen_prompt(kind: str, text: str) -> str:
@@ -184,7 +208,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
     parser.add_argument("--configs", default="stock,r=21,threshold,stock",
                         help=f"comma list of {CONFIGS} or r=N, each optionally -compiled, in run order (a config may repeat)")
-    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=8, help="requests per run (chat: conversations)")
+    parser.add_argument("--workload", choices=("throughput", "chat"), default="throughput",
+                        help="chat: --turns turns per conversation over its image, one generate call per turn, "
+                             "prefix caching on (vLLM's default) in every engine; LLaVA only")
+    parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
     parser.add_argument("--vllm-python", default=os.environ.get("DYMU_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
@@ -197,6 +225,10 @@ def main(argv=None) -> int:
         engine_spec(c, "")
     if "stock" not in configs:
         parser.error("--configs must include 'stock' (the baseline of the ratios)")
+    if args.workload == "chat" and args.family != "llava":
+        parser.error("--workload chat runs the LLaVA model (--family llava)")
+    if args.turns < 1:
+        parser.error("--turns must be >= 1")
     if not os.path.exists(args.vllm_python):
         parser.error(f"no vLLM environment at {args.vllm_python}: run bash scripts/setup_vllm.sh")
     cuda = torch.cuda.is_available()
@@ -206,30 +238,36 @@ def main(argv=None) -> int:
         folder = args.work_dir or tmp
         os.makedirs(folder, exist_ok=True)
         if args.family == "llava":
-            model_dir, items, thresholds_path, lm_layers = prepare_llava(args, folder)
+            model_dir, items, thresholds_path, lm_layers, chat = prepare_llava(args, folder)
         else:
-            model_dir, items, thresholds_path, lm_layers = prepare_qwen(args, folder)
+            model_dir, items, thresholds_path, lm_layers, chat = prepare_qwen(args, folder)
+        runs_requests = args.requests * (args.turns if chat else 1)  # requests per timed run
         rows, stock_samples = [], []
         for i, c in enumerate(configs):
             plugins, dymu, engine = engine_spec(c, thresholds_path)
             job = {"model": model_dir, "items": items, "requests": args.requests,
                    "new_tokens": args.new_tokens, "samples": args.samples, "dymu": dymu,
                    "engine": {"dtype": dtype, **QUICK_KV.get(args.size, {}), **engine}}
+            if chat:
+                job["chat"] = chat
             print(f"[bench_vllm] {c}: starting an engine", flush=True)
             out = run_engine(args.vllm_python, job, plugins, folder, f"{i}_{c.replace('=', '')}")
             s = summarize(out["seconds"])
             stats = out.get("stats") or {}
-            row = {"bench": "vllm_offline", "family": args.family, "size": args.size, "lm_layers": lm_layers,
-                   "config": c,
-                   "requests": args.requests, "new_tokens": args.new_tokens, "prompt_tokens": out["prompt_tokens"],
+            row = {"bench": "vllm_offline" if not chat else "vllm_chat", "family": args.family, "size": args.size,
+                   "lm_layers": lm_layers, "config": c,
+                   "requests": runs_requests, "new_tokens": args.new_tokens, "prompt_tokens": out["prompt_tokens"],
                    "output_tokens": out["output_tokens"], "seconds": s,
-                   "requests_per_s": args.requests / s["median"], "output_tokens_per_s": out["output_tokens"] / s["median"],
+                   "requests_per_s": runs_requests / s["median"], "output_tokens_per_s": out["output_tokens"] / s["median"],
                    "total_tokens_per_s": (out["prompt_tokens"] + out["output_tokens"]) / s["median"],
                    "startup_s": out["startup_s"], "worker_threads": out["threads"], "vllm": out["vllm"],
                    "vllm_transformers": out["vllm_transformers"], "vllm_torch": out["vllm_torch"], "vllm_dtype": dtype,
                    "vision_kept_fraction": stats.get("tower_kept_fraction", 1.0),
                    "llm_tokenwise_fraction": stats.get("llm_tokenwise_fraction", 1.0),
                    "attention_kv_fraction": 1.0}  # every placeholder keeps its position and KV entry
+            if chat:
+                row.update(conversations=args.requests, turns=args.turns, ttft_s=summarize(out["ttft_s"]),
+                           cached_prompt_fraction=sum(out["cached_tokens"]) / (out["prompt_tokens"] * args.samples))
             if c == "stock":
                 stock_samples += out["seconds"]
             rows.append(row)
@@ -240,10 +278,10 @@ def main(argv=None) -> int:
             row["speedup_vs_stock"] = stock_median / row["seconds"]["median"]
     columns = ["config", "requests_per_s", "output_tokens_per_s", "time_ratio_vs_stock", "speedup_vs_stock",
                "vision_kept_fraction", "llm_tokenwise_fraction", "startup_s"]
-    print_table(rows, columns)
+    print_table(rows, columns + (["cached_prompt_fraction"] if chat else []))
     if not args.no_save:
         env = environment()
-        name = f"vllm_{'' if args.family == 'llava' else 'qwen_'}{'cuda' if cuda else 'cpu'}"
+        name = f"vllm_{'' if args.family == 'llava' else 'qwen_'}{'chat_' if chat else ''}{'cuda' if cuda else 'cpu'}"
         path = write_rows(name, rows, args.results_dir)
         with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
             f.write(markdown(rows, env))
@@ -253,6 +291,8 @@ def main(argv=None) -> int:
 
 def markdown(rows, env) -> str:
     r0 = rows[0]
+    if r0["bench"] == "vllm_chat":
+        return chat_markdown(rows, env)
     model = "LLaVA" if r0["family"] == "llava" else "Qwen2.5-VL (3B widths, cut)"
     lines = [f"# vLLM offline throughput, {r0['size']} {model} ({r0['lm_layers']} LM layers), with and without DyMU", "",
              f"{env['device']}; vLLM {r0['vllm']} (torch {r0['vllm_torch']}, transformers {r0['vllm_transformers']}), "
@@ -267,6 +307,27 @@ def markdown(rows, env) -> str:
         lines.append(f"| {r['config']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['requests_per_s']:.3f} | "
                      f"{r['output_tokens_per_s']:.2f} | {r['time_ratio_vs_stock']:.2f}x | {r['vision_kept_fraction']:.1%} | "
                      f"{r['llm_tokenwise_fraction']:.1%} | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+def chat_markdown(rows, env) -> str:
+    r0 = rows[0]
+    lines = [f"# vLLM multi-turn chat, {r0['size']} LLaVA ({r0['lm_layers']} LM layers), prefix caching on, with and "
+             "without DyMU", "",
+             f"{env['device']}; vLLM {r0['vllm']} (torch {r0['vllm_torch']}, transformers {r0['vllm_transformers']}), "
+             f"commit {env['commit']}, {env['date']}. {r0['conversations']} conversations of {r0['turns']} turns over "
+             f"their image (one generate call per turn, {r0['new_tokens']} new tokens each; every prompt extends the "
+             f"previous turn's); median (min-max) of {r0['seconds']['n_samples']} runs per engine, in the order below; "
+             f"ratios against the median of all {r0['stock_samples_pooled']} stock samples.", "",
+             "| config | s per run | requests/s | time vs stock | time to first token, s (median, min-max) | "
+             "prompt tokens cached | vision tokens kept | LLM token-wise work |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s, t = r["seconds"], r["ttft_s"]
+        lines.append(f"| {r['config']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['requests_per_s']:.3f} | "
+                     f"{r['time_ratio_vs_stock']:.2f}x | {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f}) | "
+                     f"{r['cached_prompt_fraction']:.1%} | {r['vision_kept_fraction']:.1%} | "
+                     f"{r['llm_tokenwise_fraction']:.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -129,6 +129,16 @@ def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 11
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    if kind in ("qwen3_vl", "qwen3_vl_moe"):  # 16-px patches; videos as timestamped frames (Qwen3-VL's own)
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16, merge_size=2, temporal_patch_size=2)
+        video = Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=16,
+                                      merge_size=2, temporal_patch_size=2, do_sample_frames=False)
+        processor = transformers.Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
+                                                  tokenizer=tokenizer, video_processor=video)
+        processor.save_pretrained(path)
+        return processor
     cls = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor, "qwen2_vl": transformers.Qwen2VLProcessor}[kind]
     sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
@@ -139,7 +149,8 @@ def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 11
 
 def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
     """A random tiny Qwen2.5-VL (``kind="qwen2_5_vl"``: windows of 4x4 units,
-    full attention in block 1) or Qwen2-VL (``"qwen2_vl"``) saved under
+    full attention in block 1), Qwen2-VL (``"qwen2_vl"``) or Qwen3-VL
+    (``"qwen3_vl"``, ``"qwen3_vl_moe"``: deepstack, 128 × 128 to 128 × 256 px) saved under
     ``path`` with its tokenizer (:func:`qwen_tokenizer`) and processor (image
     and video processors, 112 × 112 to 112 × 224 px: at most 32 placeholders
     per image or frame pair, so a small token budget chunks prefill); head
@@ -166,8 +177,23 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
         vision = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=128)
         config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
         cls, processor_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
+    elif kind in ("qwen3_vl", "qwen3_vl_moe"):  # 3 blocks, deepstack taps after blocks 0 and 1; interleaved M-RoPE
+        text.update(head_dim=64, rope_parameters=dict(text["rope_parameters"], mrope_section=[8, 12, 12],
+                                                      mrope_interleaved=True))
+        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        if kind == "qwen3_vl":
+            config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+            cls = transformers.Qwen3VLForConditionalGeneration
+        else:
+            # (norm_topk_prob: what vLLM reads and transformers 5.19's config lacks; transformers normalises always)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, decoder_sparse_step=1,
+                        norm_topk_prob=True)
+            config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+            cls = transformers.Qwen3VLMoeForConditionalGeneration
+        sizes = dict(min_pixels=128 * 128, max_pixels=128 * 256)  # 4 x 4 to 4 x 8 units per image or frame pair
     else:
-        raise ValueError(f"kind={kind!r}: expected 'qwen2_5_vl' or 'qwen2_vl'")
+        raise ValueError(f"kind={kind!r}: expected 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl' or 'qwen3_vl_moe'")
     config.architectures = [cls.__name__]  # what vLLM picks its model class by
     torch.manual_seed(seed)
     model = cls(config).eval()
@@ -177,7 +203,22 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
                                                             eos_token_id=ids["<|im_end|>"],
                                                             pad_token_id=ids["<|endoftext|>"], do_sample=False)
     model.save_pretrained(path)
-    return save_qwen_processor(kind, path, tok)
+    if kind == "qwen3_vl_moe":
+        _released_expert_layout(path)
+    return save_qwen_processor(kind, path, tok, **(sizes if kind.startswith("qwen3") else {}))
+
+
+def _released_expert_layout(path: str) -> None:
+    """Rewrite a saved Qwen3-VL-MoE's expert weights in the released
+    checkpoints' layout (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``),
+    which vLLM's loader reads and transformers 5.25 transposes on load;
+    transformers 5.19 (the vLLM environment's) saves them transposed."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    state = load_file(file)
+    state = {k: (v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v) for k, v in state.items()}
+    save_file(state, file, metadata={"format": "pt"})
 
 
 ONEVISION_CROP = 84  # px per crop: 6 x 6 patches of 14 px

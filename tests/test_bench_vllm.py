@@ -58,3 +58,21 @@ def test_engine_specs():
     for bad in ("r=x", "fast", "r=8-compiled-compiled"):
         with pytest.raises(ValueError, match="unknown config"):
             engine_spec(bad, "t.json")
+
+
+def test_chat_prompts_extend_each_turn():
+    """--workload chat: each turn's prompt extends the previous turn's (what prefix caching serves), every
+    conversation starts with the throughput prompt (one image, the shared system words) and diverges after it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_e2e
+    from bench_vllm import chat_prompts, prompt_text
+
+    config = bench_e2e.llava_config("small", 2)
+    chats = chat_prompts(config, 3, 4)
+    assert len(chats) == 3 and all(len(c) == 4 for c in chats)
+    first = prompt_text(config)
+    for conversation in chats:
+        assert conversation[0] == first and all(p.count("<image>") == 1 for p in conversation)
+        for before, after in zip(conversation, conversation[1:]):
+            assert after.startswith(before + " ") and len(after.split()) == len(before.split()) + 20
+    assert len({c[1] for c in chats}) == 3  # the conversations' second turns differ

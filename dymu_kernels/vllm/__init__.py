@@ -2,11 +2,10 @@
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
 in every process it starts. It puts the classes of :mod:`.llava` and
-:mod:`.qwen` in place of vLLM's ``LlavaForConditionalGeneration``,
-``LlavaOnevisionForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``
-— vLLM's own classes, unchanged unless the model's config has a ``dymu``
-entry — and a config hook
+:mod:`.qwen` in place of vLLM's own for every family ``apply_dymu`` patches
+(:data:`ARCHITECTURES`: LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and its MoE) — vLLM's own classes, unchanged unless the model's
+config has a ``dymu`` entry — and a config hook
 that refuses, at load time, engine settings DyMU cannot serve exactly
 (:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
 never splits an image across steps (:mod:`.scheduler`). Serve with::
@@ -31,11 +30,9 @@ ARCHITECTURES = {
     "LlavaOnevisionForConditionalGeneration": "dymu_kernels.vllm.llava:DyMULlavaOnevisionForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2_5_VLForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3VLMoeForConditionalGeneration",
 }
-
-# Families apply_dymu patches in transformers that this plugin does not serve yet: a ``dymu`` entry in their
-# config is refused at load, never silently served as stock vLLM (vLLM's own hook for them, if any, still runs).
-NOT_SERVED = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
 __all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
 
@@ -68,24 +65,6 @@ def _config_hook():
     return DyMUEngineCheck
 
 
-def _refusing_hook(arch: str, base):
-    """A config hook for ``arch`` (not served): refuses a ``dymu`` entry, then runs vLLM's own hook ``base``."""
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    class DyMUNotServed(base or VerifyAndUpdateConfig):
-        _dymu = True
-
-        @staticmethod
-        def verify_and_update_config(vllm_config) -> None:
-            if settings_from_config(vllm_config.model_config.hf_config) is not None:
-                raise ValueError(f"the DyMU vLLM plugin does not serve {arch} yet (apply_dymu does, in "
-                                 "transformers): remove the 'dymu' entry from the config / hf_overrides")
-            if base is not None:
-                base.verify_and_update_config(vllm_config)
-
-    return DyMUNotServed
-
-
 def register() -> None:
     """vLLM's plugin entry point: idempotent (vLLM may call it more than once per process)."""
     from vllm import ModelRegistry
@@ -101,6 +80,3 @@ def register() -> None:
         hook._dymu = True
         MODELS_CONFIG_MAP[arch] = hook
         ModelRegistry.register_model(arch, path)
-    for arch in NOT_SERVED:
-        if not getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
-            MODELS_CONFIG_MAP[arch] = _refusing_hook(arch, MODELS_CONFIG_MAP.get(arch))

@@ -149,6 +149,9 @@ class DyMUServing:
             logger.warning("DyMU: %d image / frame rows had a non-finite tower output in a block and merged "
                            "nothing there (their features are what the stock tower gives)", unmerged_rows())
         rows = out.rows()  # per item, each placeholder's unique token: [P_i, C]
+        if out.items.extra is not None:  # per-row language-model inputs beside the features (Qwen3-VL: deepstack
+            # taps): vLLM's layout, [features | extra] per placeholder, split again in its embed_input_ids
+            rows = [torch.cat([r, e], -1) for r, e in zip(rows, out.rows(out.items.extra))]
         tower = patch.counts[modality]
         st = self._dymu_encoded
         st.nonfinite_rows += unmerged_rows()
@@ -192,8 +195,22 @@ class DyMUServing:
         step = step.pad_to(n)
         st.llm_rows += step.num_unique
         with self._dymu_holder.running(step), _uncompiled():
-            hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds))
+            extra = self._dymu_lm_inputs(step, n)
+            hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds),
+                                               **extra)
+            self._dymu_lm_inputs_done(n)
         return step.expand(hidden)
+
+    def _dymu_lm_inputs(self, step: StepGroups, num_tokens: int) -> Dict:
+        """Keyword arguments beyond the embeddings for the language model's
+        call on a merged step's ``step.num_unique`` rows (the class's own
+        forward passes them for its ``num_tokens`` positions): none by default;
+        Qwen3-VL's deepstack rows (:mod:`.qwen`)."""
+        return {}
+
+    def _dymu_lm_inputs_done(self, num_tokens: int) -> None:
+        """After a merged step's language-model call: what the class's own
+        forward does after its call (Qwen3-VL: clear the deepstack buffers)."""
 
 
 def _rank0_items(tagged: List[torch.Tensor], stats: ServingStats) -> List[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""vLLM's Qwen2.5-VL and Qwen2-VL classes with DyMU (see :mod:`.model`).
+"""vLLM's Qwen3-VL (dense and MoE), Qwen2.5-VL and Qwen2-VL classes with DyMU (see :mod:`.model`).
 
 vLLM's own classes (processor, M-RoPE positions, weight names, Qwen2
 language model) with :class:`~.model.DyMUServing` mixed in. The tower is
@@ -9,6 +9,14 @@ same code :func:`~dymu_kernels.hf.apply_dymu` runs. vLLM computes the M-RoPE
 positions of every placeholder itself (the placeholder count is fixed before
 the tower runs), and its rotary embedding rotates each expanded row at its
 own position (:mod:`.layers`).
+
+Qwen3-VL's deepstack: the family's encoder gives each unique token one row
+per tap (the mean over its original units, :mod:`dymu_kernels.families.qwen3_vl`);
+they travel beside the features as vLLM's tower output does (``[merger |
+taps]`` per placeholder), vLLM's ``embed_input_ids`` puts them in its
+per-level buffers at the step's positions, and a merged step passes the
+buffers' unique rows to the language model and clears the buffers, as
+vLLM's own forward does after its call (else the next step adds stale rows).
 
 What a client sends is checked while vLLM processes the request: vLLM's
 processor makes the pixels and grids (any size its ``min_pixels`` /
@@ -25,6 +33,9 @@ from typing import Dict, List
 
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from vllm.sequence import IntermediateTensors
 
 from ..families import model_names
 from .model import DyMUServing
@@ -121,3 +132,37 @@ class DyMUQwen2VLForConditionalGeneration(DyMUQwenServing, Qwen2VLForConditional
 
     dymu_family = "qwen2_vl"
     dymu_tower = "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"
+
+
+class DyMUQwen3VLMultiModalProcessor(QwenCheckedPixels, Qwen3VLMultiModalProcessor):
+    """vLLM's Qwen3-VL processor (also the MoE model's), checking each request's pixels."""
+
+
+class DyMUQwen3Serving(DyMUQwenServing):
+    """Qwen3-VL: deepstack rows of a merged step (see module doc)."""
+
+    def _dymu_lm_inputs(self, step, num_tokens):
+        embeds = self._get_deepstack_input_embeds(num_tokens) if self.use_deepstack else None
+        if embeds is None:
+            return {}
+        return {"deepstack_input_embeds": IntermediateTensors({k: step.compact(v) for k, v in embeds.items()})}
+
+    def _dymu_lm_inputs_done(self, num_tokens):
+        if self.use_deepstack:
+            self._clear_deepstack_input_embeds(num_tokens)
+
+
+@register_checked_processor(Qwen3VLForConditionalGeneration, DyMUQwen3VLMultiModalProcessor)
+class DyMUQwen3VLForConditionalGeneration(DyMUQwen3Serving, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with DyMU when ``config.dymu`` asks for it."""
+
+    dymu_family = "qwen3_vl"
+    dymu_tower = "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel"
+
+
+@register_checked_processor(Qwen3VLMoeForConditionalGeneration, DyMUQwen3VLMultiModalProcessor)
+class DyMUQwen3VLMoeForConditionalGeneration(DyMUQwen3Serving, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE with DyMU when ``config.dymu`` asks for it."""
+
+    dymu_family = "qwen3_vl_moe"
+    dymu_tower = "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeVisionModel"
