@@ -66,6 +66,9 @@ class Kind:
     # items, deepstack rows among them, broadcast); Qwen3-VL runs it, each such engine start costing half a
     # minute in CI.
     tensor_parallel: bool = False
+    # The thresholds engine (chunked prefill): the scheduler's and the stage code's, shared by classes; Qwen2-VL
+    # (Qwen2.5-VL's serving class) and Qwen3-VL-MoE (Qwen3-VL's) skip it (an engine start is seconds in CI).
+    thresholds_engine: bool = True
 
 
 QWEN_REQUESTS = {
@@ -108,9 +111,9 @@ KINDS = {
     "qwen3_vl": Kind(transformers.Qwen3VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
                      QWEN3_REJECTS, engines_only=("vid", "both"), tensor_parallel=True),
     "qwen3_vl_moe": Kind(transformers.Qwen3VLMoeForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
-                         QWEN3_REJECTS, engines_only=("vid", "both"), compiled=False),
+                         QWEN3_REJECTS, engines_only=("vid", "both"), compiled=False, thresholds_engine=False),
     "qwen2_vl": Kind(transformers.Qwen2VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
-                     QWEN_REJECTS, compiled=False),
+                     QWEN_REJECTS, compiled=False, thresholds_engine=False),
     "llava_onevision": Kind(transformers.LlavaOnevisionForConditionalGeneration, ONEVISION_REQUESTS, [0.5, 0.5],
                             768, ONEVISION_REJECTS, vllm_layout=("two",), compiled=False),
 }
@@ -165,12 +168,14 @@ def _engines(name, folder):
     # The thresholds engine prefills in chunks: each engine start costs seconds in CI, and chunking is the
     # scheduler's, whichever stage merges.
     engines = [engine("r0", {"r": 0}, ["single", "mixed"]), engine("r2", {"r": R}, ["single", "mixed"], rejects={
-        n: dict(requests[key], mm_processor_kwargs=kwargs) for n, (key, kwargs, _) in kind.rejects.items()}),
-               engine("thresholds", {"thresholds": kind.thresholds}, ["mixed"], **chunked)]
+        n: dict(requests[key], mm_processor_kwargs=kwargs) for n, (key, kwargs, _) in kind.rejects.items()})]
+    if kind.thresholds_engine:
+        engines.append(engine("thresholds", {"thresholds": kind.thresholds}, ["mixed"], **chunked))
     if kind.compiled:  # vLLM's compilation (dynamo, piecewise graphs) with the eager backend: inductor's C++
-        # codegen is half a minute per engine here, and test_vllm_plugin's compiled LLaVA engine runs it
+        # codegen is half a minute per engine here, and test_vllm_plugin's compiled LLaVA engine runs it (and
+        # vLLM's warm-up encoding a dummy item: skipped here, seconds of the tower on the largest video)
         engines.append(engine("r2_compiled", {"r": R}, ["mixed"], enforce_eager=False,
-                              compilation_config={"backend": "eager"}))
+                              compilation_config={"backend": "eager"}, skip_mm_profiling=True))
     if kind.tensor_parallel:
         engines.append(dict(engine("r2_tp2", {"r": R}, ["mixed"], env=TP2_ENV, tensor_parallel_size=2),
                             rank1_disagrees=True))  # rank 1's tower sees noisier pixels: other merges
@@ -201,6 +206,8 @@ def _serve(name, vllm, folder_spec):
     model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every request makes all its tokens
     hf = {}
     for ref, patch in (("stock", None), ("r2", dict(r=R)), ("thresholds", dict(thresholds=kind.thresholds))):
+        if ref == "thresholds" and not kind.thresholds_engine:
+            continue
         if patch is not None:
             apply_dymu(model, **patch)
         hf[ref] = {k: greedy_generation(model, inputs[k], NEW_TOKENS) for k in kind.requests}
@@ -240,7 +247,7 @@ def test_merged_equals_patched_transformers(served, engine, batch):
     tower decides other merges than rank 0's (it serves rank 0's)."""
     kind, s = served
     if engine not in s["vllm"]:
-        pytest.skip(f"{kind} does not run the {engine} engine (Kind.compiled / tensor_parallel)")
+        pytest.skip(f"{kind} does not run the {engine} engine (Kind.compiled / tensor_parallel / thresholds_engine)")
     ref = s["hf"]["thresholds" if engine == "thresholds" else "r2"]
     for key, got in zip(BATCHES[batch], s["vllm"][engine][batch]):
         if key not in s["kind"].engines_only:
