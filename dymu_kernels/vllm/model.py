@@ -64,7 +64,8 @@ class ServingStats:
         return d
 
     def add_tower(self, other: "ServingStats") -> None:
-        """Add ``other``'s tower counts (items, tokens in and out, placeholders, unique rows)."""
+        """Add ``other``'s tower counts (items, tokens in and out, placeholders, unique rows, rows left
+        unmerged for a non-finite output, items decided otherwise than on rank 0)."""
         for name in ("items_encoded", "tower_tokens", "tower_tokens_kept", "placeholders", "unique_rows",
                      "nonfinite_rows", "tp_disagreements"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
