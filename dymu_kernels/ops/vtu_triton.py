@@ -406,14 +406,18 @@ def fwd_config(D: int, dtype: torch.dtype, decode: bool, arch: int = 90):
     registers. Hopper's warpgroup MMA (HGMMA) keeps 128-row tiles in
     registers; Ampere's MMA, with the K tile rotated in registers, fits 64
     rows. IEEE fp32 dots run on the CUDA cores: small tiles, no pipelining.
+    Head dims padded to a 128-wide tile (80, 96) take the narrower key tile
+    (and, fp32 on Hopper, 16 query rows; decode at D = 80 one stage): the
+    64-wide ones spilled 8 bytes of stack in their deterministic / decode
+    epilogues.
     """
     if dtype == torch.float32:
-        return (16, 32, 8, 1) if decode else (32, 32, 8, 1)
+        return (16, 32, 8, 1) if decode or (D == 96 and arch >= 90) else (32, 32, 8, 1)
     if decode:
-        return (16, 32, 4, 2) if D == 80 else (16, 64, 4, 3)
+        return (16, 32, 4, 1) if D == 80 else (16, 64, 4, 3)
     if arch >= 90:
-        return (128, 32, 8, 3) if D == 80 else (128, 64, 8, 3)
-    return (64, 32, 8, 3) if D <= 64 else (64, 64, 8, 3)
+        return (128, 32, 8, 3) if D in (80, 96) else (128, 64, 8, 3)
+    return (64, 32, 8, 3) if D <= 64 or D == 96 else (64, 64, 8, 3)
 
 
 def fwd_grid(B: int, H: int, T: int, block_m: int, splits: int = 1):
