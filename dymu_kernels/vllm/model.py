@@ -235,7 +235,7 @@ def _rank0_items(tagged: List[torch.Tensor], stats: ServingStats) -> List[torch.
     if group.rank_in_group != 0:
         lengths = [t.shape[0] for t in tagged]
         differs = (shared[:, -TAG_COLUMNS:] != local[:, -TAG_COLUMNS:]).any(-1)
-        stats.tp_disagreements += sum(bool(d.any()) for d in differs.split(lengths))
+        stats.tp_disagreements += int(torch.stack([d.any() for d in differs.split(lengths)]).sum())  # one host read
     return list(shared.split([t.shape[0] for t in tagged]))
 
 
