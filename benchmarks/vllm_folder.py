@@ -172,11 +172,11 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
         vision = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
                       fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
         config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-        cls, processor_cls = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
     elif kind == "qwen2_vl":
         vision = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=128)
         config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
-        cls, processor_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
+        cls = transformers.Qwen2VLForConditionalGeneration
     elif kind in ("qwen3_vl", "qwen3_vl_moe"):  # 3 blocks, deepstack taps after blocks 0 and 1; interleaved M-RoPE
         text.update(head_dim=64, rope_parameters=dict(text["rope_parameters"], mrope_section=[8, 12, 12],
                                                       mrope_interleaved=True))

@@ -14,7 +14,7 @@ writes are product code: :mod:`dymu_kernels.core.thresholds`.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Sequence
 
 import torch
 
