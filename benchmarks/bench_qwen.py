@@ -70,11 +70,27 @@ QWEN3_WIDTHS = {
            "text": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
                         head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                                        "mrope_section": [24, 20, 20], "mrope_interleaved": True})},
+    # Qwen3-VL-4B (tied embeddings): what bench_vllm.py --family qwen3_vl serves (the 8B's untied 4096-wide
+    # embeddings alone would be 5 GB in fp32, twice over: the saved folder and vLLM's copy).
+    "4b": {"vision": dict(hidden_size=1024, num_heads=16, intermediate_size=4096, out_hidden_size=2560),
+           "text": dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=128, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True})},
     "quick": {"vision": dict(hidden_size=64, num_heads=2, intermediate_size=96, out_hidden_size=64),
               "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True})},
 }
+# Tiny widths vLLM's CPU attention takes (head dim 64): bench_vllm.py --family qwen3_vl --size quick.
+QWEN3_WIDTHS["quick-vllm"] = {"vision": QWEN3_WIDTHS["quick"]["vision"] | dict(out_hidden_size=128),
+                              "text": QWEN3_WIDTHS["quick"]["text"] | dict(hidden_size=128, num_attention_heads=2,
+                                                                           num_key_value_heads=1, head_dim=64,
+                                                                           rope_parameters={
+                                                                               "rope_type": "default",
+                                                                               "rope_theta": 10000.0,
+                                                                               "mrope_section": [8, 12, 12],
+                                                                               "mrope_interleaved": True})}
 PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 
@@ -90,7 +106,8 @@ def build(family: str, widths: str, vision_layers: int, lm_layers: int, seed: in
         vision = dict(w["vision"], depth=vision_layers, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       num_position_embeddings=2304, deepstack_visual_indexes=taps)
         text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=151936, max_position_embeddings=32768)
-        config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        tie = text.pop("tie_word_embeddings", False)  # the model reads it from the top-level config
+        config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tie, **ids)
         cls = transformers.Qwen3VLForConditionalGeneration
     else:
         w = WIDTHS[widths]

@@ -4,6 +4,8 @@
     python3 benchmarks/bench_vllm.py --size quick    # a tiny model, seconds
     python3 benchmarks/bench_vllm.py --family qwen2_5_vl --configs stock,r=24,threshold,stock --requests 4
                                                      # Qwen2.5-VL (3B widths, cut): photographs and a video
+    python3 benchmarks/bench_vllm.py --family qwen3_vl --configs stock,r=20,threshold,stock --requests 4
+                                                     # Qwen3-VL (4B widths, cut; deepstack): the same requests
     python3 benchmarks/bench_vllm.py --workload chat --configs stock,r=21,stock --requests 4 --turns 3
                                                      # multi-turn chats over an image, prefix caching on
 
@@ -139,28 +141,39 @@ QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 15164
             "<|vision_end|>": 151653, "<|image_pad|>": bench_qwen.IMG, "<|video_pad|>": bench_qwen.VID}
 
 
+# Per family: the widths it is served at (bench_qwen.py), its tower blocks, and the photographs' side.
+QWEN_SERVED = {"qwen2_5_vl": {"widths": "3b", "name": "Qwen2.5-VL (3B widths, cut)", "video_side": 252},
+               "qwen3_vl": {"widths": "4b", "name": "Qwen3-VL (4B widths, cut)", "video_side": 256}}
+
+
 def prepare_qwen(args, folder: str):
-    """bench_qwen.py's random Qwen2.5-VL (3B widths, cut to 8 tower + ``--lm-layers``
-    blocks; ``--size quick``: tiny widths) saved for vLLM with a byte-level
+    """bench_qwen.py's random Qwen2.5-VL (3B widths) or Qwen3-VL (4B widths:
+    deepstack taps, interleaved M-RoPE), cut to 8 tower + ``--lm-layers``
+    blocks (``--size quick``: tiny widths), saved for vLLM with a byte-level
     tokenizer at the released token ids and the 448-px processor (written in
     the vLLM environment: its processors need torchvision); per-block
-    thresholds calibrated on the photographs for r = 24; requests: 448 × 448
-    photographs and, every fourth, bench_qwen.py's 8-frame 252 × 252 video."""
+    thresholds calibrated on the photographs for ``--calibrate-r`` (default:
+    24 for Qwen2.5-VL's 256 units of a 448-px photograph, 20 for Qwen3-VL's
+    196); requests: 448 × 448 photographs and, every fourth, bench_qwen.py's
+    8-frame video panning over the first (252 / 256 px: two patches' multiple)."""
     quick = args.size == "quick"
+    served = QWEN_SERVED[args.family]
     vision_layers, lm_layers = (4, 2) if quick else (8, args.lm_layers or 4)
-    model = bench_qwen.build("qwen2_5_vl", "quick-vllm" if quick else "3b", vision_layers, lm_layers, seed=0)
-    model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model = bench_qwen.build(args.family, "quick-vllm" if quick else served["widths"], vision_layers, lm_layers,
+                             seed=0)
+    model.config.architectures = [type(model).__name__]  # what vLLM picks its model class by
     model_dir = os.path.join(folder, "model")
     model.save_pretrained(model_dir)
-    thresholds = bench_qwen.calibrate(model, 24, vision_layers, "cpu", torch.float32)
+    r = args.calibrate_r or (24 if args.family == "qwen2_5_vl" else 20)
+    thresholds = bench_qwen.calibrate(model, r, vision_layers, "cpu", torch.float32, family=args.family)
     thresholds_path = os.path.join(folder, "thresholds.json")
     thresholds.save(thresholds_path)
     del model
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import vllm_folder as f; "
-            "f.save_qwen_processor('qwen2_5_vl', sys.argv[2], f.qwen_tokenizer(json.loads(sys.argv[3])), "
+            "f.save_qwen_processor(sys.argv[4], sys.argv[2], f.qwen_tokenizer(json.loads(sys.argv[3])), "
             "min_pixels=56 * 56, max_pixels=448 * 448)")
     proc = subprocess.run([args.vllm_python, "-c", code, os.path.dirname(os.path.abspath(__file__)), model_dir,
-                           json.dumps(QWEN_IDS)], capture_output=True, text=True)
+                           json.dumps(QWEN_IDS), args.family], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"[bench_vllm] the Qwen processor could not be saved:\n{proc.stderr[-3000:]}")
     photos = bench_qwen.photographs(bench_qwen.PHOTOS, 448)
@@ -169,8 +182,8 @@ def prepare_qwen(args, folder: str):
         path = os.path.join(folder, f"photo{i}.png")
         photo.save(path)
         items.append({"prompt": qwen_prompt("image", "Describe this photograph in a few words."), "image": path})
-    frames = np.asarray(photos[0])
-    video = np.stack([frames[20 * f: 20 * f + 252, 20 * f: 20 * f + 252] for f in range(8)])  # panning
+    frames, side = np.asarray(photos[0]), served["video_side"]
+    video = np.stack([frames[20 * f: 20 * f + side, 20 * f: 20 * f + side] for f in range(8)])  # panning
     np.save(os.path.join(folder, "video.npy"), video)
     items.insert(3, {"prompt": qwen_prompt("video", "What happens in this video?"),
                      "video": os.path.join(folder, "video.npy")})
@@ -203,7 +216,7 @@ def run_engine(vllm_python: str, job: dict, plugins, folder: str, name: str) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("llava", "qwen2_5_vl"), default="llava")
+    parser.add_argument("--family", choices=("llava",) + tuple(QWEN_SERVED), default="llava")
     parser.add_argument("--size", choices=("small", "quick"), default="small")
     parser.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the size's)")
     parser.add_argument("--configs", default="stock,r=21,threshold,stock",
@@ -214,6 +227,8 @@ def main(argv=None) -> int:
                              "prefix caching on (vLLM's default) in every engine; LLaVA only")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--calibrate-r", type=int, default=None,
+                        help="Qwen: the r the thresholds are calibrated for (default 24 Qwen2.5-VL, 20 Qwen3-VL)")
     parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
     parser.add_argument("--vllm-python", default=os.environ.get("DYMU_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
     parser.add_argument("--work-dir", default=None, help="where the model folder goes (default: a temporary one)")
@@ -281,7 +296,8 @@ def main(argv=None) -> int:
     print_table(rows, columns + (["cached_prompt_fraction"] if chat else []))
     if not args.no_save:
         env = environment()
-        name = f"vllm_{'' if args.family == 'llava' else 'qwen_'}{'chat_' if chat else ''}{'cuda' if cuda else 'cpu'}"
+        prefix = {"llava": "", "qwen2_5_vl": "qwen_", "qwen3_vl": "qwen3_"}[args.family]
+        name = f"vllm_{prefix}{'chat_' if chat else ''}{'cuda' if cuda else 'cpu'}"
         path = write_rows(name, rows, args.results_dir)
         with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
             f.write(markdown(rows, env))
@@ -293,7 +309,7 @@ def markdown(rows, env) -> str:
     r0 = rows[0]
     if r0["bench"] == "vllm_chat":
         return chat_markdown(rows, env)
-    model = "LLaVA" if r0["family"] == "llava" else "Qwen2.5-VL (3B widths, cut)"
+    model = "LLaVA" if r0["family"] == "llava" else QWEN_SERVED[r0["family"]]["name"]
     lines = [f"# vLLM offline throughput, {r0['size']} {model} ({r0['lm_layers']} LM layers), with and without DyMU", "",
              f"{env['device']}; vLLM {r0['vllm']} (torch {r0['vllm_torch']}, transformers {r0['vllm_transformers']}), "
              f"commit {env['commit']}, {env['date']}. {r0['requests']} requests of {r0['prompt_tokens'] // r0['requests']} "

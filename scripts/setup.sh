@@ -3,7 +3,7 @@
 #
 #   bash scripts/setup.sh                   # package, transformers (apply_dymu) and demo dependencies
 #   bash scripts/setup.sh --test            # ... plus test dependencies and the vLLM environment
-#                                           # of the plugin's tests (scripts/setup_vllm.sh, ~7 GB)
+#                                           # of the plugin's tests (scripts/setup_vllm.sh, ~2.2 GB)
 #   bash scripts/setup.sh --test --no-vllm  # ... without the vLLM environment (its tests are skipped)
 #
 # The vLLM environment is made in the background and may still be in the

