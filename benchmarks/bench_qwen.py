@@ -1,7 +1,8 @@
-"""Qwen2.5-VL / Qwen3-VL end to end on this device: stock vs DyMU, a photograph and a video.
+"""Qwen2.5-VL / Qwen3-VL / Qwen3.5 end to end on this device: stock vs DyMU, a photograph and a video.
 
     python3 benchmarks/bench_qwen.py            # CPU: Qwen2.5-VL-3B widths, 8 + 4 layers
     python3 benchmarks/bench_qwen.py --family qwen3_vl --r 10 20   # CPU: Qwen3-VL-8B widths, 8 + 4 layers
+    python3 benchmarks/bench_qwen.py --family qwen3_5 --r 10 20    # CPU: Qwen3.5 (9B-class), 8 + 4 layers
     python3 benchmarks/bench_qwen.py --quick    # tiny widths: a smoke test of seconds
     python3 benchmarks/bench_qwen.py --device cuda --dtype bfloat16 --vision-layers 32 --lm-layers 36   # GPU, whole 3B
 
@@ -21,6 +22,17 @@ language model: 4096 wide, 32 heads, 8 KV heads, interleaved M-RoPE): the
 photograph is 28 × 28 patches (196 placeholders), the video 8 frames of
 256 × 256 (4 frame pairs of 16 × 16 patches, each after its timestamp, 256
 placeholders).
+
+``--family qwen3_5``: a ``Qwen3_5ForConditionalGeneration`` with the widths
+of transformers' ``Qwen3_5Config`` defaults (a 9B-class model): Qwen3-VL's
+tower (1152 wide, no deepstack) and a hybrid language model, 4096 wide, whose
+layers are Gated DeltaNet linear attention (16 key / 32 value heads of 128)
+but every fourth, gated full attention (16 heads of 256, 4 KV heads, RoPE on
+a quarter of each head): a cut depth of 4 is 3 linear + 1 full layer. The
+prompts are Qwen3-VL's. Rows also say where the language model's prefill
+time goes by layer part (:func:`layer_type_times`): the Gated DeltaNet
+layers' full-length mixing (conv, delta rule, gated norm — DyMU's floor
+there) apart from their projections.
 
 Configs, side by side in one run (stock first and last): DyMU merging inside
 the tower a fixed ``r`` units per block and image / frame pair (``--r``: two
@@ -91,7 +103,23 @@ QWEN3_WIDTHS["quick-vllm"] = {"vision": QWEN3_WIDTHS["quick"]["vision"] | dict(o
                                                                                "rope_theta": 10000.0,
                                                                                "mrope_section": [8, 12, 12],
                                                                                "mrope_interleaved": True})}
-PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+# Qwen3.5 (hybrid: Gated DeltaNet layers and every fourth gated full attention with partial rotary): the widths of
+# transformers' Qwen3_5Config defaults (a 4096-wide, 9B-class model), and tiny ones for --quick.
+QWEN3_5_WIDTHS = {
+    "9b": {"vision": dict(hidden_size=1152, num_heads=16, intermediate_size=4304, out_hidden_size=4096),
+           "text": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=16, num_key_value_heads=4,
+                        head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                        linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                         "mrope_section": [11, 11, 10], "mrope_interleaved": True})},
+    "quick": {"vision": dict(hidden_size=64, num_heads=2, intermediate_size=96, out_hidden_size=64),
+              "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                           linear_value_head_dim=16,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                            "mrope_section": [2, 1, 1], "mrope_interleaved": True})},
+}
+PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 
 
@@ -99,7 +127,15 @@ def build(family: str, widths: str, vision_layers: int, lm_layers: int, seed: in
     import transformers
 
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    if family == "qwen3_vl":
+    if family == "qwen3_5":
+        w = QWEN3_5_WIDTHS[widths]
+        vision = dict(w["vision"], depth=vision_layers, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=2304)
+        # layer_types: transformers' default, full attention every fourth layer (a cut depth of 4: 3 linear + 1 full)
+        text = dict(w["text"], num_hidden_layers=lm_layers, vocab_size=248320, max_position_embeddings=32768)
+        config = transformers.Qwen3_5Config(vision_config=vision, text_config=text, **ids)
+        cls = transformers.Qwen3_5ForConditionalGeneration
+    elif family == "qwen3_vl":
         w = QWEN3_WIDTHS[widths]
         # The released taps (after blocks 8, 16, 24 of 27); a cut tower: three spread over its blocks.
         taps = [8, 16, 24] if vision_layers >= 25 else sorted({vision_layers * k // 4 for k in (1, 2, 3)})
@@ -159,14 +195,15 @@ def prompts(seed: int, family: str = "qwen2_5_vl"):
     photo = photographs(["astronaut"], 448)[0]
     enc = proc(images=[photo], return_tensors="pt")
     frames = torch.tensor(list(photo.getdata()), dtype=torch.float32).view(448, 448, 3).permute(2, 0, 1) / 255
-    side = 256 if family == "qwen3_vl" else 252  # a multiple of two patches
+    timestamps = family in ("qwen3_vl", "qwen3_5")  # videos as timestamped frames (Qwen3-VL's layout)
+    side = 256 if PATCH[family] == 16 else 252  # a multiple of two patches
     video, video_grid = video_rows(torch.stack([frames[:, 20 * f: 20 * f + side, 20 * f: 20 * f + side]
                                                 for f in range(8)]), proc)
     text = torch.randint(3, 1000, (20,), generator=gen)
 
     def ids(token, grid):
         t, h, w = grid
-        if family == "qwen3_vl" and token == VID:  # Qwen3-VL: each frame pair after its timestamp tokens
+        if timestamps and token == VID:  # Qwen3-VL / Qwen3.5: each frame pair after its timestamp tokens
             vision = torch.cat([torch.cat([torch.tensor([1000 + f, VSTART]), torch.full((h * w // 4,), token),
                                            torch.tensor([VEND])]) for f in range(t)])
         else:
@@ -194,6 +231,53 @@ def calibrate(model, r: int, blocks: int, device, dtype, family: str = "qwen2_5_
                                 num_layers=blocks, progress=False)
 
 
+def layer_type_times(model, prefill, samples: int) -> dict:
+    """Where a prefill's language-model time goes, by layer part (CPU: forward
+    hooks read the clock; median over ``samples`` prefills, seconds summed over
+    layers): ``full_attention_s`` (attention layers' mixer), and for a hybrid
+    model's Gated DeltaNet layers ``linear_mixer_s`` with its token-wise
+    ``linear_projections_s`` (in_proj_* and out_proj: what DyMU runs on the
+    unique rows) and ``linear_mixing_s``, the rest (the conv, the delta rule and
+    the gated norm over every position: DyMU's floor there); ``mlp_s``. Empty
+    for a model without linear layers."""
+    import functools
+    import time
+
+    layers = model.model.language_model.layers
+    if not any(hasattr(layer, "linear_attn") for layer in layers):
+        return {}
+    watched = []
+    for layer in layers:
+        mixer = getattr(layer, "linear_attn", None)
+        if mixer is not None:
+            watched.append(("linear_mixer_s", mixer))
+            watched += [("linear_projections_s", getattr(mixer, n))
+                        for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")]
+        else:
+            watched.append(("full_attention_s", layer.self_attn))
+        watched.append(("mlp_s", layer.mlp))
+    runs = []
+    for _ in range(samples):
+        spent, started, hooks = {}, {}, []
+        def start(module, args):
+            started[id(module)] = time.perf_counter()
+
+        def stop(module, args, output, key):
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - started[id(module)]
+
+        for key, module in watched:
+            hooks.append(module.register_forward_pre_hook(start))
+            hooks.append(module.register_forward_hook(functools.partial(stop, key=key)))
+        try:
+            prefill()
+        finally:
+            for h in hooks:
+                h.remove()
+        spent["linear_mixing_s"] = spent["linear_mixer_s"] - spent["linear_projections_s"]
+        runs.append(spent)
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def measure(model, name: str, inputs, args):
     device = args.device
     from bench_e2e import count_flops
@@ -212,18 +296,24 @@ def measure(model, name: str, inputs, args):
 
     with torch.inference_mode():
         out = prefill()
-        rows = int(out.past_key_values.layers[0].get_seq_length())
+        # rows the attention layers' KV cache holds (a hybrid model's linear layers keep states instead)
+        rows = int(next(layer for layer in out.past_key_values.layers if hasattr(layer, "keys")).get_seq_length())
         kv = kv_cache_bytes(out.past_key_values)
         del out
         t_prefill = sample_times(prefill, device, samples=args.samples, warmup=0)
         t_tower = sample_times(tower, device, samples=args.samples, warmup=1)
         flops, tower_flops = count_flops(prefill), count_flops(tower)
-    return {"op": "qwen_prefill", "prompt": name, "positions": inputs["input_ids"].shape[1], "lm_tokens": rows,
+        parts = layer_type_times(model, prefill, args.samples) if device == "cpu" else {}
+    return {**parts, "op": "qwen_prefill", "prompt": name, "positions": inputs["input_ids"].shape[1], "lm_tokens": rows,
             "prefill_s": t_prefill["median"], "prefill_min": t_prefill["min"], "prefill_max": t_prefill["max"],
             "tower_s": t_tower["median"], "tower_min": t_tower["min"], "tower_max": t_tower["max"],
             "prefill_samples": t_prefill["samples"], "tower_samples": t_tower["samples"],
             "n_samples": t_prefill["n_samples"], "gflops": flops / 1e9, "tower_gflops": tower_flops / 1e9,
             "kv_mib": kv["bytes"] / 2**20}
+
+
+WIDTH_NAMES = {"qwen2_5_vl": "qwen2.5-vl-3b", "qwen3_vl": "qwen3-vl-8b", "qwen3_5": "qwen3.5-9b-class"}
+RESULT_NAMES = {"qwen2_5_vl": "qwen", "qwen3_vl": "qwen3", "qwen3_5": "qwen3_5"}  # benchmarks/results/<name>_<device>
 
 
 def main(argv=None) -> int:
@@ -235,19 +325,21 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--quick", action="store_true", help="tiny widths, 4 + 2 layers")
-    p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
-                   help="Qwen2.5-VL-3B or Qwen3-VL-8B widths (module doc)")
+    p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl", "qwen3_5"), default="qwen2_5_vl",
+                   help="Qwen2.5-VL-3B, Qwen3-VL-8B or Qwen3.5 (9B-class) widths (module doc)")
     add_run_args(p, samples=3)
     args = p.parse_args(argv)
     check_run_args(p, args)
-    if args.quick:
-        args.vision_layers, args.lm_layers = 4, 2
+    if args.quick:  # (Qwen3.5: 4 LM layers, the first attention layer being the fourth)
+        args.vision_layers, args.lm_layers = 4, 4 if args.family == "qwen3_5" else 2
     from dymu_kernels.hf import apply_dymu, remove_dymu
 
-    qwen3 = args.family == "qwen3_vl"
-    widths = "quick" if args.quick else ("8b" if qwen3 else "3b")
+    widths = "quick" if args.quick else {"qwen2_5_vl": "3b", "qwen3_vl": "8b", "qwen3_5": "9b"}[args.family]
     dtype = getattr(torch, args.dtype)
     model = build(args.family, widths, args.vision_layers, args.lm_layers, args.seed).to(args.device, dtype)
+    # Inference only. (Qwen3.5's conv1d reaches a hub-kernel layer as an argument: FlopCounterMode's module tracker
+    # would hook its weight's gradient, which fails in inference mode while the weight requires grad.)
+    model.requires_grad_(False)
     inputs = {name: {k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
                      for k, v in kw.items()} for name, kw in prompts(args.seed, args.family).items()}
     thresholds = calibrate(model, max(args.r), args.vision_layers, args.device, dtype, args.family)
@@ -263,7 +355,7 @@ def main(argv=None) -> int:
             rows.append({"config": config, "vision_layers": args.vision_layers, "lm_layers": args.lm_layers,
                          "dtype": args.dtype,
                          "family": args.family,
-                         "widths": "quick" if args.quick else ("qwen3-vl-8b" if qwen3 else "qwen2.5-vl-3b"), **row})
+                         "widths": "quick" if args.quick else WIDTH_NAMES[args.family], **row})
             print(f"  {config:>12} {name:<5} prefill {row['prefill_s']:.3f} s, tower {row['tower_s']:.3f} s, "
                   f"LM tokens {row['lm_tokens']}", flush=True)
         remove_dymu(model)
@@ -280,9 +372,10 @@ def main(argv=None) -> int:
         r["stock_drift"] = last["prefill_s"] / first["prefill_s"]
     print_table(rows, ["config", "prompt", "positions", "lm_tokens", "prefill_s", "prefill_min", "prefill_max",
                        "speedup", "flop_bound", "tower_s", "tower_speedup", "tower_flop_bound", "kv_mib",
-                       "stock_drift"])
+                       "stock_drift"] + (["linear_mixing_s", "linear_projections_s", "full_attention_s", "mlp_s"]
+                                         if "mlp_s" in rows[0] else []))
     if not args.no_save:
-        name = f"{'qwen3' if qwen3 else 'qwen'}_{'quick' if args.quick else args.device}"
+        name = f"{RESULT_NAMES[args.family]}_{'quick' if args.quick else args.device}"
         print("rows appended to", write_rows(name, rows, args.results_dir))
     return 0
 

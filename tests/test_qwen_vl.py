@@ -443,11 +443,12 @@ def test_static_cache_and_a_second_turn_equal_unpatched(gen, kind):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_bench_qwen_quick_rows(tmp_path, family):
     """benchmarks/bench_qwen.py --quick writes rows for every config and prompt
-    (Qwen2.5-VL, and Qwen3-VL with deepstack and timestamped video frames);
-    merging keeps fewer language-model tokens and costs fewer FLOPs."""
+    (Qwen2.5-VL, Qwen3-VL with deepstack and timestamped video frames, and
+    Qwen3.5's hybrid language model with its time by layer part); merging
+    keeps fewer language-model tokens and costs fewer FLOPs."""
     import json
     import os
     import subprocess
@@ -458,7 +459,8 @@ def test_bench_qwen_quick_rows(tmp_path, family):
                            "3", "--family", family, "--results-dir", str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / f"{'qwen3' if family == 'qwen3_vl' else 'qwen'}_quick.jsonl")]
+    name = {"qwen2_5_vl": "qwen", "qwen3_vl": "qwen3", "qwen3_5": "qwen3_5"}[family]
+    rows = [json.loads(line) for line in open(tmp_path / f"{name}_quick.jsonl")]
     assert all(r["family"] == family for r in rows)
     assert [(r["config"], r["prompt"]) for r in rows] == [
         (c, p) for c in ("stock", "r=12", "r=24", "thresholds", "stock (last)") for p in ("image", "video")]
@@ -472,6 +474,12 @@ def test_bench_qwen_quick_rows(tmp_path, family):
             assert r["flop_bound"] > 1.0 and r["tower_flop_bound"] > 1.0 and r["kv_mib"] < stock["kv_mib"]
             assert r["prefill_min"] <= r["prefill_s"] <= r["prefill_max"] and r["n_samples"] == 3
     assert rows[0]["commit"] and rows[0]["device"].startswith("cpu")
+    for r in rows:  # Qwen3.5: the linear layers' time apart (their mixing and projections), else none of it
+        parts = ("linear_mixing_s", "linear_projections_s", "full_attention_s", "mlp_s")
+        if family == "qwen3_5":
+            assert all(r[k] > 0 for k in parts) and r["linear_mixing_s"] < r["prefill_s"]
+        else:
+            assert not any(k in r for k in parts)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -817,6 +817,34 @@ def test_vllm_serve_with_plugin_over_http(served, served_http):
 def test_every_family_apply_dymu_patches_is_served():
     """The plugin registers a serving class for every model family apply_dymu patches in transformers."""
     from dymu_kernels.families import families
-    from dymu_kernels.vllm import ARCHITECTURES
+    from dymu_kernels.vllm import ARCHITECTURES, NOT_SERVED
 
-    assert {f.class_name for f in families().values()} == set(ARCHITECTURES)
+    assert {f.class_name for f in families().values()} == set(ARCHITECTURES) | set(NOT_SERVED)
+    assert not set(ARCHITECTURES) & set(NOT_SERVED)
+
+
+def test_unserved_family_with_a_dymu_entry_is_refused_at_load():
+    """Qwen3.5 (patched by apply_dymu, not yet served by the plugin): a
+    ``dymu`` entry fails the config hook by name instead of being served as
+    stock vLLM; the hook chains to vLLM's own for the class."""
+    require_vllm_env()
+    code = """
+import types
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from dymu_kernels.vllm import NOT_SERVED, register
+before = {a: MODELS_CONFIG_MAP.get(a) for a in NOT_SERVED}
+register(); register()  # idempotent
+for arch in NOT_SERVED:
+    hook = MODELS_CONFIG_MAP[arch]
+    assert hook._dymu and before[arch] is not None and issubclass(hook, before[arch]), (arch, hook, before[arch])
+    cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(dymu={"r": 2})))
+    try:
+        hook.verify_and_update_config(cfg)
+    except ValueError as e:
+        assert f"does not serve {arch} yet" in str(e), e
+    else:
+        raise AssertionError(f"{arch}: a dymu entry was accepted")
+print("ok")
+"""
+    proc = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -241,3 +241,12 @@ def compact_extra_rows(placeholder_masks, attention_mask, text_embeds, items, na
             hit = mask.to(compact.device) & (merge_map >= 0)
             visual.scatter_(1, torch.where(hit, merge_map.long(), n_rows), True)
     return compact[..., :C], merge_map, n_unique, compact[..., C:], visual[:, :n_rows]
+
+
+def to_full(hidden: torch.Tensor, merge_map: torch.Tensor) -> torch.Tensor:
+    """Compact rows ``[B, N_un, F]`` -> the full positions ``[B, N, F]`` of
+    ``merge_map [B, N]`` (each position its row; padding, -1, is 0). No
+    checks and no host sync (a compiled forward runs it)."""
+    B, N = merge_map.shape
+    idx = merge_map.long().clamp_min(0)[..., None].expand(B, N, hidden.shape[-1])
+    return hidden.gather(1, idx.to(hidden.device)).masked_fill((merge_map < 0)[..., None].to(hidden.device), 0)

@@ -19,7 +19,7 @@ import importlib
 import pkgutil
 from typing import Dict
 
-from .spec import DToMeTower, DyMUStats, Encoded, Family, ItemCounts, Modality, Patch, model_names
+from .spec import DToMeTower, DyMUStats, Encoded, Family, ItemCounts, Modality, Patch, SequenceMixer, model_names
 
 def families() -> Dict[str, Family]:
     """The supported model families by ``config.model_type``: every module of
@@ -45,5 +45,5 @@ def family_for(model) -> Family:
     return known[model_type]
 
 
-__all__ = ["DToMeTower", "DyMUStats", "Encoded", "Family", "ItemCounts", "Modality", "Patch", "families", "family_for",
-           "model_names"]
+__all__ = ["DToMeTower", "DyMUStats", "Encoded", "Family", "ItemCounts", "Modality", "Patch", "SequenceMixer", "families",
+           "family_for", "model_names"]

@@ -131,6 +131,33 @@ class Modality:
 
 
 @dataclass(frozen=True)
+class SequenceMixer:
+    """A language-model layer's sequence mixer other than attention that VTU
+    runs exactly (Qwen3.5's Gated DeltaNet), declared by module names only —
+    :mod:`dymu_kernels.hf` installs it on transformers' modules.
+
+    The contract that makes it exact: the module at ``attr`` of every decoder
+    layer whose type (``config.layer_types``) is ``layer_type`` takes the
+    hidden states ``[B, T, C]`` first and reads them only through the
+    token-wise, bias-free ``inputs`` (linear projections); what follows them
+    mixes positions (convolutions, recurrences) and then works per position,
+    up to the token-wise ``output`` (a linear layer). Under VTU, on a prompt:
+    ``inputs`` run on the unique rows and are gathered to every virtual
+    position (padding positions zero, as the stock module zeroes padding
+    before projecting); the module's own forward mixes the whole virtual
+    sequence (its caches keep the virtual sequence's states); ``output``'s
+    input is averaged per group (a group's positions, as VTU attention
+    re-merges) and ``output`` runs on the unique rows. Nothing merged is the
+    stock module; on a filled cache new tokens are singletons (the stock
+    module unchanged)."""
+
+    layer_type: str  # the decoder layers' type it sits in (config.layer_types), e.g. "linear_attention"
+    attr: str  # the mixer module's attribute on those layers, e.g. "linear_attn"
+    inputs: Tuple[str, ...]  # its token-wise input projections (attributes of the mixer)
+    output: str  # its token-wise output projection
+
+
+@dataclass(frozen=True)
 class Family:
     """What the shared core needs to know about one model family."""
 
@@ -155,6 +182,13 @@ class Family:
     # and the sequence their ``pooler_output`` holds the items in (LLaVA: a list; Qwen: torch.split's tuple).
     feature_output: Optional[Callable[[], type]] = None
     feature_items: type = list
+    # The language model's sequence mixers other than attention (:class:`SequenceMixer`): their layer types are
+    # served; any other non-attention layer type is refused (core.lm_features.check_full_attention).
+    mixers: Tuple[SequenceMixer, ...] = ()
+    # The language model's attention rotates the first R dims of each head (``partial_rotary_factor`` < 1), as
+    # transformers' partial-rotary models do (``q[..., :R]``, rotate_half within): VTU attention takes
+    # ``rotary_dim=R``. False: partial rotary is refused.
+    partial_rotary: bool = False
 
     def encoder(self, config, tower, thresholds="default", r=None, backend: str = "auto",
                 trim: Union[str, bool] = "auto", names: Sequence[str] = ()):

@@ -51,6 +51,9 @@ class VTUContext:
     # state, [T]. The map and tables then end with the new tokens' columns (where decode attention takes its
     # queries), their own columns masked; attention weights go back to the cache's layout.
     query_columns: Optional[torch.Tensor] = None
+    # Partial rotary (the family's ``partial_rotary``): the first ``rotary_dim`` dims of each head rotate, the
+    # tables being transformers' ``[.., rotary_dim]``; None: the whole head.
+    rotary_dim: Optional[int] = None
 
     def to(self, device, non_blocking: bool = False) -> "VTUContext":
         """The context on ``device``: accelerate's hooks (``device_map`` over
@@ -206,10 +209,11 @@ def dymu_vtu_attention(module, query, key, value, attention_mask, scaling=None, 
     key, value = key.to(query.dtype), value.to(query.dtype)
     cos, sin = ctx.cos.to(query.dtype), ctx.sin.to(query.dtype)
     if ctx.decode:
-        out = vtu_decode_attention(query, key, value, ctx.merge_map, cos, sin, scale=scaling, backend=ctx.backend)
+        out = vtu_decode_attention(query, key, value, ctx.merge_map, cos, sin, scale=scaling, backend=ctx.backend,
+                                   rotary_dim=ctx.rotary_dim)
     else:
         out = vtu_attention(query, key, value, ctx.merge_map, cos, sin, scale=scaling, backend=ctx.backend,
-                            deterministic=ctx.deterministic)
+                            deterministic=ctx.deterministic, rotary_dim=ctx.rotary_dim)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     probs = _attention_probs(query, key, ctx, scale) if ctx.weights else None
     if probs is not None and buffer > probs.shape[-1]:

@@ -12,7 +12,9 @@ everything in this module is the same for all families:
   unique visual tokens — so norms, projections and MLPs do ``N_un`` tokens of
   work, while attention sees the virtual full sequence through VTU
   (:mod:`.attention`): ``dymu_kernels.vtu_attention`` with RoPE at the
-  original positions;
+  original positions; sequence mixers other than attention that the family
+  declares (Qwen3.5's Gated DeltaNet, :mod:`.mixers`) mix the virtual
+  sequence between projections that run on the unique rows;
 - ``generate()`` works: the KV cache holds keys/values once per unique token
   (before RoPE; :mod:`.cache`), and every decode step runs
   ``vtu_decode_attention`` over the full virtual sequence.
@@ -32,13 +34,14 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from ..core.compact import compact_extra_rows
+from ..core.compact import compact_extra_rows, to_full
 from ..core.lm_features import check_full_attention, check_rotary
 from ..core.positions import stored_positions
 from ..core.thresholds import Thresholds
 from ..families import DyMUStats, Modality, Patch, family_for, model_names
 from .attention import DeferredMask, VTUContext, install_vtu
 from .cache import VTUCacheState, cache_state, set_cache_state, static_length
+from .mixers import install_mixers
 
 SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))  # [min, max): the versions tested
 
@@ -83,7 +86,8 @@ def apply_dymu(
     """Patch a supported transformers model instance with DyMU (see module
     doc): ``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
     ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-    ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``
+    ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
+    ``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``
     (:func:`dymu_kernels.families.families`).
 
     Args:
@@ -99,8 +103,9 @@ def apply_dymu(
             ``"default"`` is the family's published preset (LLaVA-1.5:
             ``"openai/clip-vit-large-patch14-336:low"``; SigLIP has none:
             calibrate with ``python3 -m dymu_kernels.calibrate``).
-            Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE)
-            (:mod:`dymu_kernels.families.qwen2_vl`, :mod:`~dymu_kernels.families.qwen3_vl`):
+            Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5(-MoE)
+            (:mod:`dymu_kernels.families.qwen2_vl`, :mod:`~dymu_kernels.families.qwen3_vl`,
+            :mod:`~dymu_kernels.families.qwen3_5`):
             ``"vit"``, one per tower block, merging 2×2 units inside the
             tower, and ``"merger"``, one per merge round on the patch
             merger's outputs; none are published. None: nothing merges.
@@ -147,8 +152,9 @@ def apply_dymu(
     encoder, strategy = family.encoder(inner.config, getattr(inner, family.tower_attr), thresholds, r, backend, trim,
                                        names=model_names(model.config))
     if vtu:
-        check_full_attention(lm.config)
-        check_rotary(lm)
+        check_full_attention(lm.config, mixers=[m.layer_type for m in family.mixers],
+                             partial_rotary=family.partial_rotary)
+        check_rotary(lm, partial_rotary=family.partial_rotary)
     current = getattr(model, "_dymu", None)
     if current is not None:
         if current.settings() == (encoder.thresholds, encoder.r, encoder.trim, vtu, backend, bool(deterministic)):
@@ -164,6 +170,7 @@ def apply_dymu(
         patch.undo.append(functools.partial(inner.__dict__.pop, m.method, None))
     if vtu:
         install_vtu(lm, patch.undo)
+        install_mixers(lm, family.mixers, patch.undo)
         # generate() with a static cache builds its mask through this hook: keep the 2-D padding mask.
         model.create_masks_for_generate = lambda **kwargs: DeferredMask(kwargs)
         patch.undo.append(lambda: model.__dict__.pop("create_masks_for_generate", None))
@@ -298,13 +305,6 @@ def _placeholder_mask(self, input_ids, embeds, token_id: int):
     return (embeds == self.get_input_embeddings()(token)).all(-1)
 
 
-def _to_full(hidden, merge_map):
-    """Compact rows -> the full positions the caller indexes (padding rows are 0)."""
-    B, N = merge_map.shape
-    idx = merge_map.long().clamp_min(0)[..., None].expand(B, N, hidden.shape[-1])
-    return hidden.gather(1, idx.to(hidden.device)).masked_fill((merge_map < 0)[..., None].to(hidden.device), 0)
-
-
 def _prefill_state(self, patch: Patch, masks, embeds, attention_mask, position_ids, items, names, input_ids,
                    vision_kwargs, kwargs):
     """Prompt step: compact sequence, its map, full positions and RoPE tables;
@@ -389,7 +389,8 @@ def _run_language_model(lm, patch: Patch, x, old: Optional[VTUCacheState], state
     weights = bool(kwargs.get("output_attentions", lm.config.output_attentions)) and \
         lm.config._attn_implementation == "eager"
     ctx = VTUContext(merge_map, cos, sin, decode=old is not None, backend=patch.backend,
-                     deterministic=patch.deterministic, weights=weights, query_columns=at)
+                     deterministic=patch.deterministic, weights=weights, query_columns=at,
+                     rotary_dim=cos.shape[-1] if patch.family.partial_rotary else None)
     return lm(inputs_embeds=x, attention_mask=None, position_ids=rows, use_cache=use_cache, dymu_vtu=ctx,
               cache=cache, **kwargs)
 
@@ -457,7 +458,7 @@ def _patched_forward(
     out = _run_language_model(lm, patch, x, old, state, n_unique, cache, use_cache, attention_mask, kwargs)
     if use_cache:
         set_cache_state(cache, state if old is not None else _cache_form(cache, patch, state))
-    full = (lambda h: h) if old is not None else functools.partial(_to_full, merge_map=state.merge_map)
+    full = (lambda h: h) if old is not None else functools.partial(to_full, merge_map=state.merge_map)
     # output_hidden_states may select some layers (an int or a list): the others come back as None
     hidden_states = None if out.hidden_states is None else tuple(None if h is None else full(h)
                                                                  for h in out.hidden_states)

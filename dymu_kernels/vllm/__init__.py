@@ -4,7 +4,7 @@ vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
 in every process it starts. It puts the classes of :mod:`.llava` and
 :mod:`.qwen` in place of vLLM's own for every family ``apply_dymu`` patches
 (:data:`ARCHITECTURES`: LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and its MoE) — vLLM's own classes, unchanged unless the model's
+Qwen3-VL and its MoE; Qwen3.5 is refused by name, :data:`NOT_SERVED`) — vLLM's own classes, unchanged unless the model's
 config has a ``dymu`` entry — and a config hook
 that refuses, at load time, engine settings DyMU cannot serve exactly
 (:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
@@ -34,7 +34,12 @@ ARCHITECTURES = {
     "Qwen3VLMoeForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3VLMoeForConditionalGeneration",
 }
 
-__all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
+# Families apply_dymu patches in transformers that this plugin does not serve yet (Qwen3.5: its Gated DeltaNet
+# seam in vLLM is to come): a ``dymu`` entry in their config is refused at load, never silently served as stock
+# vLLM; vLLM's own hook for them still runs.
+NOT_SERVED = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+
+__all__ = ["ARCHITECTURES", "NOT_SERVED", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
 
 
 def model_stats(model):
@@ -65,6 +70,24 @@ def _config_hook():
     return DyMUEngineCheck
 
 
+def _refusing_hook(arch: str, base):
+    """A config hook for ``arch`` (not served): refuses a ``dymu`` entry, then runs vLLM's own hook ``base``."""
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class DyMUNotServed(base or VerifyAndUpdateConfig):
+        _dymu = True
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            if settings_from_config(vllm_config.model_config.hf_config) is not None:
+                raise ValueError(f"the DyMU vLLM plugin does not serve {arch} yet (apply_dymu does, in "
+                                 "transformers): remove the 'dymu' entry from the config / hf_overrides")
+            if base is not None:
+                base.verify_and_update_config(vllm_config)
+
+    return DyMUNotServed
+
+
 def register() -> None:
     """vLLM's plugin entry point: idempotent (vLLM may call it more than once per process)."""
     from vllm import ModelRegistry
@@ -80,3 +103,6 @@ def register() -> None:
         hook._dymu = True
         MODELS_CONFIG_MAP[arch] = hook
         ModelRegistry.register_model(arch, path)
+    for arch in NOT_SERVED:
+        if not getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
+            MODELS_CONFIG_MAP[arch] = _refusing_hook(arch, MODELS_CONFIG_MAP.get(arch))
