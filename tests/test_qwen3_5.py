@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 from dymu_kernels.core.compact import to_full  # noqa: E402
 from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
 from dymu_kernels.ops.segment import segment_mean  # noqa: E402
-from test_qwen3_vl import PROMPTS, SUPPRESS, sample  # noqa: E402  (Qwen3-VL's prompt layout and token ids)
-from test_qwen_vl import IMG, VEND, VID, VSTART, batch  # noqa: E402
+from test_qwen3_vl import PROMPTS, SUPPRESS, sample, unpatched  # noqa: E402  (Qwen3-VL's prompt layout and token ids)
+from test_qwen_vl import IMG, VEND, VID, VSTART, assert_nothing_merged_equals_unpatched, batch  # noqa: E402
 
 INF = float("inf")
 DEPTH = 4
@@ -52,10 +52,7 @@ def tiny_qwen3_5(kind: str = "qwen3_5"):
         assert config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
         torch.manual_seed(0)
         _MODELS[kind] = cls(config).eval()
-    model = _MODELS[kind]
-    remove_dymu(model)
-    model.model.rope_deltas = None
-    return model
+    return unpatched(_MODELS[kind])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -63,20 +60,8 @@ def tiny_qwen3_5(kind: str = "qwen3_5"):
 def test_nothing_merged_equals_unpatched(gen, kind, name):
     """Logits, every hidden state and greedy generate() equal the unpatched
     model's, with both merge stages on and nothing merging."""
-    model = tiny_qwen3_5(kind)
-    kwargs = batch([sample(gen, PROMPTS[name])])
-    gen_kwargs = dict(kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
-    with torch.no_grad():
-        ref = model(**kwargs, output_hidden_states=True)
-        seq = model.generate(**gen_kwargs)
-        apply_dymu(model, NO_MERGE, backend="torch")
-        out = model(**kwargs, output_hidden_states=True)
-        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=2e-5)
-        for h, h_ref in zip(out.hidden_states, ref.hidden_states, strict=True):
-            torch.testing.assert_close(h, h_ref, atol=2e-5, rtol=2e-5)
-        assert torch.equal(model.generate(**gen_kwargs), seq)
-        remove_dymu(model)
-        assert torch.equal(model(**kwargs).logits, ref.logits)
+    assert_nothing_merged_equals_unpatched(tiny_qwen3_5(kind), batch([sample(gen, PROMPTS[name])]), NO_MERGE,
+                                           suppress=SUPPRESS)
 
 
 @pytest.mark.parametrize("kind", KINDS)

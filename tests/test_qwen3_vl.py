@@ -45,7 +45,11 @@ def tiny_qwen3(kind: str = "qwen3_vl"):
             cls = transformers.Qwen3VLMoeForConditionalGeneration
         torch.manual_seed(0)
         _MODELS[kind] = cls(config).eval()
-    model = _MODELS[kind]
+    return unpatched(_MODELS[kind])
+
+
+def unpatched(model):
+    """A cached tiny model as new: DyMU removed, no rope_deltas left from a previous generate()."""
     remove_dymu(model)
     model.model.rope_deltas = None
     return model

@@ -103,9 +103,14 @@ def test_nothing_merged_equals_unpatched(gen, kind, name, stages):
     """Logits, every hidden state and greedy generate() equal the unpatched
     model's (the model's own M-RoPE positions over the full sequence), with
     either merge stage or both."""
-    model = tiny_qwen(kind)
-    kwargs = batch([sample(gen, PROMPTS[name])])
-    gen_kwargs = dict(kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
+    assert_nothing_merged_equals_unpatched(tiny_qwen(kind), batch([sample(gen, PROMPTS[name])]), stages)
+
+
+def assert_nothing_merged_equals_unpatched(model, kwargs, stages, suppress=SUPPRESS):
+    """Patched with ``stages`` (merging nothing), ``model`` gives the
+    unpatched logits, every hidden state and greedy tokens on ``kwargs``;
+    removed, the unpatched logits bit for bit."""
+    gen_kwargs = dict(kwargs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
     with torch.no_grad():
         ref = model(**kwargs, output_hidden_states=True)
         seq = model.generate(**gen_kwargs)
