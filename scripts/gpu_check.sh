@@ -32,6 +32,9 @@ if [[ "$what" == "all" ]]; then
   python3 benchmarks/bench_qwen.py --device cuda --dtype bfloat16 --vision-layers 32 --lm-layers 36 --samples 5 2>&1 | tee "$OUT/bench_qwen.log" || status=1
   # Qwen3-VL-8B shape (random weights, whole depth: 27 tower blocks with deepstack, 36 LM layers), r = 4 / 6 units
   python3 benchmarks/bench_qwen.py --family qwen3_vl --r 4 6 --device cuda --dtype bfloat16 --vision-layers 27 --lm-layers 36 --samples 5 2>&1 | tee "$OUT/bench_qwen3.log" || status=1
+  # Qwen3.5 9B-class shape (random weights; 27 tower blocks, 32 LM layers: 24 Gated DeltaNet + 8 gated attention;
+  # on CUDA transformers takes flash-linear-attention / causal-conv1d kernels where installed), r = 4 / 6 units
+  python3 benchmarks/bench_qwen.py --family qwen3_5 --r 4 6 --device cuda --dtype bfloat16 --vision-layers 27 --lm-layers 32 --samples 5 2>&1 | tee "$OUT/bench_qwen3_5.log" || status=1
   python3 benchmarks/bench_decode_ab.py --device cuda 2>&1 | tee "$OUT/bench_decode_ab.log" || status=1
   # The paper's Table 1 with every provider's latency on this GPU (bf16, causal)
   python3 benchmarks/table1.py --device cuda 2>&1 | tee "$OUT/table1.log" || status=1
