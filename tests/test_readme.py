@@ -34,5 +34,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert os.path.exists(scope["path"]) and not os.listdir(tmp_path)  # written to a temporary folder, not here
     assert scope["gen"].sequences.shape[1] > 8 and not hasattr(scope["llava"], "_dymu")
     assert scope["kept"] == [8] and scope["seq"].shape[1] > scope["input_ids"].shape[1]  # the Qwen quick start
+    assert scope["kept35"] == [8] and scope["seq35"].shape[1] == scope["ids35"].shape[1] + 4  # Qwen3.5's
     out = scope["out"]  # trimmed on the CPU (trim="auto"): capacity = the longest image
     assert len(out.tokens_per_layer) == 23 and out.features.shape[:2] == (2, int(out.lengths.max()))
