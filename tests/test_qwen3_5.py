@@ -238,3 +238,22 @@ def test_a_hybrid_model_without_a_declared_mixer_is_refused():
         check_full_attention(text, partial_rotary=True)
     with pytest.raises(ValueError, match="partial_rotary_factor=0.25"):
         check_full_attention(text, mixers=["linear_attention"])
+
+
+def test_attention_weights_with_partial_rotary_nothing_merged(gen):
+    """output_attentions with eager attention: the gated attention layer's
+    weights at the full positions (computed through the expanded sequence with
+    the partial-rotary tables) equal the unpatched model's."""
+    model = tiny_qwen3_5()
+    kwargs = batch([sample(gen, PROMPTS["image and video"])])
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = model(**kwargs, output_attentions=True).attentions
+            apply_dymu(model, NO_MERGE, backend="torch")
+            out = model(**kwargs, output_attentions=True).attentions
+        assert len(ref) == len(out) == 1  # the one full-attention layer (Gated DeltaNet layers return none)
+        torch.testing.assert_close(out[0], ref[0], atol=2e-6, rtol=2e-5)
+    finally:
+        remove_dymu(model)
+        model.set_attn_implementation("sdpa")
