@@ -16,7 +16,8 @@ from dymu_kernels.core.compact import to_full  # noqa: E402
 from dymu_kernels.hf import apply_dymu, dymu_stats, remove_dymu  # noqa: E402
 from dymu_kernels.ops.segment import segment_mean  # noqa: E402
 from test_qwen3_vl import PROMPTS, SUPPRESS, sample, unpatched  # noqa: E402  (Qwen3-VL's prompt layout and token ids)
-from test_qwen_vl import IMG, VEND, VID, VSTART, assert_nothing_merged_equals_unpatched, batch  # noqa: E402
+from test_qwen_vl import (IMG, VEND, VID, VSTART, assert_nothing_merged_equals_unpatched, batch,  # noqa: E402
+                         check_compiled_whole_model)
 
 INF = float("inf")
 DEPTH = 4
@@ -257,3 +258,34 @@ def test_attention_weights_with_partial_rotary_nothing_merged(gen):
     finally:
         remove_dymu(model)
         model.set_attn_implementation("sdpa")
+
+
+def test_torch_compile_of_the_whole_model(gen):
+    """The compiled forward with merging (the Gated DeltaNet seam and the
+    partial-rotary attention inside the graph) equals eager, breaking only at
+    data-dependent sizes and the cache checks kept out of the graph, and so
+    does fullgraph compiled generate() (check_compiled_whole_model; dynamo's
+    eager backend, as test_qwen3_vl)."""
+    model = tiny_qwen3_5()
+    apply_dymu(model, MERGE, backend="cpp")
+    try:
+        check_compiled_whole_model(model, batch([sample(gen, PROMPTS["image"])]), SUPPRESS, backend="eager")
+    finally:
+        remove_dymu(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_filled_without_dymu_is_refused(gen, kind):
+    """A hybrid cache the unpatched model filled (its linear layers count
+    their positions in a tensor) cannot continue under DyMU: refused by name
+    instead of mixing rows of two layouts."""
+    model = tiny_qwen3_5(kind)
+    kwargs = batch([sample(gen, PROMPTS["image"])])
+    with torch.no_grad():
+        cache = model(**kwargs, use_cache=True).cache
+        apply_dymu(model, MERGE, backend="torch")
+        try:
+            with pytest.raises(ValueError, match="this KV cache was filled without DyMU"):
+                model(**kwargs, cache=cache)
+        finally:
+            remove_dymu(model)

@@ -395,6 +395,14 @@ def _run_language_model(lm, patch: Patch, x, old: Optional[VTUCacheState], state
               cache=cache, **kwargs)
 
 
+@torch.compiler.disable
+def _filled(cache) -> bool:
+    """Whether ``cache`` holds positions (outside a compiled graph: a hybrid
+    cache — Qwen3.5's linear layers — counts them in a tensor, and a branch
+    on it would break the graph where a compiled prompt step runs)."""
+    return bool(cache.get_seq_length() > 0)
+
+
 def _patched_forward(
     self, patch: Patch, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
     inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, cache=None, return_dict=None, **kwargs,
@@ -439,7 +447,7 @@ def _patched_forward(
                 )
         state, n_unique, x = _decode_state(self, patch, old, embeds, position_ids, attention_mask), None, embeds
     else:
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and _filled(cache):
             raise ValueError("this KV cache was filled without DyMU; start generation from an empty cache")
         items = []
         for m in modalities:
