@@ -68,8 +68,8 @@ def install_mixers(lm, mixers: Sequence, undo: List[Callable[[], None]]) -> None
                     raise ValueError(f"{type(mixer).__name__}.{name} has a bias: VTU gathers its outputs with zero "
                                      "padding rows, which needs bias-free input projections")
                 _wrap(proj, functools.partial(_input_forward, proj, mixer), undo)
-            _wrap(getattr(mixer, seam.output), functools.partial(_output_forward, getattr(mixer, seam.output), mixer),
-                  undo)
+            out = getattr(mixer, seam.output)
+            _wrap(out, functools.partial(_output_forward, out, mixer), undo)
             _wrap(mixer, functools.partial(_mixer_forward, mixer), undo)
 
 
