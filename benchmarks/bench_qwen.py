@@ -119,6 +119,14 @@ QWEN3_5_WIDTHS = {
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                             "mrope_section": [2, 1, 1], "mrope_interleaved": True})},
 }
+# Tiny widths vLLM's CPU attention and Gated DeltaNet take (head dims 64): bench_vllm.py --family qwen3_5 --size quick.
+QWEN3_5_WIDTHS["quick-vllm"] = {"vision": QWEN3_5_WIDTHS["quick"]["vision"] | dict(out_hidden_size=128),
+                                "text": QWEN3_5_WIDTHS["quick"]["text"] | dict(
+                                    hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                    linear_key_head_dim=64, linear_value_head_dim=64,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.25, "mrope_section": [2, 3, 3],
+                                                     "mrope_interleaved": True})}
 PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 

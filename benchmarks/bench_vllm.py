@@ -6,6 +6,8 @@
                                                      # Qwen2.5-VL (3B widths, cut): photographs and a video
     python3 benchmarks/bench_vllm.py --family qwen3_vl --configs stock,r=20,threshold,stock --requests 4
                                                      # Qwen3-VL (4B widths, cut; deepstack): the same requests
+    python3 benchmarks/bench_vllm.py --family qwen3_5 --configs stock,r=20,threshold,stock --requests 4
+                                                     # Qwen3.5 (9B widths, cut; hybrid, bfloat16): the same
     python3 benchmarks/bench_vllm.py --workload chat --configs stock,r=21,stock --requests 4 --turns 3
                                                      # multi-turn chats over an image, prefix caching on
 
@@ -143,7 +145,10 @@ QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 15164
 
 # Per family: the widths it is served at (bench_qwen.py), its tower blocks, and the photographs' side.
 QWEN_SERVED = {"qwen2_5_vl": {"widths": "3b", "name": "Qwen2.5-VL (3B widths, cut)", "video_side": 252},
-               "qwen3_vl": {"widths": "4b", "name": "Qwen3-VL (4B widths, cut)", "video_side": 256}}
+               "qwen3_vl": {"widths": "4b", "name": "Qwen3-VL (4B widths, cut)", "video_side": 256},
+               # Served in bfloat16 on the CPU (vLLM's CPU Gated DeltaNet takes nothing else)
+               "qwen3_5": {"widths": "9b", "name": "Qwen3.5 (9B widths, cut)", "video_side": 256,
+                           "cpu_dtype": "bfloat16"}}
 
 
 def prepare_qwen(args, folder: str):
@@ -229,7 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--calibrate-r", type=int, default=None,
                         help="Qwen: the r the thresholds are calibrated for (default 24 Qwen2.5-VL, 20 Qwen3-VL)")
-    parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, auto on CUDA)")
+    parser.add_argument("--dtype", default=None, help="vLLM dtype (default float32 on the CPU, Qwen3.5 bfloat16; "
+                        "auto on CUDA)")
     parser.add_argument("--vllm-python", default=os.environ.get("DYMU_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
     parser.add_argument("--work-dir", default=None, help="where the model folder goes (default: a temporary one)")
     add_run_args(parser, samples=3)
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
     if not os.path.exists(args.vllm_python):
         parser.error(f"no vLLM environment at {args.vllm_python}: run bash scripts/setup_vllm.sh")
     cuda = torch.cuda.is_available()
-    dtype = args.dtype or ("auto" if cuda else "float32")
+    dtype = args.dtype or ("auto" if cuda else QWEN_SERVED.get(args.family, {}).get("cpu_dtype", "float32"))
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.work_dir or tmp
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     print_table(rows, columns + (["cached_prompt_fraction"] if chat else []))
     if not args.no_save:
         env = environment()
-        prefix = {"llava": "", "qwen2_5_vl": "qwen_", "qwen3_vl": "qwen3_"}[args.family]
+        prefix = {"llava": "", "qwen2_5_vl": "qwen_", "qwen3_vl": "qwen3_", "qwen3_5": "qwen3_5_"}[args.family]
         name = f"vllm_{prefix}{'chat_' if chat else ''}{'cuda' if cuda else 'cpu'}"
         path = write_rows(name, rows, args.results_dir)
         with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:

@@ -129,7 +129,7 @@ def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 11
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    if kind in ("qwen3_vl", "qwen3_vl_moe"):  # 16-px patches; videos as timestamped frames (Qwen3-VL's own)
+    if kind.startswith("qwen3"):  # Qwen3-VL, Qwen3.5: 16-px patches; videos as timestamped frames (Qwen3-VL's own)
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16, merge_size=2, temporal_patch_size=2)
@@ -149,8 +149,10 @@ def save_qwen_processor(kind: str, path: str, tokenizer, *, min_pixels: int = 11
 
 def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
     """A random tiny Qwen2.5-VL (``kind="qwen2_5_vl"``: windows of 4x4 units,
-    full attention in block 1), Qwen2-VL (``"qwen2_vl"``) or Qwen3-VL
-    (``"qwen3_vl"``, ``"qwen3_vl_moe"``: deepstack, 128 × 128 to 128 × 256 px) saved under
+    full attention in block 1), Qwen2-VL (``"qwen2_vl"``), Qwen3-VL
+    (``"qwen3_vl"``, ``"qwen3_vl_moe"``: deepstack, 128 × 128 to 128 × 256 px) or
+    Qwen3.5 (``"qwen3_5"``, ``"qwen3_5_moe"``: as Qwen3-VL without deepstack, a
+    hybrid language model of 3 Gated DeltaNet layers and 1 gated attention) saved under
     ``path`` with its tokenizer (:func:`qwen_tokenizer`) and processor (image
     and video processors, 112 × 112 to 112 × 224 px: at most 32 placeholders
     per image or frame pair, so a small token budget chunks prefill); head
@@ -192,13 +194,38 @@ def save_qwen_folder(kind: str, path: str, *, seed: int = 0):
             config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
             cls = transformers.Qwen3VLMoeForConditionalGeneration
         sizes = dict(min_pixels=128 * 128, max_pixels=128 * 256)  # 4 x 4 to 4 x 8 units per image or frame pair
+    elif kind in ("qwen3_5", "qwen3_5_moe"):  # Qwen3-VL's tower without deepstack; 3 Gated DeltaNet layers, then
+        # gated attention rotating a quarter of each head (interleaved M-RoPE)
+        text.update(num_hidden_layers=4, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=64, linear_value_head_dim=64,
+                    rope_parameters=dict(text["rope_parameters"], mrope_section=[2, 3, 3], mrope_interleaved=True,
+                                         partial_rotary_factor=0.25))
+        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      num_position_embeddings=16)
+        if kind == "qwen3_5":
+            config = transformers.Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
+            cls = transformers.Qwen3_5ForConditionalGeneration
+        else:
+            # Every expert routed (top 4 of 4): served in bfloat16 (vLLM's CPU Gated DeltaNet), a top-k choice
+            # would flip between engines at near ties; the weights stay per token.
+            text.update(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=128,
+                        shared_expert_intermediate_size=128, norm_topk_prob=True)
+            config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **tokens)
+            cls = transformers.Qwen3_5MoeForConditionalGeneration
+        assert config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+        sizes = dict(min_pixels=128 * 128, max_pixels=128 * 256)
     else:
-        raise ValueError(f"kind={kind!r}: expected 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl' or 'qwen3_vl_moe'")
+        raise ValueError(f"kind={kind!r}: expected 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5' "
+                         "or 'qwen3_5_moe'")
     config.architectures = [cls.__name__]  # what vLLM picks its model class by
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)  # wide logit margins: greedy tokens compare robustly
+        for layer in getattr(model.model.language_model, "layers", []):
+            if hasattr(layer, "linear_attn"):  # Gated DeltaNet: a slow decay (exp(-A·softplus(a + dt)) near 1),
+                # so each position's output depends on the positions before it (not mostly on its own input)
+                layer.linear_attn.A_log.fill_(-4.0)
     model.generation_config = transformers.GenerationConfig(bos_token_id=ids["<|endoftext|>"],
                                                             eos_token_id=ids["<|im_end|>"],
                                                             pad_token_id=ids["<|endoftext|>"], do_sample=False)

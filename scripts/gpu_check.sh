@@ -43,6 +43,8 @@ if [[ "$what" == "all" ]]; then
   if [[ -n "${DYMU_VLLM_PYTHON:-}" ]]; then
     # vLLM's GPU defaults on both sides (stock-compiled: compiled + CUDA graphs; DyMU's engine_kwargs keep them)
     python3 benchmarks/bench_vllm.py --configs stock-compiled,r=21,threshold,stock-compiled 2>&1 | tee "$OUT/bench_vllm.log" || status=1
+    # Qwen3.5 (hybrid: Gated DeltaNet under VTU; vLLM compiles its whole class, merged steps run eagerly)
+    python3 benchmarks/bench_vllm.py --family qwen3_5 --configs stock-compiled,r=20,threshold,stock-compiled --requests 4 2>&1 | tee "$OUT/bench_vllm_qwen3_5.log" || status=1
   fi
   cp benchmarks/results/*cuda*.jsonl benchmarks/results/*cuda*.md benchmarks/results/*cuda*.png "$OUT/" 2>/dev/null
 fi

@@ -262,6 +262,110 @@ def test_vtu_hooks_refuse_layers_they_do_not_cover():
         install_vtu_hooks([layer], StepHolder())
 
 
+class _DeltaMixer(torch.nn.Module):
+    """vLLM's QwenGatedDeltaNetAttention.forward_cpu, in short: packed input
+    projections, a causal mixing over all positions (a decayed running sum),
+    a per-position gated norm, the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_proj_qkvz, self.in_proj_ba = _Rows(16, 16, bias=False), _Rows(16, 2, bias=False)
+        self.norm, self.out_proj = torch.nn.LayerNorm(8), _Rows(8, 16, bias=False)
+
+    def forward(self, hidden_states):
+        n = hidden_states.size(0)  # the positions it mixes (vLLM sizes its output buffer so)
+        qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        v, z = qkvz.split([8, 8], -1)
+        decay = torch.sigmoid(ba[:, :1])
+        out = torch.zeros(n, 8)
+        state = torch.zeros(8)
+        for t in range(n):
+            state = decay[t] * state + torch.sigmoid(ba[t, 1]) * v[t]
+            out[t] = state
+        y, _ = self.out_proj(self.norm(out) * torch.nn.functional.silu(z))
+        return y
+
+
+class _MixerLayer(torch.nn.Module):
+    layer_type = "linear_attention"
+
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.linear_attn, self.mlp = _DeltaMixer(), torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                                        torch.nn.Linear(32, 16))
+
+    def forward(self, positions, x):  # (positions unused, as vLLM's Qwen3NextDecoderLayer's linear layers)
+        x = x + self.linear_attn(hidden_states=self.input_layernorm(x))  # a keyword, as vLLM calls it
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+PACKED = {"in_proj_qkvz": ["in_proj_qkv", "in_proj_z"], "in_proj_ba": ["in_proj_b", "in_proj_a"]}
+
+
+def test_vtu_hooks_run_a_sequence_mixer_as_its_family_declares(gen):
+    """A hybrid stack (a Gated-DeltaNet-like layer, then attention): hooked as
+    Qwen3.5's family declares its mixer (inputs packed as vLLM packs them),
+    the layers' own forward on a step's unique rows equals the layers run on
+    every position with each group's mixer output averaged before ``out_proj``
+    and its attention outputs averaged (expand -> stock -> average); idle
+    with no step held."""
+    from dymu_kernels.families.qwen3_5 import GATED_DELTANET
+    from dymu_kernels.vllm.layers import StepHolder, install_vtu_hooks
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([_MixerLayer(), _Layer(_Rotary())])
+    mm = torch.tensor([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    step = step_groups(mm, [torch.tensor([0, 1, 0, 2, 1]), torch.tensor([0, 0])])
+    unique = randn(step.num_unique, 16, gen=gen)
+    positions = torch.arange(mm.shape[0])
+
+    def run(x):
+        for layer in layers:
+            x = layer(positions, x)
+        return x
+
+    with torch.no_grad():
+        plain_rows = run(step.expand(unique))
+        averaged = [layers[0].linear_attn.out_proj.register_forward_pre_hook(
+                        lambda m, a: (step.expand(step.average(a[0])),)),
+                    layers[1].self_attn.attn.register_forward_hook(lambda m, a, out: step.expand(step.average(out)))]
+        expected = step.compact(run(step.expand(unique)))
+        for h in averaged:
+            h.remove()
+        holder = StepHolder()
+        handles = install_vtu_hooks(layers, holder, (GATED_DELTANET,), PACKED)
+        assert len(handles) == (1 + 2 * 2 + 1) + (1 + 2)  # mixer: entry, 2 packed inputs x 2, output; attention
+        with holder.running(step):
+            got = run(unique)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(got, step.compact(plain_rows), atol=1e-3)  # the averaging mattered
+        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)  # nothing held
+        for h in handles:
+            h.remove()
+
+
+def test_vtu_hooks_refuse_a_mixer_they_do_not_cover():
+    """A mixer without one of its declared inputs, or one whose packed
+    projection holds more than the declared inputs, is refused by name; so is
+    a mixer layer without a declared mixer, and a sequence-parallel MoE layer."""
+    from dymu_kernels.families.qwen3_5 import GATED_DELTANET
+    from dymu_kernels.vllm.layers import StepHolder, install_vtu_hooks
+
+    with pytest.raises(TypeError, match=r"_DeltaMixer has no \['in_proj_b', 'in_proj_a'\]"):
+        install_vtu_hooks([_MixerLayer()], StepHolder(), (GATED_DELTANET,), {"in_proj_qkvz": PACKED["in_proj_qkvz"]})
+    with pytest.raises(TypeError, match=r"in_proj_qkvz packs \['in_proj_qkv', 'in_proj_z', 'gate'\]"):
+        install_vtu_hooks([_MixerLayer()], StepHolder(), (GATED_DELTANET,),
+                          dict(PACKED, in_proj_qkvz=PACKED["in_proj_qkvz"] + ["gate"]))
+    with pytest.raises(TypeError, match=r"has \['linear_attn'\], which the VTU hooks do not cover"):
+        install_vtu_hooks([_MixerLayer()], StepHolder())
+    layer = _Layer(_Rotary())
+    layer.use_attn_reduce_scatter_for_moe = True
+    with pytest.raises(TypeError, match="sequence-parallel MoE"):
+        install_vtu_hooks([layer], StepHolder())
+
+
 # --------------------------------------------------------------------------
 # Settings and load-time refusals
 # --------------------------------------------------------------------------
@@ -336,6 +440,27 @@ def test_engine_gets_the_whole_item_scheduler():
     off = _engine(**{"model_config.hf_config": _cfg(None), "scheduler_config.scheduler_cls": None})
     configure_engine(off)
     assert off.scheduler_config.scheduler_cls is None  # DyMU off: vLLM's scheduler
+
+
+def test_hybrid_model_serves_without_prefix_caching(caplog):
+    """A hybrid model (Qwen3.5: recurrent Gated DeltaNet layers) under DyMU:
+    the config hook turns prefix caching off, saying why (vLLM caches their
+    states only where steps end at block boundaries, inside images too) —
+    before vLLM's own hook would turn on its 'align' cache mode for it; other
+    models, and a hybrid one without DyMU, keep it."""
+    hybrid = _engine(**{"model_config.is_hybrid": True, "model_config.architecture": "Qwen3_5ForConditionalGeneration",
+                        "cache_config.enable_prefix_caching": True})
+    with caplog.at_level("WARNING", logger="dymu_kernels.vllm.engine_checks"):
+        configure_engine(hybrid)
+    assert hybrid.cache_config.enable_prefix_caching is False
+    assert "prefix caching is off for Qwen3_5ForConditionalGeneration" in caplog.text and "align" in caplog.text
+    plain = _engine(**{"model_config.is_hybrid": False, "cache_config.enable_prefix_caching": True})
+    configure_engine(plain)
+    assert plain.cache_config.enable_prefix_caching is True
+    off = _engine(**{"model_config.is_hybrid": True, "model_config.hf_config": _cfg(None),
+                     "cache_config.enable_prefix_caching": True})
+    configure_engine(off)
+    assert off.cache_config.enable_prefix_caching is True
 
 
 def test_engine_refusals():
@@ -494,26 +619,32 @@ def _hf_generate(model, processor, prompt, images):
     return greedy_generation(model, processor(text=prompt, images=pics, return_tensors="pt"), NEW_TOKENS)
 
 
-# Run in the worker after its engines (the plugin registered): every NOT_SERVED class's config hook is the plugin's
-# refusing one over vLLM's own, and refuses a dymu entry by name.
-NOT_SERVED_CHECK = """
+# Run in the worker after its engines (the plugin registered): every served class vLLM has its own config hook for
+# (Qwen3.5, dense and MoE) gets the plugin's hook over vLLM's, which runs both; registering again changes nothing.
+CHAINED_HOOKS_CHECK = """
 import types
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-from dymu_kernels.vllm import NOT_SERVED, register
-hooks = {a: MODELS_CONFIG_MAP[a] for a in NOT_SERVED}
+import dymu_kernels.vllm.engine_checks as checks
+from dymu_kernels.vllm import ARCHITECTURES, register
+hooks = {a: MODELS_CONFIG_MAP[a] for a in ARCHITECTURES}
 register()  # idempotent
-for arch in NOT_SERVED:
+chained = [a for a in ARCHITECTURES if MODELS_CONFIG_MAP[a].__bases__[0].__name__ != "VerifyAndUpdateConfig"]
+assert sorted(chained) == ["Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"], chained
+calls = []
+checks_before = checks.configure_engine
+for arch in chained:
     hook = MODELS_CONFIG_MAP[arch]
     base = hook.__bases__[0]
     assert hook is hooks[arch] and hook._dymu and not getattr(base, "_dymu", False), (arch, hook, base)
-    assert base.__name__.startswith("Qwen3_5"), base  # vLLM's own hook for the class, chained
-    cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(dymu={"r": 2})))
+    base_before = base.__dict__["verify_and_update_config"]
+    base.verify_and_update_config = classmethod(lambda cls, cfg: calls.append(("vllm", arch)))
+    checks.configure_engine = lambda cfg: calls.append(("dymu", arch))
     try:
-        hook.verify_and_update_config(cfg)
-    except ValueError as e:
-        assert f"does not serve {arch} yet" in str(e), e
-    else:
-        raise AssertionError(f"{arch}: a dymu entry was accepted")
+        hook.verify_and_update_config(types.SimpleNamespace())
+    finally:
+        base.verify_and_update_config = base_before
+        checks.configure_engine = checks_before
+assert calls == [(who, a) for a in chained for who in ("dymu", "vllm")], calls
 print("ok")
 """
 
@@ -554,7 +685,7 @@ def served(tmp_path_factory):
     job = {"engines": [dict(e, model=model_dir, max_tokens=NEW_TOKENS) for e in engines],
            "scripts": [{"name": "readme", "code": _readme_example(model_dir, paths[3])},
                        {"name": "gpu_defaults", "code": GPU_DEFAULTS.replace("MODEL_DIR", repr(model_dir))},
-                       {"name": "not_served", "code": NOT_SERVED_CHECK}]}
+                       {"name": "chained_hooks", "code": CHAINED_HOOKS_CHECK}]}
     vllm = run_vllm_worker(job, folder, "engines")
     return {"hf": hf, "vllm": vllm, "model_dir": model_dir, "images": paths}
 
@@ -842,18 +973,16 @@ def test_vllm_serve_with_plugin_over_http(served, served_http):
 def test_every_family_apply_dymu_patches_is_served():
     """The plugin registers a serving class for every model family apply_dymu patches in transformers."""
     from dymu_kernels.families import families
-    from dymu_kernels.vllm import ARCHITECTURES, NOT_SERVED
+    from dymu_kernels.vllm import ARCHITECTURES
 
-    assert {f.class_name for f in families().values()} == set(ARCHITECTURES) | set(NOT_SERVED)
-    assert not set(ARCHITECTURES) & set(NOT_SERVED)
+    assert {f.class_name for f in families().values()} == set(ARCHITECTURES)
 
 
 @pytest.mark.slow
-def test_unserved_family_with_a_dymu_entry_is_refused_at_load(served):
-    """Qwen3.5 (patched by apply_dymu, not yet served by the plugin): a
-    ``dymu`` entry fails the config hook by name instead of being served as
-    stock vLLM; the hook chains to vLLM's own for the class; registering again
-    changes nothing (run in the plugin's worker, after its engines)."""
-    run = served["vllm"]["not_served"]
+def test_config_hooks_chain_to_vllms_own(served):
+    """Where vLLM has its own config hook for a served class (Qwen3.5), the
+    plugin's hook runs and then vLLM's; registering again changes nothing
+    (run in the plugin's worker, after its engines)."""
+    run = served["vllm"]["chained_hooks"]
     assert run["error"] is None, run["error"]
     assert run["stdout"].strip().endswith("ok"), run["stdout"]

@@ -4,7 +4,7 @@ Runs inside the vLLM environment (scripts/setup_vllm.sh), never imported by
 the test suite itself: ``python vllm_worker.py JOB.json OUT.json``.
 
 JOB: ``{"engines": [{"name", "model": DIR, "plugin": bool (default true), "env": {variables},
-"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "probe_nonfinite": bool, "rank1_disagrees": bool, "batches": {name: [{"prompt", "images": [PNG paths],
+"engine": {LLM kwargs}, "dymu": {engine_kwargs} | null, "prompt_logprobs": bool, "probe_nonfinite": bool, "rank1_disagrees": bool, "batches": {name: [{"prompt", "images": [PNG paths],
 "videos": [NPY paths of frames]}]}, "max_tokens", "ignore_eos", "rejects": {name: {"prompt", "images",
 "mm_processor_kwargs"}}}], "folders": [{"model": DIR, "kind", "requests": {name: request}, "dump": PT path}],
 "scripts": [{"name", "code": Python source}]}``.
@@ -17,7 +17,8 @@ engine (its worker processes inherit them). Each engine is probed first where it
 fail), then serves all its batches (each batch one ``generate`` call, in order: a later batch can hit
 the prefix cache of an earlier one). Scripts run last, in this process
 with the plugin loaded, each as ``__main__`` (the README's example: a fresh process would import vLLM again).
-OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids", "cached"}], "stats": {...} | null, "rejects": {name: error | null},
+OUT: ``{engine: {batch: [{"tokens", "logprobs", "prompt_token_ids", "cached", "prompt_logprobs" (where asked:
+from the second prompt token on)}], "stats": {...} | null, "rejects": {name: error | null},
 "tower_linears": [the DyMU tower's nn.Linear layers, those on vLLM's CPU GEMM] | null (one-worker engines),
 "nonfinite": _nonfinite_probe's result (engines with "probe_nonfinite"), "stats_other_ranks": [...] (tensor
 parallel; "rank1_disagrees": rank 1 merges otherwise, see _Rank1Disagrees)}}``
@@ -212,7 +213,8 @@ def _serve(llm, spec) -> dict:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 6), logprobs=0,
-                            ignore_eos=spec.get("ignore_eos", False))
+                            ignore_eos=spec.get("ignore_eos", False),
+                            prompt_logprobs=0 if spec.get("prompt_logprobs") else None)
     out = {"rejects": {}}
     for name, req in spec.get("rejects", {}).items():
         item = {"prompt": req["prompt"], "multi_modal_data": _mm_data(req)}
@@ -235,6 +237,9 @@ def _serve(llm, spec) -> dict:
                       "logprobs": [lp[t].logprob for lp, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)],
                       "cached": g.num_cached_tokens}  # the prompt tokens its prefix-cache hit covered
                      for g in gens]
+        if spec.get("prompt_logprobs"):  # each prompt token's log-probability after the ones before it
+            for o, g in zip(out[name], gens):
+                o["prompt_logprobs"] = [lp[t].logprob for lp, t in zip(g.prompt_logprobs[1:], g.prompt_token_ids[1:])]
     return out
 
 
@@ -254,8 +259,8 @@ def main(job_path: str, out_path: str) -> None:
     for spec, without_plugin in zip(engines, stock):
         if not without_plugin and os.environ.get("VLLM_PLUGINS") == "none":
             _load_plugin_from_now_on()
-        kwargs = dict(model=spec["model"], dtype="float32", seed=0, max_model_len=1024,
-                      kv_cache_memory_bytes=KV_CACHE_BYTES, **spec.get("engine", {}))
+        kwargs = dict(dict(model=spec["model"], dtype="float32", seed=0, max_model_len=1024,
+                           kv_cache_memory_bytes=KV_CACHE_BYTES), **spec.get("engine", {}))
         if spec.get("dymu") is not None:
             from dymu_kernels.vllm import engine_kwargs
 

@@ -4,9 +4,9 @@ vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
 in every process it starts. It puts the classes of :mod:`.llava` and
 :mod:`.qwen` in place of vLLM's own for every family ``apply_dymu`` patches
 (:data:`ARCHITECTURES`: LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and its MoE; Qwen3.5 is refused by name, :data:`NOT_SERVED`) — vLLM's own classes, unchanged unless the model's
-config has a ``dymu`` entry — and a config hook
-that refuses, at load time, engine settings DyMU cannot serve exactly
+Qwen3-VL and Qwen3.5, each with its MoE) — vLLM's own classes, unchanged unless
+the model's config has a ``dymu`` entry — and a config hook (run before vLLM's
+own hook for the class, where it has one) that refuses, at load time, engine settings DyMU cannot serve exactly
 (:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
 never splits an image across steps (:mod:`.scheduler`). Serve with::
 
@@ -32,14 +32,11 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen2VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration": "dymu_kernels.vllm.qwen:DyMUQwen3_5MoeForConditionalGeneration",
 }
 
-# Families apply_dymu patches in transformers that this plugin does not serve yet (Qwen3.5: its Gated DeltaNet
-# seam in vLLM is to come): a ``dymu`` entry in their config is refused at load, never silently served as stock
-# vLLM; vLLM's own hook for them still runs.
-NOT_SERVED = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-
-__all__ = ["ARCHITECTURES", "NOT_SERVED", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
+__all__ = ["ARCHITECTURES", "DyMUSettings", "engine_kwargs", "register", "serving_stats", "settings_from_config"]
 
 
 def model_stats(model):
@@ -57,35 +54,22 @@ def serving_stats(llm):
     return llm.apply_model(model_stats)
 
 
-def _config_hook():
+def _config_hook(base=None):
+    """The plugin's config hook, then vLLM's own hook ``base`` for the class (None: none)."""
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-    from .engine_checks import configure_engine
+    from . import engine_checks
 
-    class DyMUEngineCheck(VerifyAndUpdateConfig):
-        @staticmethod
-        def verify_and_update_config(vllm_config) -> None:
-            configure_engine(vllm_config)
-
-    return DyMUEngineCheck
-
-
-def _refusing_hook(arch: str, base):
-    """A config hook for ``arch`` (not served): refuses a ``dymu`` entry, then runs vLLM's own hook ``base``."""
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    class DyMUNotServed(base or VerifyAndUpdateConfig):
+    class DyMUEngineCheck(base or VerifyAndUpdateConfig):
         _dymu = True
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            if settings_from_config(vllm_config.model_config.hf_config) is not None:
-                raise ValueError(f"the DyMU vLLM plugin does not serve {arch} yet (apply_dymu does, in "
-                                 "transformers): remove the 'dymu' entry from the config / hf_overrides")
+            engine_checks.configure_engine(vllm_config)
             if base is not None:
                 base.verify_and_update_config(vllm_config)
 
-    return DyMUNotServed
+    return DyMUEngineCheck
 
 
 def register() -> None:
@@ -93,16 +77,8 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    hook = None
     for arch, path in ARCHITECTURES.items():
         if getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
             continue
-        if arch in MODELS_CONFIG_MAP:
-            raise RuntimeError(f"vLLM already has a config hook for {arch}; the DyMU plugin would replace it")
-        hook = hook or _config_hook()
-        hook._dymu = True
-        MODELS_CONFIG_MAP[arch] = hook
+        MODELS_CONFIG_MAP[arch] = _config_hook(MODELS_CONFIG_MAP.get(arch))  # vLLM's own hook chained
         ModelRegistry.register_model(arch, path)
-    for arch in NOT_SERVED:
-        if not getattr(MODELS_CONFIG_MAP.get(arch), "_dymu", False):
-            MODELS_CONFIG_MAP[arch] = _refusing_hook(arch, MODELS_CONFIG_MAP.get(arch))

@@ -1,6 +1,7 @@
 """Engine settings the plugin cannot serve under, refused at load time.
 
-vLLM's GPU defaults are served: async scheduling, prefix caching,
+vLLM's GPU defaults are served: async scheduling, prefix caching (except for
+hybrid models, Qwen3.5: see :func:`configure_engine`),
 torch.compile and CUDA graphs (full graphs for decode steps, piecewise ones
 for the rest; only ``cudagraph_mode=FULL`` is refused). Every input kind the
 plugin cannot merge is refused here, once, for the whole engine — never per
@@ -12,9 +13,12 @@ given as embeddings (``--enable-prompt-embeds``).
 
 from __future__ import annotations
 
+import logging
 from typing import List
 
 from .settings import settings_from_config
+
+logger = logging.getLogger(__name__)
 
 # The scheduler the plugin serves with (see :mod:`.scheduler`); vLLM imports it by this name.
 SCHEDULER = "dymu_kernels.vllm.scheduler.DyMUScheduler"
@@ -86,7 +90,19 @@ def check_engine(vllm_config) -> None:
 
 def configure_engine(vllm_config) -> None:
     """The plugin's config hook: :func:`check_engine`, then, when DyMU is on,
-    vLLM's scheduler replaced by the plugin's (:mod:`.scheduler`)."""
+    vLLM's scheduler replaced by the plugin's (:mod:`.scheduler`) and, for a
+    hybrid model (recurrent layers, Qwen3.5's Gated DeltaNet), prefix caching
+    off with a warning: vLLM caches recurrent states only in its ``align``
+    mode, which needs steps that end at block boundaries inside images."""
     check_engine(vllm_config)
-    if settings_from_config(vllm_config.model_config.hf_config) is not None:
-        vllm_config.scheduler_config.scheduler_cls = SCHEDULER
+    if settings_from_config(vllm_config.model_config.hf_config) is None:
+        return
+    vllm_config.scheduler_config.scheduler_cls = SCHEDULER
+    cache = vllm_config.cache_config
+    if getattr(vllm_config.model_config, "is_hybrid", False) and cache.enable_prefix_caching:
+        # Run before vLLM's own hook for the class, which would turn on mamba_cache_mode "align" for it.
+        cache.enable_prefix_caching = False
+        logger.warning("DyMU: prefix caching is off for %s: vLLM caches a hybrid model's recurrent states "
+                       "(mamba_cache_mode 'align') only where steps end at block boundaries, also inside an image, "
+                       "and a merged image must reach the language model whole, in one step",
+                       vllm_config.model_config.architecture)

@@ -92,19 +92,21 @@ class DyMUServing:
         self._dymu_encoded = ServingStats()
         self._dymu_holder = StepHolder()
         self._dymu_counted = None
+        self._dymu_run: Optional[StepGroups] = None  # the merged step __call__ is running (forward reads it)
         if self.dymu is None:
             return
         check_engine(vllm_config)  # the config hook refuses first; this guards direct builds
         family = families()[self.dymu_family]
         text = self.config.text_config
-        check_full_attention(text)
+        check_full_attention(text, mixers=[m.layer_type for m in family.mixers], partial_rotary=family.partial_rotary)
         if getattr(text, "use_sliding_window", False):
             raise ValueError("the language model has ['sliding_window'] layers; VTU attention covers full (causal) "
                              "attention only")
         encoder, select_strategy = self._dymu_tower(family)
         # Not a submodule (the tower is registered once, where the checkpoint's weights load into it).
         object.__setattr__(self, "_dymu_patch", Patch(encoder, True, self.dymu.backend, select_strategy, family))
-        install_vtu_hooks(self.language_model.model.layers, self._dymu_holder)
+        install_vtu_hooks(self.language_model.model.layers, self._dymu_holder, family.mixers,
+                          getattr(self, "packed_modules_mapping", {}))
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -178,13 +180,23 @@ class DyMUServing:
             self._dymu_counted = step
         return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+    def __call__(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """The step's decision, made eagerly before the model's call: the
+        groups ``embed_input_ids`` kept serve this one forward (counted in
+        :class:`ServingStats`); a merged step runs :meth:`forward` eagerly
+        (``_uncompiled``), any other the class's call as vLLM makes it —
+        compiled where the engine compiles, also where vLLM compiles this
+        whole class (Qwen3.5), whose traced ``forward`` then only ever sees
+        ``_dymu_run`` None."""
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.dymu is None or torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
         step: Optional[StepGroups] = self._dymu_counted
         self._dymu_counted = None  # one step's groups serve one forward
         if step is None and self._dymu_encoded.items_encoded:  # nothing embedded before it: a warm-up run,
             self._dymu_encoded = ServingStats()  # whose encoded items were vLLM's dummies
         if step is None or inputs_embeds is None or intermediate_tensors is not None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return super().__call__(*args, **kwargs)
         n = inputs_embeds.shape[0]
         st = self.dymu_stats
         st.steps += 1
@@ -192,10 +204,22 @@ class DyMUServing:
         st.max_step_positions = max(st.max_step_positions, n)
         if step is _UNMERGED:
             st.llm_rows += n
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return super().__call__(*args, **kwargs)
         step = step.pad_to(n)
         st.llm_rows += step.num_unique
-        with self._dymu_holder.running(step), _uncompiled():
+        self._dymu_run = step
+        try:
+            with _uncompiled():
+                return super().__call__(*args, **kwargs)
+        finally:
+            self._dymu_run = None
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        step: Optional[StepGroups] = self._dymu_run
+        if step is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        n = inputs_embeds.shape[0]
+        with self._dymu_holder.running(step):
             extra = self._dymu_lm_inputs(step, n)
             hidden = self.language_model.model(None, positions, None, inputs_embeds=step.compact(inputs_embeds),
                                                **extra)

@@ -1,4 +1,4 @@
-"""vLLM's Qwen3-VL (dense and MoE), Qwen2.5-VL and Qwen2-VL classes with DyMU (see :mod:`.model`).
+"""vLLM's Qwen3.5, Qwen3-VL (dense and MoE each), Qwen2.5-VL and Qwen2-VL classes with DyMU (see :mod:`.model`).
 
 vLLM's own classes (processor, M-RoPE positions, weight names, Qwen2
 language model) with :class:`~.model.DyMUServing` mixed in. The tower is
@@ -18,6 +18,14 @@ per-level buffers at the step's positions, and a merged step passes the
 buffers' unique rows to the language model and clears the buffers, as
 vLLM's own forward does after its call (else the next step adds stale rows).
 
+Qwen3.5: Qwen3-VL's serving class without deepstack, over vLLM's hybrid
+language model — Gated DeltaNet layers hooked as the family's sequence mixer
+(:func:`~.layers.install_mixer_hooks`: projections on unique rows, vLLM's
+mixing op over every position, the average per group before ``out_proj``),
+gated attention as every family's. vLLM compiles this class's whole forward:
+merged steps run it eagerly, the others compiled (:meth:`~.model.DyMUServing.__call__`).
+Its CPU build runs Gated DeltaNet in bfloat16 only.
+
 What a client sends is checked while vLLM processes the request: vLLM's
 processor makes the pixels and grids (any size its ``min_pixels`` /
 ``max_pixels`` allow, which the DToMe stages take: large images match in
@@ -33,6 +41,7 @@ from typing import Dict, List
 
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_5 import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from vllm.sequence import IntermediateTensors
@@ -166,3 +175,19 @@ class DyMUQwen3VLMoeForConditionalGeneration(DyMUQwen3Serving, Qwen3VLMoeForCond
 
     dymu_family = "qwen3_vl_moe"
     dymu_tower = "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeVisionModel"
+
+
+@register_checked_processor(Qwen3_5ForConditionalGeneration, DyMUQwen3VLMultiModalProcessor)
+class DyMUQwen3_5ForConditionalGeneration(DyMUQwen3Serving, Qwen3_5ForConditionalGeneration):
+    """vLLM's Qwen3.5 with DyMU when ``config.dymu`` asks for it."""
+
+    dymu_family = "qwen3_5"
+    dymu_tower = "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel"
+
+
+@register_checked_processor(Qwen3_5MoeForConditionalGeneration, DyMUQwen3VLMultiModalProcessor)
+class DyMUQwen3_5MoeForConditionalGeneration(DyMUQwen3Serving, Qwen3_5MoeForConditionalGeneration):
+    """vLLM's Qwen3.5-MoE with DyMU when ``config.dymu`` asks for it."""
+
+    dymu_family = "qwen3_5_moe"
+    dymu_tower = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel"
