@@ -310,7 +310,8 @@ def test_vtu_hooks_run_a_sequence_mixer_as_its_family_declares(gen):
     the layers' own forward on a step's unique rows equals the layers run on
     every position with each group's mixer output averaged before ``out_proj``
     and its attention outputs averaged (expand -> stock -> average); idle
-    with no step held."""
+    with no step held. A gated attention's fused CUDA path (which would skip
+    the rotary hook) is turned off on the hooked instance."""
     from dymu_kernels.families.qwen3_5 import GATED_DELTANET
     from dymu_kernels.vllm.layers import StepHolder, install_vtu_hooks
 
@@ -335,7 +336,9 @@ def test_vtu_hooks_run_a_sequence_mixer_as_its_family_declares(gen):
         for h in averaged:
             h.remove()
         holder = StepHolder()
+        layers[1].self_attn.use_fused_qk_norm_rope_gate = True  # vLLM's Qwen3NextAttention on CUDA: skips rotary_emb
         handles = install_vtu_hooks(layers, holder, (GATED_DELTANET,), PACKED)
+        assert layers[1].self_attn.use_fused_qk_norm_rope_gate is False  # turned off on this instance
         assert len(handles) == (1 + 2 * 2 + 1) + (1 + 2)  # mixer: entry, 2 packed inputs x 2, output; attention
         with holder.running(step):
             got = run(unique)

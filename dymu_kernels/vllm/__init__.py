@@ -3,12 +3,13 @@
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
 in every process it starts. It puts the classes of :mod:`.llava` and
 :mod:`.qwen` in place of vLLM's own for every family ``apply_dymu`` patches
-(:data:`ARCHITECTURES`: LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and Qwen3.5, each with its MoE) — vLLM's own classes, unchanged unless
-the model's config has a ``dymu`` entry — and a config hook (run before vLLM's
-own hook for the class, where it has one) that refuses, at load time, engine settings DyMU cannot serve exactly
-(:mod:`.engine_checks`) and puts in vLLM's scheduler the plugin's, which
-never splits an image across steps (:mod:`.scheduler`). Serve with::
+(:data:`ARCHITECTURES`: LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, and
+Qwen3-VL and Qwen3.5 dense and MoE) — vLLM's own classes, unchanged unless the
+model's config has a ``dymu`` entry — and a config hook (run before vLLM's own
+hook for the class, where it has one) that refuses, at load time, engine
+settings DyMU cannot serve exactly (:mod:`.engine_checks`) and puts in vLLM's
+scheduler the plugin's, which never splits an image across steps
+(:mod:`.scheduler`). Serve with::
 
     from vllm import LLM
     from dymu_kernels.vllm import engine_kwargs
@@ -17,7 +18,7 @@ never splits an image across steps (:mod:`.scheduler`). Serve with::
 What it saves (vLLM fixes the placeholder count before the vision tower
 runs): the vision tower runs DToMe; in the language model the norms,
 projections and MLP run on unique tokens only; attention and the KV cache
-stay at full length. :func:`serving_stats` reads what was saved (see
+(and a hybrid model's recurrent mixing and states) stay at full length. :func:`serving_stats` reads what was saved (see
 :class:`~.model.ServingStats`).
 """
 

@@ -1,7 +1,7 @@
 """What every DyMU model class of the plugin adds to vLLM's own class.
 
 :class:`DyMUServing` is mixed in before a vLLM multimodal class (LLaVA,
-LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
+LLaVA-OneVision, and through :mod:`.qwen` the Qwen families). When the config asks for DyMU (:mod:`.settings`):
 
 - the vision tower becomes transformers' own tower class over the
   checkpoint's tower weights, run by the package's DToMe encoder — the same
@@ -10,11 +10,14 @@ LLaVA-OneVision). When the config asks for DyMU (:mod:`.settings`):
 - ``embed_multimodal`` returns each item's unique tokens copied to its
   placeholders and tagged with the merge map (:mod:`.groups`);
 - ``embed_input_ids`` strips the tags of the pieces vLLM scheduled in the step
-  and keeps the step's groups; ``forward`` runs the language model on the
-  unique rows — vLLM's own decoder layers, hooked at the rotary embedding and
-  the attention call (:mod:`.layers`), eagerly — and hands vLLM one row per
+  and keeps the step's groups; the model's call (``__call__``, eager, before
+  any compiled code) decides the step: a merged one runs ``forward`` eagerly,
+  which runs the language model on the unique rows — vLLM's own decoder
+  layers, hooked at the rotary embedding and the attention call, or at a
+  hybrid model's sequence mixer (:mod:`.layers`) — and hands vLLM one row per
   position; steps where nothing merged (decode, text-only prefill) run vLLM's
-  own forward, compiled when the engine compiles.
+  own forward, compiled when the engine compiles (also where vLLM compiles
+  the whole class, Qwen3.5).
 
 Without it every method is vLLM's. :class:`ServingStats` counts what was saved.
 """
