@@ -208,6 +208,32 @@ class _Layer(torch.nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _two_image_step(gen):
+    """A step of text, an image of 5 placeholders (3 groups), text, one of 2 (1 group), text; its unique rows [U, 16]."""
+    mm = torch.tensor([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    step = step_groups(mm, [torch.tensor([0, 1, 0, 2, 1]), torch.tensor([0, 0])])
+    return step, randn(step.num_unique, 16, gen=gen)
+
+
+def _run_stack(layers, positions, x):
+    for layer in layers:
+        x = layer(positions, x)
+    return x
+
+
+def _check_hooked(run, step, unique, holder, handles, expected, plain_rows):
+    """The hooked stack on the unique rows == ``expected`` (and not the un-averaged rows); with no step held, and
+    after the hooks are removed, the stack is unchanged."""
+    with holder.running(step):
+        got = run(unique)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(got, step.compact(plain_rows), atol=1e-3)  # the averaging mattered
+    torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)  # nothing held
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)
+
+
 def test_vtu_hooks_run_the_layers_own_code_on_unique_rows(gen):
     """Hooked at the rotary embedding and the attention call (one rotary
     module shared by two layers, as vLLM shares it), the layers' own forward
@@ -219,15 +245,11 @@ def test_vtu_hooks_run_the_layers_own_code_on_unique_rows(gen):
     torch.manual_seed(0)
     rotary = _Rotary()
     layers = torch.nn.ModuleList([_Layer(rotary), _Layer(rotary)])
-    mm = torch.tensor([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)  # text, an image of 5, text, one of 2, text
-    step = step_groups(mm, [torch.tensor([0, 1, 0, 2, 1]), torch.tensor([0, 0])])
-    unique = randn(step.num_unique, 16, gen=gen)
-    positions = torch.arange(mm.shape[0]) + 3
+    step, unique = _two_image_step(gen)
+    positions = torch.arange(step.num_tokens) + 3
 
     def run(x):
-        for layer in layers:
-            x = layer(positions, x)
-        return x
+        return _run_stack(layers, positions, x)
 
     with torch.no_grad():
         plain_rows = run(step.expand(unique))
@@ -239,14 +261,7 @@ def test_vtu_hooks_run_the_layers_own_code_on_unique_rows(gen):
         holder = StepHolder()
         handles = install_vtu_hooks(layers, holder)
         assert len(handles) == 1 + 2 * len(layers)
-        with holder.running(step):
-            got = run(unique)
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-        assert not torch.allclose(got, step.compact(plain_rows), atol=1e-3)  # the averaging mattered
-        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)  # nothing held
-        for h in handles:
-            h.remove()
-        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)
+        _check_hooked(run, step, unique, holder, handles, expected, plain_rows)
 
 
 def test_vtu_hooks_refuse_layers_they_do_not_cover():
@@ -317,15 +332,11 @@ def test_vtu_hooks_run_a_sequence_mixer_as_its_family_declares(gen):
 
     torch.manual_seed(0)
     layers = torch.nn.ModuleList([_MixerLayer(), _Layer(_Rotary())])
-    mm = torch.tensor([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
-    step = step_groups(mm, [torch.tensor([0, 1, 0, 2, 1]), torch.tensor([0, 0])])
-    unique = randn(step.num_unique, 16, gen=gen)
-    positions = torch.arange(mm.shape[0])
+    step, unique = _two_image_step(gen)
+    positions = torch.arange(step.num_tokens)
 
     def run(x):
-        for layer in layers:
-            x = layer(positions, x)
-        return x
+        return _run_stack(layers, positions, x)
 
     with torch.no_grad():
         plain_rows = run(step.expand(unique))
@@ -340,13 +351,7 @@ def test_vtu_hooks_run_a_sequence_mixer_as_its_family_declares(gen):
         handles = install_vtu_hooks(layers, holder, (GATED_DELTANET,), PACKED)
         assert layers[1].self_attn.use_fused_qk_norm_rope_gate is False  # turned off on this instance
         assert len(handles) == (1 + 2 * 2 + 1) + (1 + 2)  # mixer: entry, 2 packed inputs x 2, output; attention
-        with holder.running(step):
-            got = run(unique)
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-        assert not torch.allclose(got, step.compact(plain_rows), atol=1e-3)  # the averaging mattered
-        torch.testing.assert_close(run(step.expand(unique)), plain_rows, atol=0, rtol=0)  # nothing held
-        for h in handles:
-            h.remove()
+        _check_hooked(run, step, unique, holder, handles, expected, plain_rows)
 
 
 def test_vtu_hooks_refuse_a_mixer_they_do_not_cover():

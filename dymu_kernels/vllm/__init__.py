@@ -18,8 +18,8 @@ scheduler the plugin's, which never splits an image across steps
 What it saves (vLLM fixes the placeholder count before the vision tower
 runs): the vision tower runs DToMe; in the language model the norms,
 projections and MLP run on unique tokens only; attention and the KV cache
-(and a hybrid model's recurrent mixing and states) stay at full length. :func:`serving_stats` reads what was saved (see
-:class:`~.model.ServingStats`).
+(and a hybrid model's recurrent mixing and states) stay at full length.
+:func:`serving_stats` reads what was saved (see :class:`~.model.ServingStats`).
 """
 
 from __future__ import annotations
