@@ -79,8 +79,8 @@ class Kind:
     # (inductor) run: they skip it (20 s per engine in CI).
     compiled: bool = True
     # On two tensor-parallel workers: that path is the serving mixin's, the same for every family (rank 0's
-    # items, deepstack rows among them, broadcast); Qwen3-VL runs it, each such engine start costing half a
-    # minute in CI.
+    # items, deepstack rows among them, broadcast); Qwen3-VL runs it, and Qwen3.5 (its Gated DeltaNet heads and
+    # projections sharded under the mixer hooks), each such engine start costing half a minute in CI.
     tensor_parallel: bool = False
     # The thresholds engine (chunked prefill): the scheduler's and the stage code's, shared by classes; Qwen2-VL
     # (Qwen2.5-VL's serving class) and Qwen3-VL-MoE (Qwen3-VL's) skip it (an engine start is seconds in CI).
@@ -137,7 +137,7 @@ KINDS = {
     "qwen2_vl": Kind(transformers.Qwen2VLForConditionalGeneration, QWEN_REQUESTS, {"merger": [0.5]}, 256,
                      QWEN_REJECTS, compiled=False, thresholds_engine=False, unmerged_engine=False),
     "qwen3_5": Kind(transformers.Qwen3_5ForConditionalGeneration, QWEN_REQUESTS, {"r": R}, 256,
-                    QWEN3_REJECTS, engines_only=("vid", "both"), dtype="bfloat16"),
+                    QWEN3_REJECTS, engines_only=("vid", "both"), tensor_parallel=True, dtype="bfloat16"),
     "qwen3_5_moe": Kind(transformers.Qwen3_5MoeForConditionalGeneration, QWEN_REQUESTS, {"r": R}, 256,
                         QWEN3_REJECTS, engines_only=("vid", "both"), compiled=False, thresholds_engine=False,
                         unmerged_engine=False, dtype="bfloat16"),
