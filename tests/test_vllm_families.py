@@ -90,6 +90,10 @@ class Kind:
     # a kind that runs it (Qwen2-VL, the MoE models: their r2 engine checks their tower's weights) skip it.
     unmerged_engine: bool = True
 
+    def thresholds_merge(self) -> dict:
+        """The "thresholds" engine's merge arguments (engine_kwargs and apply_dymu take the same)."""
+        return self.thresholds if "r" in self.thresholds else {"thresholds": self.thresholds}
+
 
 QWEN_REQUESTS = {
     "img": (_qwen_chat("image"), [(168, 112)], []),  # grid 1 x 8 x 12: 24 placeholders
@@ -200,8 +204,7 @@ def _engines(name, folder):
     if kind.unmerged_engine:
         engines.insert(0, engine("r0", {"r": 0}, ["single", "mixed"]))
     if kind.thresholds_engine:
-        merge = kind.thresholds if "r" in kind.thresholds else {"thresholds": kind.thresholds}
-        engines.append(engine("thresholds", merge, ["mixed"], **chunked))
+        engines.append(engine("thresholds", kind.thresholds_merge(), ["mixed"], **chunked))
     if kind.compiled:  # vLLM's compilation (dynamo, piecewise graphs) with the eager backend: inductor's C++
         # codegen is half a minute per engine here, and test_vllm_plugin's compiled LLaVA engine runs it (and
         # vLLM's warm-up encoding a dummy item: skipped here, seconds of the tower on the largest video)
@@ -236,8 +239,7 @@ def _serve(name, vllm, folder_spec):
     model = kind.model.from_pretrained(folder_spec["model"], dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every request makes all its tokens
     hf = {}
-    merge = kind.thresholds if "r" in kind.thresholds else dict(thresholds=kind.thresholds)
-    for ref, patch in (("stock", None), ("r2", dict(r=R)), ("thresholds", merge)):
+    for ref, patch in (("stock", None), ("r2", dict(r=R)), ("thresholds", kind.thresholds_merge())):
         if ref == "thresholds" and not kind.thresholds_engine:
             continue
         if patch is not None:
